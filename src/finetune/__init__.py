@@ -1,0 +1,3 @@
+"""finetune: turn a folder of photos into a working image classifier."""
+
+__version__ = "0.1.0"

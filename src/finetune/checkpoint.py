@@ -1,0 +1,125 @@
+"""One self-describing model file: save (atomic) and load (safe, weights_only=True)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.errors import ModelFileError, ResourceError
+
+FORMAT = "finetune-model"
+FORMAT_VERSION = 1
+TEMP_PREFIX = ".finetune-tmp-"  # recognisable, so stale temp files can be found and removed
+
+
+def versions() -> dict:
+    """Library versions that produced a file."""
+    import torch
+    import torchvision
+
+    from finetune import __version__
+
+    return {"finetune": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write via write(tmp_path) to a temp file beside path, fsync, then os.replace: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ResourceError(f"{path}: could not write ({e.strerror or e}); check free space and permissions") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text file write."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def save_model_file(path: str | os.PathLike, *, arch: str, head: str, dropout: float, state_dict: dict,
+                    classes: list[str], base_weights: str, preprocessing: dict, metrics: dict, config: dict) -> Path:
+    """Write a finetune model file: plain types and tensors only, so weights_only=True can load it."""
+    import torch
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "head": head,
+        "dropout": float(dropout),
+        "classes": list(classes),
+        "base_weights": base_weights,
+        "preprocessing": dict(preprocessing),
+        "metrics": metrics,
+        "config": config,
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "state_dict": state_dict,
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_model_file(path: str | os.PathLike) -> dict:
+    """Load and validate a finetune model file without unpickling code."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: no such model file; train one with `finetune train DATA` or pass --model PATH")
+    if p.stat().st_size == 0:
+        raise ModelFileError(f"{p}: the model file is empty (0 bytes)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's advice (weights_only=False) must never reach users
+        raise ModelFileError(
+            f"{p}: not a finetune model file (truncated, corrupt, not PyTorch, or it holds Python objects "
+            f"that could run code: {type(e).__name__}); refused"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ModelFileError(f"{p}: a PyTorch file, but not a finetune model file (no '{FORMAT}' header); "
+                             "use `--weights PATH` to start training from a plain state_dict")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFileError(f"{p}: written by a newer finetune (format {obj['format_version']}); upgrade finetune")
+    return obj
+
+
+def model_from_file(path: str | os.PathLike):
+    """(eval-mode model, metadata) from a finetune model file."""
+    from finetune.models import build_model, load_plain_state
+
+    meta = load_model_file(path)
+    model, head = build_model(meta["arch"], len(meta["classes"]), meta.get("dropout", 0.0))
+    try:
+        load_plain_state(model, head, meta["state_dict"], meta.get("dropout", 0.0))
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}: weights do not match {meta['arch']} ({str(e).splitlines()[0][:160]})") from None
+    return model.eval(), meta

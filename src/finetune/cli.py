@@ -1,0 +1,311 @@
+"""finetune's command line: parse options, call the library, render with Rich. The only module that prints.
+
+torch is imported inside the commands, so `finetune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from finetune import __version__
+from finetune.errors import FinetuneError
+
+out = Console()  # results
+err = Console(stderr=True)  # progress, logs, errors
+
+app = typer.Typer(
+    name="finetune",
+    help="Turn a folder of photos into a working image classifier: train, predict, export.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _handle_errors(fn):
+    """One red line and a stable exit code for user-facing failures; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FinetuneError as e:
+            if _state["debug"]:
+                err.print_exception()
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _fmt_pct(x: float) -> str:
+    return f"{x * 100:.1f}%"
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+class _TrainView:
+    """Renders training events: epoch and batch bars with live loss, a line per epoch, a summary table."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=err, transient=True, disable=quiet,
+        )
+        self.epoch_task = self.batch_task = self.decode_task = None
+        self.epochs = 0
+        self.best_epoch = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(msg, highlight=False, soft_wrap=True)
+
+    def __call__(self, event: str, **kw) -> None:
+        getattr(self, "on_" + event, lambda **_: None)(**kw)
+
+    def on_dataset(self, split, device, weights):
+        counts = split.counts()
+        per_class = ", ".join(f"{c} {counts['train'][c]}/{counts['val'][c]}" for c in split.classes)
+        self.log(f"[bold]data[/] {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
+                 f"{len(split.val)} val images ({split.layout}); per class train/val: {per_class}")
+        self.log(f"[bold]device[/] {device}   [bold]weights[/] {weights}")
+
+    def on_decode_start(self, total):
+        self.decode_task = self.progress.add_task("decoding", total=total, info="")
+
+    def on_decode_advance(self, n):
+        self.progress.advance(self.decode_task, n)
+
+    def on_skipped(self, files, root):
+        for path, reason in files:
+            self.log(f"[yellow]warning:[/] skipped {os.path.relpath(path, root)}: {reason}")
+        self.log(f"[yellow]{len(files)} unreadable file(s) skipped[/]")
+
+    def on_start(self, run_dir, epochs, batches, lr):
+        if self.decode_task is not None:
+            self.progress.remove_task(self.decode_task)
+        self.epochs = epochs
+        self.log(f"[bold]run[/] {run_dir}   lr {lr:.3g}, {batches} batches/epoch")
+        self.epoch_task = self.progress.add_task("epochs", total=epochs, info="")
+        self.batch_task = self.progress.add_task("batches", total=batches, info="")
+
+    def on_epoch_start(self, epoch):
+        self.progress.reset(self.batch_task)
+        self.progress.update(self.epoch_task, info=f"epoch {epoch}")
+
+    def on_batch(self, step, loss):
+        self.progress.update(self.batch_task, completed=step, info=f"loss {loss:.4f}")
+
+    def on_epoch_end(self, row, improved):
+        self.progress.advance(self.epoch_task)
+        if improved:
+            self.best_epoch = row["epoch"]
+        mark = " [green]*best[/]" if improved else ""
+        w = len(str(self.epochs))
+        self.log(f"epoch {row['epoch']:>{w}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
+                 f"{_fmt_pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {_fmt_pct(row['val_acc']):>6}"
+                 f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s{mark}")
+
+
+@app.command(epilog="Example: finetune train ./images --model resnet50 --epochs 15")
+@_handle_errors
+def train(
+    data: Annotated[str, typer.Argument(help="Folder of class folders (DATA/<class>/*.jpg), or with train/ and "
+                                             "val/ (or valid/, validation/) inside.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Any torchvision classification model: resnet18, "
+                                       "resnet50, wide_resnet50_2, resnext50_32x4d, alexnet, mobilenet_v2, ...")
+                     ] = "resnet18",
+    weights: Annotated[str, typer.Option(help="DEFAULT (ImageNet, downloaded once), an enum name such as "
+                                         "IMAGENET1K_V2, none (random init), or a path to a state_dict file.")
+                       ] = "DEFAULT",
+    mode: Annotated[str, typer.Option(help="finetune (train everything) or feature-extract (frozen backbone, "
+                                      "head only).")] = "finetune",
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 32,
+    lr: Annotated[float | None, typer.Option(help="Learning rate. Default: 1e-3 per 4 images for SGD "
+                                             "(0.008 at -b 32), 1e-4 per 32 images for AdamW.")] = None,
+    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum 0.9) or adamw.")] = "sgd",
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
+    scheduler: Annotated[str, typer.Option(help="Learning-rate schedule: cosine, step, plateau or none.")
+                         ] = "cosine",
+    dropout: Annotated[float, typer.Option(help="Dropout before the new head (0 = none).")] = 0.0,
+    augment: Annotated[str, typer.Option(help="Training augmentation: none, light (crop 35-100%, flip) or "
+                                         "standard (crop 8-100%, flip, rotation up to 10 deg).")] = "standard",
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation when DATA "
+                                                "has no val/ folder (stratified).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Decoding threads/loader workers; -1 = "
+                                         "automatic.")] = -1,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    channels_last: Annotated[bool, typer.Option(help="channels_last memory format on CUDA.")] = True,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Run folder. Default: "
+                                               "runs/<date>-<time>-<model>.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Fine-tune a pretrained torchvision model on a folder of photos."""
+    from finetune.config import TrainConfig
+    from finetune.train import run_training
+
+    cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
+                      lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
+                      workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
+                      channels_last=channels_last, output=output)
+    with _TrainView(quiet) as view:
+        result = run_training(cfg, view)
+    if not quiet:
+        table = Table(title="finetune train", show_header=False, title_justify="left")
+        best = result.history[result.best_epoch - 1]
+        rows = [
+            ("best epoch", f"{result.best_epoch} of {len(result.history)}"),
+            ("val accuracy", _fmt_pct(result.best_val_acc)),
+            ("val loss", f"{result.best_val_loss:.4f}"),
+            ("train accuracy", _fmt_pct(best["train_acc"])),
+            ("classes", ", ".join(result.classes)),
+            ("device", result.device),
+            ("time", f"{result.seconds:.1f} s"),
+            ("model", str(result.model_path)),
+        ]
+        for k, v in rows:
+            table.add_row(k, v)
+        err.print(table)
+    out.print(str(result.model_path), highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+def _model_path(model: str | None) -> str:
+    from finetune.train import latest_model
+
+    return model or str(latest_model())
+
+
+@app.command(epilog="Example: finetune predict photo.jpg ./more_photos 'shots/*.png' -k 2 --json")
+@_handle_errors
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.",
+                                               show_default=False)],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file. Default: the latest run's "
+                                              "best model.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Decoding threads.")] = 2,
+) -> None:
+    """Classify images with a trained model: top-k classes with probabilities."""
+    from finetune.predict import Failure, Predictor, check_inputs, expand_inputs
+
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
+    if top_k < 1:
+        raise typer.BadParameter(f"{top_k}: must be at least 1", param_hint="--top-k")
+    files, missing = expand_inputs(paths)
+    for f in missing:
+        err.print(f"[yellow]warning:[/] {f.path}: {f.reason}", highlight=False)
+    check_inputs(files, missing)
+    predictor = Predictor(_model_path(model), device)
+    results = list(predictor.predict(files, top_k, batch_size, workers))
+    good = [r for r in results if not isinstance(r, Failure)]
+    bad = [r for r in results if isinstance(r, Failure)] + missing
+    for f in bad:
+        if f not in missing:
+            err.print(f"[yellow]warning:[/] skipped {f.path}: {f.reason}", highlight=False)
+    if as_json:
+        payload = [{"path": r.path, "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top]}
+                   for r in good]
+        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    elif as_csv:
+        k = max((len(r.top) for r in good), default=0)
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["path"] + [f"{x}{i}" for i in range(1, k + 1) for x in ("class", "probability")])
+        for r in good:
+            w.writerow([r.path] + [v for c, p in r.top for v in (c, f"{p:.6f}")])
+    else:
+        table = Table(Column("image", overflow="fold"), *[f"#{i}" for i in range(1, min(top_k, len(predictor.classes)) + 1)])
+        for r in good:
+            table.add_row(r.path, *[f"{c} {p * 100:.1f}%" for c, p in r.top])
+        out.print(table)
+    if bad:
+        err.print(f"[yellow]{len(bad)} of {len(results) + len(missing)} input(s) skipped[/]")
+    if not good:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+@app.command(epilog="Example: finetune export model.onnx --model runs/20261123-101500-resnet18/best.pt")
+@_handle_errors
+def export(
+    out_path: Annotated[str, typer.Argument(metavar="OUT", help="Output file: .pt (torchvision state_dict + "
+                                            "metadata), .safetensors, .pt2 (torch.export) or .onnx.",
+                                            show_default=False)],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file. Default: the latest run's "
+                                              "best model.")] = None,
+    check_images: Annotated[str | None, typer.Option(help="Images to verify the export on. Default: the "
+                                                     "training data's val images.")] = None,
+) -> None:
+    """Write a model that loads without finetune, checked against PyTorch on real images."""
+    from finetune.export import ATOL, RTOL, export_model
+
+    with err.status(f"exporting {out_path}"):
+        report = export_model(_model_path(model), out_path, check_images)
+    err.print(f"checked on {report.checked_images} images ({report.image_source}): max logit difference "
+              f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
+              f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
+    out.print(str(report.path), highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """Entry point for `python -m finetune`."""
+    app(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    main()

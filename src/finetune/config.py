@@ -1,0 +1,42 @@
+"""TrainConfig: every training default listed once, with why."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    model: str = "resnet18"  # small, fast, strong on small datasets
+    weights: str = "DEFAULT"  # ImageNet-pretrained: transfer learning is the point
+    mode: str = "finetune"  # finetune | feature-extract
+    dropout: float = 0.0  # before the new head; 0 disables
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    lr: float | None = None  # None: per-optimizer default scaled to the batch size
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # L2; the torchvision reference recipe's value
+    scheduler: str = "cosine"  # step | plateau | cosine | none
+    epochs: int = 10  # enough for a pretrained backbone on a small dataset
+    batch_size: int = 32  # larger than the tutorial's 4: fewer, better-utilised steps
+    workers: int = -1  # -1: min(4, cpu count - 1)
+    augment: str = "standard"  # none | light | standard
+    val_fraction: float = 0.2  # used only when DATA has no val folder
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True  # bf16/fp16 autocast on CUDA only
+    channels_last: bool = True  # on CUDA only
+    output: str | None = None  # run folder; default runs/<timestamp>-<model>
+
+    def to_dict(self) -> dict:
+        """Plain-types view, safe to store inside a model file."""
+        return dataclasses.asdict(self)
+
+    def base_lr(self) -> float:
+        """The learning rate actually used: explicit, or a default linearly scaled to batch size."""
+        if self.lr is not None:
+            return self.lr
+        # Linear scaling rule from the tutorial's (batch 4, lr 1e-3) SGD setting.
+        per_sample = {"sgd": 1e-3 / 4, "adamw": 1e-4 / 32}[self.optimizer]
+        return per_sample * self.batch_size

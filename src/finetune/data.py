@@ -1,0 +1,348 @@
+"""Find images, layouts and splits; decode safely; transforms; a decoded-image cache; loaders."""
+
+from __future__ import annotations
+
+import os
+import random
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import DatasetError
+
+# torchvision's ImageFolder list, matched case-insensitively (phones write .JPG).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+# Files and folders that operating systems and tools drop into photo folders; never classes or samples.
+IGNORED_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
+
+# Composited under transparent pixels; documented in README.
+BACKGROUND_RGB = (255, 255, 255)
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a non-hidden file with an image extension (any case)."""
+    name = os.path.basename(path)
+    return not _ignored(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclass
+class DatasetSplit:
+    """Train and val samples over one class list, plus how they were obtained."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    layout: str  # "train/val folders" or "split <fraction>"
+    root: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split."""
+        out = {}
+        for name, samples in (("train", self.train), ("val", self.val)):
+            c = [0] * len(self.classes)
+            for s in samples:
+                c[s.label] += 1
+            out[name] = dict(zip(self.classes, c))
+        return out
+
+
+def _class_dirs(root: Path) -> dict[str, Path]:
+    """Class name (NFC-normalised) -> folder, ignoring hidden and OS folders."""
+    classes: dict[str, Path] = {}
+    seen_folded: dict[str, str] = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if _ignored(entry.name) or not entry.is_dir():
+            continue
+        name = unicodedata.normalize("NFC", entry.name)
+        folded = name.casefold()
+        if folded in seen_folded:
+            raise DatasetError(
+                f"{root}: class folders '{seen_folded[folded]}' and '{entry.name}' differ only by case "
+                "or Unicode normalisation; merge or rename one of them"
+            )
+        seen_folded[folded] = entry.name
+        classes[name] = Path(entry.path)
+    return classes
+
+
+def images_under(folder: Path) -> list[str]:
+    """Image files below folder, sorted, skipping hidden files/folders and following no symlink loops."""
+    found = []
+    seen_dirs = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+    return found
+
+
+def _scan(root: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:
+    dirs = _class_dirs(root)
+    if not dirs:
+        loose = [p for p in os.listdir(root) if is_image_file(p)]
+        hint = " (images lie directly in it)" if loose else ""
+        raise DatasetError(
+            f"{root}: no class folders found{hint}; put each class's images in its own folder: "
+            f"{root}/<class>/<image>.jpg"
+        )
+    names = list(dirs)
+    if classes is not None and sorted(names) != sorted(classes):
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        raise DatasetError(
+            f"{root}: its classes differ from the training folder's (missing: {missing or 'none'}, "
+            f"extra: {extra or 'none'}); make both folders hold the same class folders"
+        )
+    names = list(classes) if classes is not None else names
+    samples = []
+    for label, name in enumerate(names):
+        files = images_under(dirs[name])
+        if not files:
+            raise DatasetError(
+                f"{dirs[name]}: class '{name}' has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        samples.extend(Sample(f, label) for f in files)
+    return names, samples
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded per-class split: every class keeps about val_fraction of its images in val."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        rng.shuffle(items)
+        n_val = round(len(items) * val_fraction)
+        val.extend(items[:n_val])
+        train.extend(items[n_val:])
+    key = lambda s: s.path  # noqa: E731 - deterministic order independent of class iteration
+    return sorted(train, key=key), sorted(val, key=key)
+
+
+def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
+    """Read DATA as train/+val/ folders, or as class folders split into train/val (stratified)."""
+    root = Path(data)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder; pass a folder of class folders (DATA/<class>/*.jpg)")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is a file, not a folder; pass a folder of class folders (DATA/<class>/*.jpg)")
+    subdirs = {e.name.lower(): Path(e.path) for e in os.scandir(root) if e.is_dir() and not _ignored(e.name)}
+    train_dir = subdirs.get("train")
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if train_dir is not None and val_dir is not None:
+        classes, train = _scan(train_dir)
+        _, val = _scan(val_dir, classes)
+        layout = f"{train_dir.name}/ + {val_dir.name}/ folders"
+    else:
+        source = train_dir if train_dir is not None else root
+        classes, samples = _scan(source)
+        if not 0 < val_fraction < 1:
+            raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
+        for label, name in enumerate(classes):
+            n = sum(s.label == label for s in samples)
+            if n < 2 or round(n * val_fraction) < 1:
+                raise DatasetError(
+                    f"{source}/{name}: {n} image(s), too few to hold out a {val_fraction:.0%} validation "
+                    f"share; add images (at least {max(2, int(1 / val_fraction + 0.5) + 1)}) or add a val/ folder"
+                )
+        train, val = stratified_split(samples, val_fraction, seed)
+        layout = f"stratified split, {val_fraction:.0%} val (seed {seed})"
+    if len(classes) < 2:
+        raise DatasetError(f"{root}: found 1 class ('{classes[0]}'); a classifier needs at least 2 class folders")
+    return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def load_image(path: str | os.PathLike, min_side: int | None = None):
+    """Open an image as 8-bit RGB PIL: EXIF-rotated, first frame, high bit depth scaled, alpha composited.
+
+    min_side lets large JPEGs decode at reduced size (PIL draft) while keeping the shorter side
+    at least that many pixels, which is all the resize that follows needs.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        if min_side and img.format == "JPEG":
+            w, h = img.size
+            scale = min(w, h) / min_side
+            if scale >= 2:
+                img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def _to_rgb(img):
+    from PIL import Image
+    import numpy as np
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Scale the actual range to 0..255; convert("L") would clip 16-bit photos to white.
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        if mode == "F" and 0.0 <= lo and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND_RGB + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def decode_to_tensor(path: str, short_side: int):
+    """Decode to a uint8 CHW tensor whose shorter side is at most short_side (never upscaled)."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    img = load_image(path, min_side=short_side)
+    if min(img.size) > short_side:
+        img = F.resize(img, short_side, antialias=True)
+    return F.pil_to_tensor(img).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def preprocessing_from_weights(weights) -> dict:
+    """Plain-types preprocessing spec from a torchvision weights enum's own transforms()."""
+    t = weights.transforms()
+    return {
+        "resize_size": int(t.resize_size[0]),
+        "crop_size": int(t.crop_size[0]),
+        "mean": [float(x) for x in t.mean],
+        "std": [float(x) for x in t.std],
+        "interpolation": t.interpolation.value,
+    }
+
+
+def eval_transform(pre: dict):
+    """Resize + center crop + normalise, exactly as the weights were evaluated."""
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(pre["resize_size"], interpolation=InterpolationMode(pre["interpolation"]), antialias=True),
+        v2.CenterCrop(pre["crop_size"]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(pre["mean"], pre["std"]),
+    ])
+
+
+AUGMENTATIONS = ("none", "light", "standard")
+
+
+def train_transform(pre: dict, augment: str):
+    """Training view: random resized crop, flips and small rotations on top of the eval normalisation."""
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    if augment == "none":
+        return eval_transform(pre)
+    interp = InterpolationMode(pre["interpolation"])
+    crop = pre["crop_size"]
+    if augment == "light":
+        geometric = [v2.RandomResizedCrop(crop, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+                     v2.RandomHorizontalFlip()]
+    elif augment == "standard":
+        geometric = [v2.RandomResizedCrop(crop, scale=(0.08, 1.0), interpolation=interp, antialias=True),
+                     v2.RandomHorizontalFlip(),
+                     v2.RandomRotation(10, interpolation=interp)]
+    else:
+        raise ValueError(f"unknown augmentation {augment!r}; choose from {AUGMENTATIONS}")
+    return v2.Compose([v2.ToImage(), *geometric, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(pre["mean"], pre["std"])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and loaders
+
+
+class ImageDataset:
+    """Samples -> (tensor, label). Reads from a decoded cache when given one, else from disk."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, short_side: int, cache: dict | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.short_side = short_side
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        img = self.cache[s.path] if self.cache is not None else decode_to_tensor(s.path, self.short_side)
+        return self.transform(img), s.label
+
+
+def decode_all(
+    paths: Iterable[str],
+    short_side: int,
+    workers: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[dict, list[tuple[str, str]]]:
+    """Decode every image once (threads: PIL releases the GIL) -> {path: uint8 tensor}, [(path, reason)]."""
+    paths = list(paths)
+    cache, failed = {}, []
+
+    def one(p):
+        try:
+            return p, decode_to_tensor(p, short_side), None
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file, say why"
+            return p, None, f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for p, tensor, err in pool.map(one, paths):
+            if err is None:
+                cache[p] = tensor
+            else:
+                failed.append((p, err))
+            if on_progress:
+                on_progress(1)
+    return cache, failed
+
+
+def estimate_cache_bytes(n_images: int, short_side: int) -> int:
+    """Upper-ish estimate of the decoded cache: 4:3 photos at short_side, 3 bytes a pixel."""
+    return n_images * short_side * int(short_side * 4 / 3) * 3
+
+
+def default_workers() -> int:
+    """Leave one core for the training loop."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

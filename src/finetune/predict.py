@@ -1,0 +1,112 @@
+"""Batched inference over files, folders and globs; unreadable files are reported, the rest predicted."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import data as D
+from finetune.errors import FinetuneError
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), best first
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str
+
+
+def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
+    """Files as given, folders searched recursively for images, globs expanded; unmatched items reported."""
+    found: list[str] = []
+    missing: list[Failure] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(D.images_under(p))
+        elif p.is_file():
+            found.append(str(p))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            files = [m for m in matches if os.path.isfile(m)]
+            files += [f for m in matches if os.path.isdir(m) for f in D.images_under(Path(m))]
+            if files:
+                found.extend(files)
+            else:
+                missing.append(Failure(item, "no such file, folder or matching glob"))
+    # Keep order, drop repeats (a file named twice, or by a folder and a glob).
+    seen: set[str] = set()
+    unique = [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    return unique, missing
+
+
+class Predictor:
+    """A loaded model plus its own preprocessing, ready to classify images."""
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto"):
+        import torch
+
+        from finetune.checkpoint import model_from_file
+        from finetune.devices import resolve_device
+
+        self.device = resolve_device(device)
+        model, meta = model_from_file(model_path)
+        self.model = model.to(self.device)
+        self.meta = meta
+        self.classes: list[str] = meta["classes"]
+        self.transform = D.eval_transform(meta["preprocessing"])
+        self.short_side = meta["preprocessing"]["resize_size"]
+        torch.set_grad_enabled(False)
+
+    def _load(self, path: str):
+        return self.transform(D.decode_to_tensor(path, self.short_side))
+
+    def logits(self, batch):
+        """Raw logits for a preprocessed batch."""
+        import torch
+
+        with torch.inference_mode():
+            return self.model(batch.to(self.device)).float().cpu()
+
+    def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32,
+                workers: int = 2) -> Iterator[Prediction | Failure]:
+        """Yield a Prediction or a Failure per path, in order; decoding runs in threads ahead of the model."""
+        import torch
+
+        k = max(1, min(top_k, len(self.classes)))
+
+        def load(path):
+            try:
+                return path, self._load(path), None
+            except Exception as e:  # noqa: BLE001 - any decode failure: report this file, go on
+                return path, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for start in range(0, len(paths), batch_size):
+                chunk = list(pool.map(load, paths[start:start + batch_size]))
+                good = [(p, x) for p, x, err in chunk if err is None]
+                probs = {}
+                if good:
+                    batch = torch.stack([x for _, x in good])
+                    p = torch.softmax(self.logits(batch), dim=1)
+                    values, indices = p.topk(k, dim=1)
+                    for (path, _), v, i in zip(good, values.tolist(), indices.tolist()):
+                        probs[path] = [(self.classes[j], float(pv)) for pv, j in zip(v, i)]
+                for path, _, err in chunk:
+                    yield Prediction(path, probs[path]) if err is None else Failure(path, err)
+
+
+def check_inputs(paths: list[str], missing: list[Failure]) -> None:
+    """Fail when nothing at all can be predicted."""
+    if not paths:
+        what = ", ".join(f.path for f in missing) or "(nothing given)"
+        raise FinetuneError(f"no images found in {what}; pass image files, folders or globs", exit_code=2)
