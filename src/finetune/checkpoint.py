@@ -29,9 +29,13 @@ def versions() -> dict:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write via write(tmp_path) to a temp file beside path, fsync, then os.replace: never a half file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise ResourceError(f"{path}: could not write ({e.strerror or e}); check the folder and its permissions") \
+            from None
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

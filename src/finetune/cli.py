@@ -20,8 +20,8 @@ from rich.table import Column, Table
 from finetune import __version__
 from finetune.errors import FinetuneError
 
-out = Console()  # results
-err = Console(stderr=True)  # progress, logs, errors
+out = Console(soft_wrap=True)  # results
+err = Console(stderr=True, soft_wrap=True)  # progress, logs, errors
 
 app = typer.Typer(
     name="finetune",

@@ -141,6 +141,19 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) 
     return sorted(train, key=key), sorted(val, key=key)
 
 
+def _check_classes(root: Path, classes: list[str]) -> None:
+    if len(classes) < 2:
+        raise DatasetError(f"{root}: found 1 class ('{classes[0]}'); a classifier needs at least 2 class folders")
+
+
+def _min_per_class(val_fraction: float) -> int:
+    """Fewest images a class needs so the split leaves at least one in val and one in train."""
+    n = 2
+    while not (1 <= round(n * val_fraction) <= n - 1):
+        n += 1
+    return n
+
+
 def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
     """Read DATA as train/+val/ folders, or as class folders split into train/val (stratified)."""
     root = Path(data)
@@ -153,24 +166,25 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
     val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
     if train_dir is not None and val_dir is not None:
         classes, train = _scan(train_dir)
+        _check_classes(train_dir, classes)
         _, val = _scan(val_dir, classes)
         layout = f"{train_dir.name}/ + {val_dir.name}/ folders"
     else:
         source = train_dir if train_dir is not None else root
         classes, samples = _scan(source)
+        _check_classes(root, classes)
         if not 0 < val_fraction < 1:
             raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
+        need = _min_per_class(val_fraction)
         for label, name in enumerate(classes):
             n = sum(s.label == label for s in samples)
-            if n < 2 or round(n * val_fraction) < 1:
+            if n < need:
                 raise DatasetError(
-                    f"{source}/{name}: {n} image(s), too few to hold out a {val_fraction:.0%} validation "
-                    f"share; add images (at least {max(2, int(1 / val_fraction + 0.5) + 1)}) or add a val/ folder"
+                    f"{source}/{name}: {n} image(s), too few to hold out a {val_fraction:.0%} validation share "
+                    f"and keep some for training; add images (at least {need} per class) or add a val/ folder"
                 )
         train, val = stratified_split(samples, val_fraction, seed)
         layout = f"stratified split, {val_fraction:.0%} val (seed {seed})"
-    if len(classes) < 2:
-        raise DatasetError(f"{root}: found 1 class ('{classes[0]}'); a classifier needs at least 2 class folders")
     return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root))
 
 

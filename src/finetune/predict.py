@@ -65,7 +65,6 @@ class Predictor:
         self.classes: list[str] = meta["classes"]
         self.transform = D.eval_transform(meta["preprocessing"])
         self.short_side = meta["preprocessing"]["resize_size"]
-        torch.set_grad_enabled(False)
 
     def _load(self, path: str):
         return self.transform(D.decode_to_tensor(path, self.short_side))

@@ -17,7 +17,7 @@ from finetune import models as M
 from finetune.checkpoint import save_model_file, write_text_atomic
 from finetune.config import TrainConfig
 from finetune.devices import resolve_device
-from finetune.errors import DivergedError, FinetuneError
+from finetune.errors import DivergedError, FinetuneError, ResourceError
 
 Emit = Callable[..., None]  # emit(event_name, **fields): the CLI renders, the library never prints
 
@@ -213,7 +213,11 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None) -> RunResu
     criterion = torch.nn.CrossEntropyLoss()
 
     run_dir = new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResourceError(f"{run_dir}: cannot create the run folder ({e.strerror}); choose another with -o") \
+            from None
     prune_stale_temp_files(run_dir)
     model_path = run_dir / "best.pt"
     config = cfg.to_dict() | {"lr_used": cfg.base_lr(), "classes": split.classes, "layout": split.layout,

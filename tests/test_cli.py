@@ -1,0 +1,172 @@
+"""The command line as a user meets it: train -> predict -> export, errors, help, version."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from finetune import __version__
+from finetune.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_train_predict_export_end_to_end(tiny_data, in_tmp):
+    r = invoke("train", tiny_data, "--weights", "none", "--epochs", "2", "-b", "8", "-j", "1")
+    assert r.exit_code == 0, r.output
+    run_dirs = [p for p in (in_tmp / "runs").iterdir() if p.is_dir()]
+    assert len(run_dirs) == 1
+    run = run_dirs[0]
+    assert r.stdout.strip() == str((run / "best.pt").relative_to(in_tmp))
+    for line in ("epoch 1/2", "epoch 2/2", "val loss", "best epoch", "*best"):
+        assert line in r.stderr
+    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json"}
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r_["epoch"]) for r_ in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    best = max(rows, key=lambda r_: float(r_["val_acc"]))
+    meta = torch.load(run / "best.pt", weights_only=True)
+    assert meta["metrics"]["val_acc"] == pytest.approx(float(best["val_acc"]), abs=1e-5)
+    config = json.loads((run / "config.json").read_text())
+    assert config["classes"] == ["ants", "bees"] and config["train_images"] == 12
+    latest = json.loads((in_tmp / "runs" / "latest.json").read_text())
+    assert latest["model"] == str((run / "best.pt").resolve())
+
+    # predict with no --model: the latest run's best model
+    r = invoke("predict", tiny_data / "val", "--json", "-k", "2")
+    assert r.exit_code == 0, r.output
+    preds = json.loads(r.stdout)
+    assert len(preds) == 6
+    for p in preds:
+        probs = [c["probability"] for c in p["predictions"]]
+        assert {c["class"] for c in p["predictions"]} == {"ants", "bees"}
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4) and probs[0] >= probs[1]
+
+    r = invoke("export", in_tmp / "model.pt")
+    assert r.exit_code == 0, r.output
+    assert "max logit difference" in r.stderr and "top-1 agrees 6/6" in r.stderr
+    assert (in_tmp / "model.pt").is_file()
+
+
+def test_train_flat_layout_with_feature_extract(flat_data, in_tmp):
+    r = invoke("train", flat_data, "--weights", "none", "--epochs", "1", "--mode", "feature-extract",
+               "--val-fraction", "0.25", "-o", in_tmp / "out", "-q", "--optimizer", "adamw", "--scheduler", "step",
+               "--dropout", "0.3", "--augment", "light")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""  # --quiet
+    config = json.loads((in_tmp / "out" / "config.json").read_text())
+    assert config["layout"].startswith("stratified split, 25% val")
+    assert config["train_images"] == 14 and config["val_images"] == 4
+    meta = torch.load(in_tmp / "out" / "best.pt", weights_only=True)
+    assert meta["dropout"] == 0.3 and meta["config"]["mode"] == "feature-extract"
+
+
+def test_pretrained_default_weights_from_local_cache(tiny_data, in_tmp, monkeypatch):
+    """The real DEFAULT path, with a locally made file under torchvision's name in a temporary TORCH_HOME."""
+    home = in_tmp / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    old = torch.hub.get_dir()
+    torch.hub._hub_dir = None  # honour TORCH_HOME as a fresh process would
+    try:
+        r = invoke("train", tiny_data, "--epochs", "1", "-b", "8", "-q", "-o", in_tmp / "run")
+    finally:
+        torch.hub.set_dir(old)
+    assert r.exit_code == 0, r.output
+    meta = torch.load(in_tmp / "run" / "best.pt", weights_only=True)
+    assert meta["base_weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+
+
+def test_offline_message_and_exit_code(tiny_data, in_tmp, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "empty_home"))
+    old = torch.hub.get_dir()
+    torch.hub._hub_dir = None
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    try:
+        r = invoke("train", tiny_data, "--epochs", "1")
+    finally:
+        torch.hub.set_dir(old)
+    assert r.exit_code == 5
+    assert "resnet18-f37072fd.pth" in r.stderr and "--weights none" in r.stderr
+    assert "Traceback" not in r.output
+    assert not (in_tmp / "runs").exists()  # nothing written before the weights are there
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--epochs", "0"], "--epochs 0"),
+        (["--lr", "-1"], "--lr -1"),
+        (["--model", "resnet019"], "did you mean"),
+        (["--device", "tpu"], "--device tpu"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--optimizer", "lbfgs"], "sgd, adamw"),
+        (["--weights", "IMAGENET9K"], "DEFAULT, IMAGENET1K_V1"),
+    ],
+)
+def test_option_errors_exit_2_before_any_work(tiny_data, in_tmp, args, needle):
+    if needle == "no CUDA GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = invoke("train", tiny_data, *args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and "Traceback" not in r.output
+    assert not (in_tmp / "runs").exists()
+
+
+def test_dataset_error_exit_3(in_tmp):
+    r = invoke("train", in_tmp / "missing")
+    assert r.exit_code == 3
+    assert "no such folder" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+
+
+def test_predict_without_any_model_says_what_to_do(in_tmp, tiny_data):
+    r = invoke("predict", tiny_data / "val")
+    assert r.exit_code == 2 and "train first" in r.stderr
+
+
+def test_predict_formats_and_skips_bad_files(trained_model, tiny_data, in_tmp):
+    bad = in_tmp / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff truncated")
+    good = sorted((tiny_data / "val" / "ants").iterdir())[0]
+    r = invoke("predict", good, bad, in_tmp / "nope.png", "--model", trained_model, "--csv", "-k", "1")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == ["path", "class1", "probability1"]
+    assert [row[0] for row in rows[1:]] == [str(good)]
+    assert "broken.jpg" in r.stderr and "nope.png" in r.stderr and "2 of 3 input(s) skipped" in r.stderr
+
+    r = invoke("predict", str(tiny_data / "val" / "*" / "*.jpg"), "--model", trained_model)
+    assert r.exit_code == 0
+    assert r.stdout.count("ants") >= 6 and "#2" in r.stdout  # table: both classes shown per image
+
+
+def test_help_version_and_module_entry():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"finetune {__version__}"
+    for cmd in ("train", "predict", "export"):
+        r = invoke(cmd, "--help")
+        assert r.exit_code == 0 and "Example: finetune " + cmd in r.stdout
+    p = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "train" in p.stdout and "export" in p.stdout
+
+
+def test_cli_import_does_not_import_torch():
+    code = "import sys, finetune.cli; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "False"

@@ -1,0 +1,88 @@
+"""Exports load without finetune and match eager PyTorch; a failed check leaves nothing behind."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from finetune import export as E
+from finetune.checkpoint import model_from_file
+from finetune.errors import FinetuneError
+
+
+def _eager_logits(model_path, images):
+    model, _ = model_from_file(model_path)
+    x, _ = E._check_inputs(torch.load(model_path, weights_only=True), str(images))
+    with torch.inference_mode():
+        return model(x), x
+
+
+def test_pt_export_loads_in_plain_pytorch_without_finetune(trained_model, tiny_data, tmp_path):
+    out = tmp_path / "model.pt"
+    report = E.export_model(trained_model, out)
+    assert report.max_abs_diff <= E.ATOL and report.checked_images == 6
+    expected, x = _eager_logits(trained_model, tiny_data / "val")
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["finetune"] = None  # any import of finetune would now fail
+        import torch, torchvision
+        ckpt = torch.load({str(out)!r}, weights_only=True)
+        model = torchvision.models.get_model(ckpt["arch"], num_classes=len(ckpt["classes"]))
+        model.load_state_dict(ckpt["state_dict"])
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        with torch.inference_mode():
+            torch.save(model.eval()(x), {str(tmp_path / 'y.pt')!r})
+        print(ckpt["classes"], ckpt["preprocessing"]["crop_size"])
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "['ants', 'bees'] 224"
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx", ".safetensors"])
+def test_other_formats_round_trip_with_metadata(trained_model, tmp_path, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / ("model" + suffix)
+    report = E.export_model(trained_model, out)
+    assert out.is_file() and report.format == suffix and report.max_abs_diff <= E.ATOL
+    if suffix == ".pt2":
+        extra = {"finetune.json": ""}
+        torch.export.load(out, extra_files=extra)
+        meta = json.loads(extra["finetune.json"])
+    elif suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+        meta = json.loads(props["finetune"])
+        assert json.loads(props["classes"]) == ["ants", "bees"]
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as f:
+            meta = json.loads(f.metadata()["finetune"])
+    assert meta["classes"] == ["ants", "bees"] and meta["arch"] == "resnet18"
+    assert meta["preprocessing"]["crop_size"] == 224
+    assert list(tmp_path.iterdir()) == [out]  # no temp files
+
+
+def test_mismatching_export_is_not_kept(trained_model, tmp_path, monkeypatch):
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"previous export")
+    writer, _ = E._FORMATS[".pt"]
+    monkeypatch.setitem(E._FORMATS, ".pt", (writer, lambda path, x: torch.zeros(len(x), 2)))
+    with pytest.raises(FinetuneError, match="disagrees with PyTorch"):
+        E.export_model(trained_model, out)
+    assert out.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_unknown_format_is_a_usage_error(trained_model, tmp_path):
+    with pytest.raises(FinetuneError, match=r"\.pt, \.safetensors, \.pt2, \.onnx") as e:
+        E.export_model(trained_model, tmp_path / "model.h5")
+    assert e.value.exit_code == 2
