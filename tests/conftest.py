@@ -49,3 +49,9 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in an empty working directory (runs/ and runs/latest.json land there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path_factory, monkeypatch):
+    """Tests never write into the user's ~/.cache."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))

@@ -123,6 +123,13 @@ class _TrainView:
             self.log(f"[yellow]warning:[/] skipped {os.path.relpath(path, root)}: {reason}")
         self.log(f"[yellow]{len(files)} unreadable file(s) skipped[/]")
 
+    def on_features(self, cached, views):
+        if self.decode_task is not None:
+            self.progress.remove_task(self.decode_task)
+            self.decode_task = None
+        what = "reused from cache" if cached else f"computing once ({views} view(s) per training image)"
+        self.log(f"[bold]features[/] frozen backbone: {what}")
+
     def on_start(self, run_dir, epochs, batches, lr):
         if self.decode_task is not None:
             self.progress.remove_task(self.decode_task)

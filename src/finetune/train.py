@@ -150,11 +150,182 @@ def _to_device(x, y, device, memory_format):
     return x, y.to(device, non_blocking=True)
 
 
+class _Trainer:
+    """One epoch at a time over images (or, in feature-extract mode, over cached backbone features)."""
+
+    def __init__(self, cfg: TrainConfig, model, head: str, device, emit: Emit):
+        import contextlib
+
+        import torch
+
+        self.cfg, self.model, self.head, self.device, self.emit = cfg, model, head, device, emit
+        self.frozen = cfg.mode == "feature-extract"
+        on_cuda = device.type == "cuda"
+        # channels_last: measured 1.35x faster resnet18 training on this project's 2-core CPU too.
+        self.memory_format = torch.channels_last if cfg.channels_last and device.type in ("cuda", "cpu") else None
+        self.model = model.to(device, memory_format=self.memory_format or torch.preserve_format)
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True
+        amp_dtype = None
+        if on_cuda and cfg.amp:
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        self.scheduler = _make_scheduler(cfg, self.optimizer)
+        self.criterion = torch.nn.CrossEntropyLoss()
+
+    def step(self, x, y, epoch: int, step: int, forward) -> tuple[float, int]:
+        """One optimiser step; returns (loss, correct). Stops on a non-finite loss."""
+        import torch
+
+        with self.autocast():
+            logits = forward(x)
+            loss = self.criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            lr_now = self.optimizer.param_groups[0]["lr"]
+            raise DivergedError(
+                f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step} (lr {lr_now:.3g}); "
+                f"the learning rate is too high, try --lr {lr_now / 10:.3g}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.emit("batch", step=step, loss=loss.item())
+        return loss.item(), int((logits.argmax(1) == y).sum())
+
+    def schedule(self, val_acc: float) -> None:
+        import torch
+
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val_acc)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+
+class _ImageEpochs:
+    """The general path: forward and backward through the model on augmented images."""
+
+    def __init__(self, trainer: _Trainer, split: D.DatasetSplit, pre: dict, cache: dict | None, workers: int):
+        cfg = trainer.cfg
+        self.t = trainer
+        short_side = pre["resize_size"]
+        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache)
+        val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache)
+        self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed)
+        self.val_loader = _loader(val_ds, cfg.batch_size, False, workers, trainer.device, cfg.seed)
+        self.batches = len(self.train_loader)
+
+    def __call__(self, epoch: int) -> dict:
+        t = self.t
+        M.set_train_mode(t.model, t.head, t.frozen)
+        seen, loss_sum, correct = 0, 0.0, 0
+        for step, (x, y) in enumerate(self.train_loader, 1):
+            x, y = _to_device(x, y, t.device, t.memory_format)
+            loss, ok = t.step(x, y, epoch, step, t.model)
+            seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
+        val_loss, val_acc = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format)
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+
+
+class _FeatureEpochs:
+    """Feature-extract mode: the frozen backbone runs once per image view; epochs train the head alone."""
+
+    def __init__(self, trainer: _Trainer, train_feats, train_labels, val_feats, val_labels):
+        import torch
+
+        self.t = trainer
+        dev = trainer.device
+        self.train_feats = train_feats.to(dev)  # [views, N, D]
+        self.train_labels = train_labels.to(dev)
+        self.val_feats, self.val_labels = val_feats.to(dev), val_labels.to(dev)
+        self.head_module = trainer.model.get_submodule(trainer.head)
+        self.gen = torch.Generator().manual_seed(trainer.cfg.seed)
+        self.batches = -(-len(train_labels) // trainer.cfg.batch_size)
+
+    def __call__(self, epoch: int) -> dict:
+        import torch
+
+        t, bs = self.t, self.t.cfg.batch_size
+        feats = self.train_feats[(epoch - 1) % len(self.train_feats)]
+        order = torch.randperm(len(self.train_labels), generator=self.gen).to(feats.device)
+        self.head_module.train()
+        seen, loss_sum, correct = 0, 0.0, 0
+        for step, start in enumerate(range(0, len(order), bs), 1):
+            idx = order[start:start + bs]
+            y = self.train_labels[idx]
+            loss, ok = t.step(feats[idx], y, epoch, step, self.head_module)
+            seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
+        self.head_module.eval()
+        with torch.inference_mode(), t.autocast():
+            logits = self.head_module(self.val_feats).float()
+        val_loss = t.criterion(logits, self.val_labels).item()
+        val_acc = (logits.argmax(1) == self.val_labels).float().mean().item()
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+
+
+def _decode(split: D.DatasetSplit, short_side: int, workers: int, emit: Emit) -> dict | None:
+    """Decode every image once into RAM when the budget allows; drop and report files that fail."""
+    paths = [s.path for s in split.train + split.val]
+    if D.estimate_cache_bytes(len(paths), short_side) > CACHE_BUDGET_BYTES:
+        return None
+    emit("decode_start", total=len(paths))
+    cache, failed = D.decode_all(paths, short_side, max(1, workers), lambda n: emit("decode_advance", n=n))
+    _drop(split, failed, emit)
+    return cache
+
+
+def _drop(split: D.DatasetSplit, failed: list, emit: Emit) -> None:
+    if failed:
+        bad = {p for p, _ in failed}
+        split.skipped.extend(failed)
+        split.train = [s for s in split.train if s.path not in bad]
+        split.val = [s for s in split.val if s.path not in bad]
+        emit("skipped", files=failed, root=split.root)
+    if not split.train or not split.val:
+        raise FinetuneError(f"{split.root}: no readable images left in {'train' if not split.train else 'val'}",
+                            exit_code=3)
+
+
+def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: Emit) -> _FeatureEpochs:
+    """Backbone features from the disk cache, or computed now (a few augmented views when augmenting)."""
+    import torch
+
+    from finetune import features as F
+
+    cfg = trainer.cfg
+    views = 1 if cfg.augment == "none" else min(F.FEATURE_VIEWS, cfg.epochs)
+    key = F.feature_key(cfg.model, choice.label, choice.path, pre, cfg.augment, views, cfg.seed,
+                        [s.path for s in split.train + split.val])
+    hit = F.load(key)
+    if hit is not None:
+        _drop(split, [tuple(x) for x in hit["skipped"]], emit)
+        emit("features", cached=True, views=views)
+        train_feats, val_feats = hit["train"], hit["val"]
+    else:
+        skipped_before = len(split.skipped)
+        cache = _decode(split, pre["resize_size"], workers, emit)
+        emit("features", cached=False, views=views)
+        short_side = pre["resize_size"]
+        bs = max(cfg.batch_size, 64)
+        args = (trainer.model, trainer.head)
+        kw = {"device": trainer.device, "batch_size": bs, "memory_format": trainer.memory_format,
+              "autocast": trainer.autocast}
+        torch.manual_seed(cfg.seed)
+        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache)
+        train_feats = torch.stack([F.extract(*args, train_ds, **kw) for _ in range(views)])
+        val_feats = F.extract(*args, D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache), **kw)
+        F.save(key, train_feats, val_feats, [list(x) for x in split.skipped[skipped_before:]])
+    labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
+    return _FeatureEpochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
+
+
 def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None) -> RunResult:
     """Train cfg.model on cfg.data; write the run folder; return where the best model is."""
-    import contextlib
-
     import torch
+
+    from finetune import features as F
 
     t_start = time.perf_counter()
     validate(cfg)
@@ -168,49 +339,17 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None) -> RunResu
 
     state = M.load_pretrained_state(choice)
     model, head = M.build_model(cfg.model, len(split.classes), cfg.dropout, state)
-    frozen = cfg.mode == "feature-extract"
-    if frozen:
-        M.freeze_backbone(model, head)
-
-    # Decode every image once at the size the transforms need, when it fits the memory budget.
     workers = D.default_workers() if cfg.workers < 0 else cfg.workers
-    short_side = pre["resize_size"]
-    paths = [s.path for s in split.train + split.val]
-    cache = None
-    if D.estimate_cache_bytes(len(paths), short_side) <= CACHE_BUDGET_BYTES:
-        emit("decode_start", total=len(paths))
-        cache, failed = D.decode_all(paths, short_side, max(1, workers), lambda n: emit("decode_advance", n=n))
-        if failed:
-            bad = {p for p, _ in failed}
-            split.skipped.extend(failed)
-            split.train = [s for s in split.train if s.path not in bad]
-            split.val = [s for s in split.val if s.path not in bad]
-            emit("skipped", files=failed, root=split.root)
-        loader_workers = 0  # decoded tensors are in this process; transforms on them are cheap
+    if cfg.mode == "feature-extract":
+        M.freeze_backbone(model, head)
+    use_features = cfg.mode == "feature-extract" and F.head_gives_logits(model, head, pre["crop_size"])
+    trainer = _Trainer(cfg, model, head, device, emit)
+    if use_features:
+        epochs = _feature_epochs(trainer, split, choice, pre, workers, emit)
     else:
-        loader_workers = workers
-    if not split.train or not split.val:
-        raise FinetuneError(f"{split.root}: no readable images left in {'train' if not split.train else 'val'}",
-                            exit_code=3)
-
-    train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache)
-    val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache)
-    train_loader = _loader(train_ds, cfg.batch_size, True, loader_workers, device, cfg.seed)
-    val_loader = _loader(val_ds, cfg.batch_size, False, loader_workers, device, cfg.seed)
-
-    on_cuda = device.type == "cuda"
-    memory_format = torch.channels_last if (on_cuda and cfg.channels_last) else None
-    model = model.to(device, memory_format=memory_format or torch.preserve_format)
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda and cfg.amp else None
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(cfg, params)
-    scheduler = _make_scheduler(cfg, optimizer)
-    criterion = torch.nn.CrossEntropyLoss()
+        cache = _decode(split, pre["resize_size"], workers, emit)
+        # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
+        epochs = _ImageEpochs(trainer, split, pre, cache, 0 if cache is not None else workers)
 
     run_dir = new_run_dir(cfg)
     try:
@@ -224,52 +363,28 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None) -> RunResu
                               "train_images": len(split.train), "val_images": len(split.val),
                               "device": str(device), "base_weights": choice.label, "preprocessing": pre}
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
-    emit("start", run_dir=run_dir, epochs=cfg.epochs, batches=len(train_loader), lr=cfg.base_lr())
+    emit("start", run_dir=run_dir, epochs=cfg.epochs, batches=epochs.batches, lr=cfg.base_lr())
 
     history: list[dict] = []
     best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        M.set_train_mode(model, head, frozen)
-        seen, loss_sum, correct = 0, 0.0, 0
         emit("epoch_start", epoch=epoch)
-        for step, (x, y) in enumerate(train_loader, 1):
-            x, y = _to_device(x, y, device, memory_format)
-            with autocast():
-                logits = model(x)
-                loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                lr_now = optimizer.param_groups[0]["lr"]
-                raise DivergedError(
-                    f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step} (lr {lr_now:.3g}); "
-                    f"the learning rate is too high, try --lr {lr_now / 10:.3g}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = y.numel()
-            seen += n
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
-            emit("batch", step=step, loss=loss.item())
-        val_loss, val_acc = evaluate(model, val_loader, device, criterion, autocast, memory_format)
-        lr_used = optimizer.param_groups[0]["lr"]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_acc)
-        elif scheduler is not None:
-            scheduler.step()
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
-               "val_acc": val_acc, "lr": lr_used, "seconds": time.perf_counter() - t0}
+        lr_used = trainer.optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, **epochs(epoch), "lr": lr_used}
+        trainer.schedule(row["val_acc"])
+        row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        improved = val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"])
+        improved = row["val_acc"] > best["val_acc"] or (
+            row["val_acc"] == best["val_acc"] and row["val_loss"] < best["val_loss"])
         if improved:
-            best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
+            best = {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
             save_model_file(
                 model_path, arch=cfg.model, head=head, dropout=cfg.dropout,
                 state_dict=M.plain_state_dict(model, head), classes=split.classes, base_weights=choice.label,
-                preprocessing=pre, metrics={"best_epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
-                                            "train_acc": row["train_acc"], "train_loss": row["train_loss"]},
+                preprocessing=pre, metrics={"best_epoch": epoch, "val_acc": row["val_acc"],
+                                            "val_loss": row["val_loss"], "train_acc": row["train_acc"],
+                                            "train_loss": row["train_loss"]},
                 config=config,
             )
             _point_latest(run_dir, model_path)

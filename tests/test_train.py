@@ -1,0 +1,66 @@
+"""The training loop: feature caching, divergence guard, memory-bounded loading."""
+
+import pytest
+import torch
+
+from finetune import train as T
+from finetune.checkpoint import model_from_file
+from finetune.config import TrainConfig
+from finetune.data import eval_transform, find_dataset, decode_to_tensor
+from finetune.errors import DivergedError
+
+
+def _val_accuracy_of_saved_model(model_path, data):
+    model, meta = model_from_file(model_path)
+    split = find_dataset(data)
+    tf = eval_transform(meta["preprocessing"])
+    x = torch.stack([tf(decode_to_tensor(s.path, meta["preprocessing"]["resize_size"])) for s in split.val])
+    y = torch.tensor([s.label for s in split.val])
+    with torch.inference_mode():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_feature_extract_uses_cached_features_and_saves_a_consistent_model(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    events = []
+    cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", epochs=3, batch_size=4,
+                      output=str(tmp_path / "a"), workers=1)
+    first = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    assert [k["cached"] for e, k in events if e == "features"] == [False]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    # The head trained on cached features is the head of the saved model: same val accuracy on real images.
+    assert _val_accuracy_of_saved_model(first.model_path, tiny_data) == pytest.approx(first.best_val_acc)
+    # The backbone was not touched.
+    import torchvision
+
+    state = torch.load(first.model_path, weights_only=True)["state_dict"]
+    torch.manual_seed(0)
+    fresh = torchvision.models.resnet18()
+    assert torch.equal(state["layer4.1.bn2.running_var"], fresh.state_dict()["layer4.1.bn2.running_var"])
+
+    events.clear()
+    second = T.run_training(cfg.__class__(**{**cfg.to_dict(), "output": str(tmp_path / "b")}),
+                            lambda e, **k: events.append((e, k)))
+    assert [k["cached"] for e, k in events if e == "features"] == [True]
+    assert not [e for e, _ in events if e == "decode_start"]  # nothing decoded on a cache hit
+    assert [r["val_acc"] for r in second.history] == [r["val_acc"] for r in first.history]
+
+
+def test_nan_loss_stops_with_epoch_step_and_lower_lr(tiny_data, tmp_path):
+    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, lr=1e30, output=str(tmp_path / "r"),
+                      workers=1, scheduler="none")
+    with pytest.raises(DivergedError, match=r"at epoch 1, step \d+ .*try --lr 1e\+29") as e:
+        T.run_training(cfg)
+    assert e.value.exit_code == 6
+    assert not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "CACHE_BUDGET_BYTES", 1)
+    events = []
+    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, output=str(tmp_path / "r"),
+                      workers=1)
+    result = T.run_training(cfg, lambda e, **k: events.append(e))
+    assert "decode_start" not in events
+    assert result.model_path.is_file() and len(result.history) == 1
