@@ -215,7 +215,7 @@ def _write_onnx(model, meta, info, x, tmp):
     except ImportError:
         raise FinetuneError("ONNX export needs the onnx extra: pip install 'finetune[onnx]'", exit_code=2) from None
     program = torch.onnx.export(_export_program(model, x), dynamo=True, input_names=["image"],
-                                output_names=["logits"], verify=False)
+                                output_names=["logits"], verify=False, verbose=False)
     program.model.metadata_props["finetune"] = json.dumps(info)
     for key in ("classes", "preprocessing"):
         program.model.metadata_props[key] = json.dumps(info[key])
