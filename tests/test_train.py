@@ -61,6 +61,6 @@ def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, m
     events = []
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, output=str(tmp_path / "r"),
                       workers=1)
-    result = T.run_training(cfg, lambda e, **k: events.append(e))
-    assert "decode_start" not in events
+    result = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    assert [k["keep"] for e, k in events if e == "decode_start"] == [False]  # checked, not kept in RAM
     assert result.model_path.is_file() and len(result.history) == 1

@@ -112,8 +112,8 @@ class _TrainView:
                  f"{len(split.val)} val images ({split.layout}); per class train/val: {per_class}")
         self.log(f"[bold]device[/] {device}   [bold]weights[/] {weights}")
 
-    def on_decode_start(self, total):
-        self.decode_task = self.progress.add_task("decoding", total=total, info="")
+    def on_decode_start(self, total, keep):
+        self.decode_task = self.progress.add_task("decoding" if keep else "checking", total=total, info="")
 
     def on_decode_advance(self, n):
         self.progress.advance(self.decode_task, n)
@@ -121,7 +121,7 @@ class _TrainView:
     def on_skipped(self, files, root):
         for path, reason in files:
             self.log(f"[yellow]warning:[/] skipped {os.path.relpath(path, root)}: {reason}")
-        self.log(f"[yellow]{len(files)} unreadable file(s) skipped[/]")
+        self.log(f"[yellow]{len(files)} file(s) skipped[/] (--strict makes this an error)")
 
     def on_features(self, cached, views):
         if self.decode_task is not None:
@@ -142,7 +142,7 @@ class _TrainView:
         self.progress.reset(self.batch_task)
         self.progress.update(self.epoch_task, info=f"epoch {epoch}")
 
-    def on_batch(self, step, loss):
+    def on_batch(self, step, loss, size):
         self.progress.update(self.batch_task, completed=step, info=f"loss {loss:.4f}")
 
     def on_epoch_end(self, row, improved):
@@ -191,6 +191,10 @@ def train(
     channels_last: Annotated[bool, typer.Option(help="channels_last memory format on CUDA.")] = True,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Run folder. Default: "
                                                "runs/<date>-<time>-<model>.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop (exit 3) before training if any file cannot be used, "
+                                         "instead of skipping it with a warning.")] = False,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression "
+                                            "bombs), read from the header.")] = 178_956_970,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
@@ -200,7 +204,7 @@ def train(
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
                       workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
-                      channels_last=channels_last, output=output)
+                      channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels)
     with _TrainView(quiet) as view:
         result = run_training(cfg, view)
     if not quiet:

@@ -28,6 +28,8 @@ class TrainConfig:
     amp: bool = True  # bf16/fp16 autocast on CUDA only
     channels_last: bool = True  # on CUDA only
     output: str | None = None  # run folder; default runs/<timestamp>-<model>
+    strict: bool = False  # any unusable file stops the run before epoch 1 instead of being skipped
+    max_pixels: int = 178_956_970  # refuse larger images from the header (Pillow's bomb threshold)
 
     def to_dict(self) -> dict:
         """Plain-types view, safe to store inside a model file."""

@@ -20,6 +20,10 @@ IGNORED_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
 
 # Composited under transparent pixels; documented in README.
 BACKGROUND_RGB = (255, 255, 255)
+# Refused from the header: beyond Pillow's own decompression-bomb error threshold (2 x 89.5 MP).
+DEFAULT_MAX_PIXELS = 178_956_970
+# Longer side over shorter side beyond which an image is refused (a 20000x1 strip would explode on resize).
+MAX_ASPECT = 25
 
 
 def _ignored(name: str) -> bool:
@@ -79,10 +83,13 @@ def _class_dirs(root: Path) -> dict[str, Path]:
     return classes
 
 
-def images_under(folder: Path) -> list[str]:
-    """Image files below folder, sorted, skipping hidden files/folders and following no symlink loops."""
+def images_under(folder: Path, skipped: list | None = None) -> list[str]:
+    """Image files below folder, sorted; hidden/OS files ignored, symlink loops and repeat links followed once.
+
+    Other files are appended to skipped as (path, reason) when a list is given.
+    """
     found = []
-    seen_dirs = set()
+    seen_dirs, seen_files = set(), {}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop or a second link to the same folder
@@ -90,11 +97,34 @@ def images_under(folder: Path) -> list[str]:
             continue
         seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+        for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            if _ignored(f):
+                continue
+            if not is_image_file(f):
+                if skipped is not None:
+                    skipped.append((path, unsupported_reason(f)))
+                continue
+            target = os.path.realpath(path)
+            if target in seen_files:
+                if skipped is not None:
+                    skipped.append((path, f"same file as {os.path.basename(seen_files[target])} (a link); used once"))
+                continue
+            seen_files[target] = path
+            found.append(path)
     return found
 
 
-def _scan(root: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:
+def unsupported_reason(name: str) -> str:
+    """Why a file is not used, with what would make it usable."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in (".heic", ".heif", ".avif"):
+        return f"{ext} photos are not supported; convert them to JPEG (or PNG) first"
+    return f"not a supported image type ({ext or 'no extension'}); use {', '.join(IMAGE_EXTENSIONS)}"
+
+
+def _scan(root: Path, classes: Sequence[str] | None = None,
+          skipped: list | None = None) -> tuple[list[str], list[Sample]]:
     dirs = _class_dirs(root)
     if not dirs:
         loose = [p for p in os.listdir(root) if is_image_file(p)]
@@ -114,7 +144,7 @@ def _scan(root: Path, classes: Sequence[str] | None = None) -> tuple[list[str], 
     names = list(classes) if classes is not None else names
     samples = []
     for label, name in enumerate(names):
-        files = images_under(dirs[name])
+        files = images_under(dirs[name], skipped)
         if not files:
             raise DatasetError(
                 f"{dirs[name]}: class '{name}' has no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -161,17 +191,18 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
         raise DatasetError(f"{root}: no such folder; pass a folder of class folders (DATA/<class>/*.jpg)")
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, not a folder; pass a folder of class folders (DATA/<class>/*.jpg)")
+    skipped: list[tuple[str, str]] = []
     subdirs = {e.name.lower(): Path(e.path) for e in os.scandir(root) if e.is_dir() and not _ignored(e.name)}
     train_dir = subdirs.get("train")
     val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
     if train_dir is not None and val_dir is not None:
-        classes, train = _scan(train_dir)
+        classes, train = _scan(train_dir, skipped=skipped)
         _check_classes(train_dir, classes)
-        _, val = _scan(val_dir, classes)
+        _, val = _scan(val_dir, classes, skipped)
         layout = f"{train_dir.name}/ + {val_dir.name}/ folders"
     else:
         source = train_dir if train_dir is not None else root
-        classes, samples = _scan(source)
+        classes, samples = _scan(source, skipped=skipped)
         _check_classes(root, classes)
         if not 0 < val_fraction < 1:
             raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
@@ -185,22 +216,33 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
                 )
         train, val = stratified_split(samples, val_fraction, seed)
         layout = f"stratified split, {val_fraction:.0%} val (seed {seed})"
-    return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root))
+    return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root), skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
 
-def load_image(path: str | os.PathLike, min_side: int | None = None):
+class ImageRejected(ValueError):
+    """An image refused from its header: too many pixels or too elongated."""
+
+
+def load_image(path: str | os.PathLike, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open an image as 8-bit RGB PIL: EXIF-rotated, first frame, high bit depth scaled, alpha composited.
 
     min_side lets large JPEGs decode at reduced size (PIL draft) while keeping the shorter side
-    at least that many pixels, which is all the resize that follows needs.
+    at least that many pixels, which is all the resize that follows needs. Decompression bombs
+    and extreme aspect ratios are refused from the header, before any pixel is allocated.
     """
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageRejected(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the --max-pixels limit of "
+                                f"{max_pixels / 1e6:.0f}")
+        if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+            raise ImageRejected(f"{w}x{h} is more than {MAX_ASPECT}:1; not a photo a classifier can use")
         if min_side and img.format == "JPEG":
             w, h = img.size
             scale = min(w, h) / min_side
@@ -237,12 +279,11 @@ def _to_rgb(img):
     return img
 
 
-def decode_to_tensor(path: str, short_side: int):
+def decode_to_tensor(path: str, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode to a uint8 CHW tensor whose shorter side is at most short_side (never upscaled)."""
-    import torch
     from torchvision.transforms.v2 import functional as F
 
-    img = load_image(path, min_side=short_side)
+    img = load_image(path, min_side=short_side, max_pixels=max_pixels)
     if min(img.size) > short_side:
         img = F.resize(img, short_side, antialias=True)
     return F.pil_to_tensor(img).contiguous()
@@ -307,22 +348,70 @@ def train_transform(pre: dict, augment: str):
 # Datasets and loaders
 
 
-class ImageDataset:
-    """Samples -> (tensor, label). Reads from a decoded cache when given one, else from disk."""
+def describe_failure(e: BaseException) -> str:
+    """A short, user-facing reason why an image could not be used."""
+    from PIL import Image, UnidentifiedImageError
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, short_side: int, cache: dict | None = None):
+    text = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, ImageRejected):
+        return text
+    if isinstance(e, Image.DecompressionBombError):
+        return "refused as a decompression bomb (too many pixels for its file size)"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (no image format recognises its bytes; an HTML page or text saved as an image?)"
+    if isinstance(e, OSError) and "truncated" in text:
+        return "truncated image (an interrupted download or copy?)"
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"cannot read ({e.strerror})"
+    return f"cannot decode ({type(e).__name__}: {text})" if text else f"cannot decode ({type(e).__name__})"
+
+
+def failure_reason(path: str, e: BaseException) -> str:
+    """Why path could not be used, for the user: empty file, not an image, truncated, refused, ..."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    return describe_failure(e)
+
+
+class ImageDataset:
+    """Samples -> (tensor, label, None), or (None, label, (path, reason)) for a file that fails now.
+
+    A failing file is dropped from its batch and named; it is never replaced by another sample
+    (which would train on a wrong label).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, short_side: int, cache: dict | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.samples = list(samples)
         self.transform = transform
         self.short_side = short_side
         self.cache = cache
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        img = self.cache[s.path] if self.cache is not None else decode_to_tensor(s.path, self.short_side)
-        return self.transform(img), s.label
+        try:
+            img = self.cache[s.path] if self.cache is not None else decode_to_tensor(s.path, self.short_side,
+                                                                                     self.max_pixels)
+        except Exception as e:  # noqa: BLE001 - reported by the training loop, never substituted
+            return None, s.label, (s.path, failure_reason(s.path, e))
+        return self.transform(img), s.label, None
+
+
+def collate(batch):
+    """Stack the good items; pass failures along so the caller can name them. -> (x | None, y, failed)."""
+    import torch
+
+    good = [(x, y) for x, y, failed in batch if failed is None]
+    failed = [f for _, _, f in batch if f is not None]
+    x = torch.stack([x for x, _ in good]) if good else None
+    return x, torch.tensor([y for _, y in good], dtype=torch.long), failed
 
 
 def decode_all(
@@ -330,21 +419,27 @@ def decode_all(
     short_side: int,
     workers: int,
     on_progress: Callable[[int], None] | None = None,
+    keep: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[dict, list[tuple[str, str]]]:
-    """Decode every image once (threads: PIL releases the GIL) -> {path: uint8 tensor}, [(path, reason)]."""
+    """Decode every image once (threads: PIL releases the GIL) -> {path: uint8 tensor}, [(path, reason)].
+
+    keep=False only checks that each file decodes (at reduced size: enough to catch truncation).
+    """
     paths = list(paths)
     cache, failed = {}, []
 
     def one(p):
         try:
-            return p, decode_to_tensor(p, short_side), None
+            return p, decode_to_tensor(p, short_side, max_pixels), None
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file, say why"
-            return p, None, f"{type(e).__name__}: {e}"
+            return p, None, failure_reason(p, e)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for p, tensor, err in pool.map(one, paths):
             if err is None:
-                cache[p] = tensor
+                if keep:
+                    cache[p] = tensor
             else:
                 failed.append((p, err))
             if on_progress:

@@ -64,11 +64,18 @@ def extract(model, head: str, dataset, device, batch_size: int, memory_format=No
 
     feats = []
     handle = model.get_submodule(head).register_forward_hook(lambda m, i, o: feats.append(i[0].float().cpu()))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    from finetune.data import collate
+    from finetune.errors import DatasetError
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
+                                         collate_fn=collate)
     try:
         model.eval()
         with torch.inference_mode():
-            for x, _ in loader:
+            for x, _, failed in loader:
+                if failed:  # features must stay aligned with labels: no silent gaps
+                    path, reason = failed[0]
+                    raise DatasetError(f"{path}: {reason} (it changed after the scan); run again")
                 x = x.to(device, non_blocking=True)
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)

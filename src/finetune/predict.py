@@ -87,7 +87,7 @@ class Predictor:
             try:
                 return path, self._load(path), None
             except Exception as e:  # noqa: BLE001 - any decode failure: report this file, go on
-                return path, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+                return path, None, D.failure_reason(path, e)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for start in range(0, len(paths), batch_size):

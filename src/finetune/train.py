@@ -60,6 +60,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--weight-decay {cfg.weight_decay}: must be 0 or more")
     if not 0 <= cfg.dropout < 1:
         bad(f"--dropout {cfg.dropout}: must be in [0, 1)")
+    if cfg.max_pixels < 1:
+        bad(f"--max-pixels {cfg.max_pixels}: must be at least 1")
     if not 0 < cfg.val_fraction < 1:
         bad(f"--val-fraction {cfg.val_fraction}: must be between 0 and 1, e.g. 0.2")
     for value, choices, opt in ((cfg.optimizer, OPTIMIZERS, "--optimizer"), (cfg.scheduler, SCHEDULERS, "--scheduler"),
@@ -122,18 +124,22 @@ def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed:
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
         persistent_workers=workers > 0,  # no per-epoch worker start-up
-        pin_memory=device.type == "cuda", drop_last=False,
+        pin_memory=device.type == "cuda", drop_last=False, collate_fn=D.collate,
     )
 
 
-def evaluate(model, loader, device, criterion, autocast, memory_format=None) -> tuple[float, float]:
-    """(mean loss, accuracy) over a loader, under inference_mode."""
+def evaluate(model, loader, device, criterion, autocast, memory_format=None,
+             on_failed=lambda failed: None) -> tuple[float, float]:
+    """(mean loss, accuracy) over a loader, under inference_mode; files failing now go to on_failed."""
     import torch
 
     model.eval()
     total, loss_sum, correct = 0, 0.0, 0
     with torch.inference_mode():
-        for x, y in loader:
+        for x, y, failed in loader:
+            on_failed(failed)
+            if x is None:
+                continue
             x, y = _to_device(x, y, device, memory_format)
             with autocast():
                 logits = model(x)
@@ -192,7 +198,7 @@ class _Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.emit("batch", step=step, loss=loss.item())
+        self.emit("batch", step=step, loss=loss.item(), size=len(y))
         return loss.item(), int((logits.argmax(1) == y).sum())
 
     def schedule(self, val_acc: float) -> None:
@@ -210,22 +216,37 @@ class _ImageEpochs:
     def __init__(self, trainer: _Trainer, split: D.DatasetSplit, pre: dict, cache: dict | None, workers: int):
         cfg = trainer.cfg
         self.t = trainer
+        self.root = split.root
         short_side = pre["resize_size"]
-        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache)
-        val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache)
+        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache, cfg.max_pixels)
+        val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache, cfg.max_pixels)
         self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed)
         self.val_loader = _loader(val_ds, cfg.batch_size, False, workers, trainer.device, cfg.seed)
         self.batches = len(self.train_loader)
+        self.reported: set[str] = set()
+
+    def _failed(self, failed: list) -> None:
+        """Name a file that fails mid-run (changed after the scan) once; it stays out of every batch."""
+        new = [f for f in failed if f[0] not in self.reported]
+        if new:
+            self.reported.update(p for p, _ in new)
+            self.t.emit("skipped", files=new, root=self.root)
 
     def __call__(self, epoch: int) -> dict:
         t = self.t
         M.set_train_mode(t.model, t.head, t.frozen)
         seen, loss_sum, correct = 0, 0.0, 0
-        for step, (x, y) in enumerate(self.train_loader, 1):
+        for step, (x, y, failed) in enumerate(self.train_loader, 1):
+            self._failed(failed)
+            if x is None:
+                continue
             x, y = _to_device(x, y, t.device, t.memory_format)
             loss, ok = t.step(x, y, epoch, step, t.model)
             seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
-        val_loss, val_acc = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format)
+        if not seen:
+            raise FinetuneError(f"{self.root}: no training image could be read this epoch", exit_code=3)
+        val_loss, val_acc = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format,
+                                     self._failed)
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
 
 
@@ -265,24 +286,33 @@ class _FeatureEpochs:
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
 
 
-def _decode(split: D.DatasetSplit, short_side: int, workers: int, emit: Emit) -> dict | None:
-    """Decode every image once into RAM when the budget allows; drop and report files that fail."""
+def _decode(split: D.DatasetSplit, short_side: int, workers: int, cfg: TrainConfig, emit: Emit) -> dict | None:
+    """Decode every image once into RAM when the budget allows, else check each decodes (at reduced size).
+
+    Either way a file that fails is named and dropped before epoch 1 (or stops the run under --strict).
+    """
     paths = [s.path for s in split.train + split.val]
-    if D.estimate_cache_bytes(len(paths), short_side) > CACHE_BUDGET_BYTES:
-        return None
-    emit("decode_start", total=len(paths))
-    cache, failed = D.decode_all(paths, short_side, max(1, workers), lambda n: emit("decode_advance", n=n))
-    _drop(split, failed, emit)
-    return cache
+    fits = D.estimate_cache_bytes(len(paths), short_side) <= CACHE_BUDGET_BYTES
+    emit("decode_start", total=len(paths), keep=fits)
+    # Checking at 1/8 scale is enough to catch truncation; the real decode happens in the loader.
+    cache, failed = D.decode_all(paths, short_side if fits else 32, max(1, workers),
+                                 lambda n: emit("decode_advance", n=n), keep=fits, max_pixels=cfg.max_pixels)
+    _drop(split, failed, emit, cfg.strict)
+    return cache if fits else None
 
 
-def _drop(split: D.DatasetSplit, failed: list, emit: Emit) -> None:
+def _drop(split: D.DatasetSplit, failed: list, emit: Emit, strict: bool) -> None:
     if failed:
         bad = {p for p, _ in failed}
         split.skipped.extend(failed)
         split.train = [s for s in split.train if s.path not in bad]
         split.val = [s for s in split.val if s.path not in bad]
         emit("skipped", files=failed, root=split.root)
+    if strict and split.skipped:
+        path, reason = split.skipped[0]
+        raise FinetuneError(f"--strict: {len(split.skipped)} file(s) cannot be used, e.g. "
+                            f"{os.path.relpath(path, split.root)}: {reason}; fix or remove them, or drop --strict",
+                            exit_code=3)
     if not split.train or not split.val:
         raise FinetuneError(f"{split.root}: no readable images left in {'train' if not split.train else 'val'}",
                             exit_code=3)
@@ -300,12 +330,12 @@ def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: E
                         [s.path for s in split.train + split.val])
     hit = F.load(key)
     if hit is not None:
-        _drop(split, [tuple(x) for x in hit["skipped"]], emit)
+        _drop(split, [tuple(x) for x in hit["skipped"]], emit, cfg.strict)
         emit("features", cached=True, views=views)
         train_feats, val_feats = hit["train"], hit["val"]
     else:
         skipped_before = len(split.skipped)
-        cache = _decode(split, pre["resize_size"], workers, emit)
+        cache = _decode(split, pre["resize_size"], workers, cfg, emit)
         emit("features", cached=False, views=views)
         short_side = pre["resize_size"]
         bs = max(cfg.batch_size, 64)
@@ -313,9 +343,10 @@ def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: E
         kw = {"device": trainer.device, "batch_size": bs, "memory_format": trainer.memory_format,
               "autocast": trainer.autocast}
         torch.manual_seed(cfg.seed)
-        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache)
+        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache, cfg.max_pixels)
         train_feats = torch.stack([F.extract(*args, train_ds, **kw) for _ in range(views)])
-        val_feats = F.extract(*args, D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache), **kw)
+        val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache, cfg.max_pixels)
+        val_feats = F.extract(*args, val_ds, **kw)
         F.save(key, train_feats, val_feats, [list(x) for x in split.skipped[skipped_before:]])
     labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
     return _FeatureEpochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
@@ -336,6 +367,8 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None) -> RunResu
     choice = M.resolve_weights(cfg.model, cfg.weights)
     pre = choice.preprocessing
     emit("dataset", split=split, device=str(device), weights=choice.label)
+    if split.skipped:
+        emit("skipped", files=list(split.skipped), root=split.root)
 
     state = M.load_pretrained_state(choice)
     model, head = M.build_model(cfg.model, len(split.classes), cfg.dropout, state)
@@ -347,7 +380,7 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None) -> RunResu
     if use_features:
         epochs = _feature_epochs(trainer, split, choice, pre, workers, emit)
     else:
-        cache = _decode(split, pre["resize_size"], workers, emit)
+        cache = _decode(split, pre["resize_size"], workers, cfg, emit)
         # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
         epochs = _ImageEpochs(trainer, split, pre, cache, 0 if cache is not None else workers)
 
