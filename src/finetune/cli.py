@@ -313,6 +313,65 @@ def export(
     out.print(str(report.path), highlight=False, soft_wrap=True)
 
 
+# ------------------------------------------------------------------------------------------------ check
+
+
+@app.command(epilog="Example: finetune check ./images --json > report.json")
+@_handle_errors
+def check(
+    data: Annotated[str, typer.Argument(help="Dataset folder, in either layout `train` accepts.",
+                                        show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="The full report as JSON on stdout.")] = False,
+    val_fraction: Annotated[float, typer.Option(help="As for train, when DATA has no val/ folder.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="As for train.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Reading threads.")] = 2,
+) -> None:
+    """Inspect a dataset before training: counts, unusable files, duplicates and train/val leakage."""
+    from rich.progress import Progress
+
+    from finetune.check import check_dataset
+
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("checking", total=None)
+        report = check_dataset(data, val_fraction, seed, workers,
+                               on_progress=lambda i, n: progress.update(task, completed=i, total=n))
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _render_check(report)
+
+
+def _render_check(r: dict) -> None:
+    err.print(f"[bold]{r['root']}[/]: {len(r['classes'])} classes, {r['images']} images, {r['usable']} usable "
+              f"({r['layout']})", highlight=False)
+    table = Table("class", "train", "val", title="images per class", title_justify="left")
+    for c in r["classes"]:
+        table.add_row(c, str(r["counts"]["train"][c]), str(r["counts"]["val"][c]))
+    err.print(table)
+    for part, ratio in r["imbalance"].items():
+        if ratio and ratio >= 1.5:
+            err.print(f"[yellow]imbalance:[/] {part} largest class is {ratio:.1f}x the smallest")
+    sizes = r["sizes"]
+    if sizes["min"]:
+        err.print(f"sizes: min {sizes['min'][0]}x{sizes['min'][1]}, median {sizes['median'][0]:g}x"
+                  f"{sizes['median'][1]:g}, max {sizes['max'][0]}x{sizes['max'][1]}; modes "
+                  + ", ".join(f"{m} {n}" for m, n in r["modes"].items()), highlight=False)
+    if r["exif_rotated"]:
+        err.print(f"{len(r['exif_rotated'])} photo(s) carry an EXIF rotation (applied when loading)")
+    findings = [("would be skipped", [f"{s['path']}: {s['reason']}" for s in r["skipped"]])]
+    dup = r["duplicates"]
+    for key, label in (("train_val_leakage", "identical files in train and val (leakage)"),
+                       ("across_classes", "identical files under different classes (conflicting labels)"),
+                       ("within_class", "identical files within a class")):
+        findings.append((label, [" = ".join(f"{m['split']}/{m['class']}: {m['path']}" for m in g) for g in dup[key]]))
+    for label, items in findings:
+        if items:
+            err.print(f"[yellow]{len(items)} {label}:[/]")
+            for item in items:
+                err.print(f"  {item}", highlight=False)
+    if not any(items for _, items in findings):
+        err.print("[green]no unusable files, no duplicates[/]")
+
+
 def main() -> None:
     """Entry point for `python -m finetune`."""
     app(prog_name="finetune")

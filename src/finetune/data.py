@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import unicodedata
@@ -154,21 +155,56 @@ def _scan(root: Path, classes: Sequence[str] | None = None,
     return names, samples
 
 
-def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Seeded per-class split: every class keeps about val_fraction of its images in val."""
-    by_class: dict[int, list[Sample]] = {}
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int,
+                     groups: dict[str, str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """Seeded per-class split: every class keeps about val_fraction of its images in val.
+
+    Samples sharing a group (identical content) land on the same side, so a duplicate never leaks
+    between train and val.
+    """
+    groups = groups or {}
+    by_class: dict[int, dict[str, list[Sample]]] = {}
     for s in samples:
-        by_class.setdefault(s.label, []).append(s)
+        by_class.setdefault(s.label, {}).setdefault(groups.get(s.path, s.path), []).append(s)
     rng = random.Random(seed)
     train, val = [], []
     for label in sorted(by_class):
-        items = list(by_class[label])
-        rng.shuffle(items)
-        n_val = round(len(items) * val_fraction)
-        val.extend(items[:n_val])
-        train.extend(items[n_val:])
+        units = [by_class[label][k] for k in sorted(by_class[label])]
+        rng.shuffle(units)
+        n_val = round(sum(map(len, units)) * val_fraction)
+        taken = 0
+        for unit in units:
+            if taken < n_val:
+                val.extend(unit)
+                taken += len(unit)
+            else:
+                train.extend(unit)
     key = lambda s: s.path  # noqa: E731 - deterministic order independent of class iteration
     return sorted(train, key=key), sorted(val, key=key)
+
+
+def content_groups(paths: Sequence[str]) -> dict[str, str]:
+    """path -> first path with identical bytes, for files that have a twin; only same-size files are hashed."""
+    by_size: dict[int, list[str]] = {}
+    for p in paths:
+        by_size.setdefault(os.path.getsize(p), []).append(p)
+    out = {}
+    for same in by_size.values():
+        if len(same) < 2:
+            continue
+        first_by_hash: dict[str, str] = {}
+        for p in same:
+            out[p] = first_by_hash.setdefault(file_hash(p), p)
+    return out
+
+
+def file_hash(path: str) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_classes(root: Path, classes: list[str]) -> None:
@@ -214,7 +250,7 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
                     f"{source}/{name}: {n} image(s), too few to hold out a {val_fraction:.0%} validation share "
                     f"and keep some for training; add images (at least {need} per class) or add a val/ folder"
                 )
-        train, val = stratified_split(samples, val_fraction, seed)
+        train, val = stratified_split(samples, val_fraction, seed, content_groups([s.path for s in samples]))
         layout = f"stratified split, {val_fraction:.0%} val (seed {seed})"
     return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root), skipped=skipped)
 
