@@ -69,3 +69,12 @@ def test_automatic_split_keeps_duplicates_on_one_side(tmp_path):
         copies = [s for s in split.train + split.val if s.path.endswith("/x/0.jpg") or "/x/dup" in s.path]
         assert len(copies) == 5
         assert len({s in split.val for s in copies}) == 1, seed
+
+
+def test_split_never_empties_train_of_a_class_made_of_copies(tmp_path):
+    root = tmp_path / "flat"
+    for i in range(3):
+        _photo(root / "same" / f"{i}.jpg", (9, 9, 9))  # three identical files
+        _photo(root / "varied" / f"{i}.jpg", (i * 60, 0, 0))
+    split = D.find_dataset(root, val_fraction=0.34)
+    assert split.counts()["train"]["same"] == 3

@@ -31,7 +31,7 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
     assert r.stdout.strip() == str((run / "best.pt").relative_to(in_tmp))
     for line in ("epoch 1/2", "epoch 2/2", "val loss", "best epoch", "*best"):
         assert line in r.stderr
-    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json"}
+    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json", "state.pt"}
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r_["epoch"]) for r_ in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}

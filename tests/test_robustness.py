@@ -77,7 +77,7 @@ def test_strict_stops_before_epoch_1_and_writes_nothing(messy, in_tmp):
 def test_unicode_spaces_and_emoji_names(tmp_path):
     for cls, name in (("café au lait", "photo 1.JPG"), ("🐝 bees", "ünïcode 🐝.jpeg")):
         for i in range(3):
-            _photo(tmp_path / cls / f"{i} {name}")
+            _photo(tmp_path / cls / f"{i} {name}", color=(i * 50, len(cls), 0))
     split = D.find_dataset(tmp_path, val_fraction=1 / 3)
     assert split.classes == ["café au lait", "🐝 bees"]
     assert len(split.train) == 4 and len(split.val) == 2

@@ -9,6 +9,7 @@ import csv
 import functools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -130,12 +131,14 @@ class _TrainView:
         what = "reused from cache" if cached else f"computing once ({views} view(s) per training image)"
         self.log(f"[bold]features[/] frozen backbone: {what}")
 
-    def on_start(self, run_dir, epochs, batches, lr):
+    def on_start(self, run_dir, epochs, batches, lr, first):
         if self.decode_task is not None:
             self.progress.remove_task(self.decode_task)
         self.epochs = epochs
         self.log(f"[bold]run[/] {run_dir}   lr {lr:.3g}, {batches} batches/epoch")
-        self.epoch_task = self.progress.add_task("epochs", total=epochs, info="")
+        if first > 1:
+            self.log(f"[bold]resuming[/] at epoch {first}")
+        self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first - 1, info="")
         self.batch_task = self.progress.add_task("batches", total=batches, info="")
 
     def on_epoch_start(self, epoch):
@@ -195,18 +198,50 @@ def train(
                                          "instead of skipping it with a warning.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression "
                                             "bombs), read from the header.")] = 178_956_970,
+    resume: Annotated[str | None, typer.Option(help="Continue an interrupted run folder from its last completed "
+                                               "epoch, with that run's settings.")] = None,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic kernels: repeatable runs (slower on GPU).")
+                             ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
+    import signal
+
     from finetune.config import TrainConfig
-    from finetune.train import run_training
+    from finetune.train import Interrupted, resume_config, run_training
 
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
                       workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
-                      channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels)
-    with _TrainView(quiet) as view:
-        result = run_training(cfg, view)
+                      channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
+                      deterministic=deterministic)
+    state = None
+    if resume:
+        cfg, state = resume_config(resume, data, model)
+    requested = {"signal": 0}
+
+    def on_signal(signum, frame):
+        if requested["signal"]:  # a second Ctrl-C: stop now (atomic writes leave no partial file)
+            raise Interrupted(signum)
+        requested["signal"] = signum
+        err.print("[yellow]stopping after this step (again to stop at once)[/]")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with _TrainView(quiet) as view:
+            result = run_training(cfg, view, stop=lambda: requested["signal"], resume=state)
+    except Interrupted as e:
+        run = e.run_dir
+        if run is not None and (run / "state.pt").is_file():
+            err.print(f"[yellow]interrupted[/]: best model so far in {run / 'best.pt'}; resume with: "
+                      f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
+                      + (f" --model {model}" if model != "resnet18" else ""), highlight=False)
+        else:
+            err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not quiet:
         table = Table(title="finetune train", show_header=False, title_justify="left")
         best = result.history[result.best_epoch - 1]

@@ -173,8 +173,8 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int,
         rng.shuffle(units)
         n_val = round(sum(map(len, units)) * val_fraction)
         taken = 0
-        for unit in units:
-            if taken < n_val:
+        for i, unit in enumerate(units):
+            if taken < n_val and i < len(units) - 1:  # the last unit always trains
                 val.extend(unit)
                 taken += len(unit)
             else:
