@@ -97,3 +97,19 @@ def test_unwritable_destination_is_a_resource_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ResourceError, match="could not write"):
         C.write_text_atomic(blocker / "sub" / "f.txt", "data")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7 vs 9"),
+                                     OSError(28, "No space left on device")])
+def test_disk_full_is_a_clear_resource_error_and_keeps_the_old_file(tmp_path, failure):
+    target = tmp_path / "best.pt"
+    C.write_text_atomic(target, "old")
+
+    def full(tmp):
+        Path(tmp).write_text("partial")
+        raise failure
+
+    with pytest.raises(ResourceError, match="the disk is full") as e:
+        C.atomic_write(target, full)
+    assert e.value.exit_code == 5
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]

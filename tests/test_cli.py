@@ -76,7 +76,12 @@ def test_pretrained_default_weights_from_local_cache(tiny_data, in_tmp, monkeypa
     """The real DEFAULT path, with a locally made file under torchvision's name in a temporary TORCH_HOME."""
     home = in_tmp / "torch_home"
     (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.resnet18().state_dict(), home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    weights = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    from finetune import models
+    from finetune.data import file_hash
+
+    monkeypatch.setitem(models.PINNED_SHA256, weights.name, file_hash(str(weights)))  # stands in for the real file
     monkeypatch.setenv("TORCH_HOME", str(home))
     old = torch.hub.get_dir()
     torch.hub._hub_dir = None  # honour TORCH_HOME as a fresh process would
@@ -170,3 +175,18 @@ def test_cli_import_does_not_import_torch():
     code = "import sys, finetune.cli; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "False"
+
+
+def test_unexpected_errors_are_one_line_unless_debug(tiny_data, in_tmp, monkeypatch):
+    import finetune.train
+
+    def boom(*a, **k):
+        raise ValueError("something broke\nsecond line")
+
+    monkeypatch.setattr(finetune.train, "run_training", boom)
+    r = invoke("train", tiny_data)
+    assert r.exit_code == 1
+    assert "internal error: ValueError: something broke" in r.stderr and "second line" not in r.stderr
+    assert "Traceback" not in r.output
+    r = invoke("--debug", "train", tiny_data)
+    assert isinstance(r.exception, ValueError)

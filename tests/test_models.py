@@ -75,10 +75,18 @@ def hub(tmp_path, monkeypatch):
     torch.hub.set_dir(old)
 
 
-def test_default_weights_come_from_the_torch_hub_cache(hub):
+def _pin(monkeypatch, path):
+    """Our locally made file stands in for the published one: pin its hash as the real file's is pinned."""
+    from finetune.data import file_hash
+
+    monkeypatch.setitem(M.PINNED_SHA256, path.name, file_hash(str(path)))
+
+
+def test_default_weights_come_from_the_torch_hub_cache(hub, monkeypatch):
     """A locally made state_dict under torchvision's expected file name is what DEFAULT loads."""
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), hub / "resnet18-f37072fd.pth")
+    _pin(monkeypatch, hub / "resnet18-f37072fd.pth")
     choice = M.resolve_weights("resnet18", "DEFAULT")
     model, head = M.build_model("resnet18", 2, 0.0, M.load_pretrained_state(choice))
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
@@ -103,13 +111,18 @@ class _Boom:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_tampered_hub_cache_file_does_not_run_code(hub, tmp_path):
+def test_tampered_hub_cache_file_does_not_run_code(hub, tmp_path, monkeypatch):
     marker = tmp_path / "payload-ran"
     boom = _Boom()
     boom.marker = str(marker)
     payload = pickle.dumps({"conv1.weight": boom})
     (hub / "resnet18-f37072fd.pth").write_bytes(payload)
-    with pytest.raises(ModelFileError, match="delete the file"):
+    with pytest.raises(ModelFileError, match="do not match their published SHA-256"):
+        M.load_pretrained_state(M.resolve_weights("resnet18", "DEFAULT"))
+    assert not marker.exists()
+    # Even if its hash were pinned (a poisoned pin), weights_only=True still refuses to run it.
+    _pin(monkeypatch, hub / "resnet18-f37072fd.pth")
+    with pytest.raises(ModelFileError, match="could not be loaded safely|corrupt or unsafe"):
         M.load_pretrained_state(M.resolve_weights("resnet18", "DEFAULT"))
     assert not marker.exists()
     pickle.loads(payload)  # control: the payload is live when unpickled unsafely

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,12 +47,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if e.errno == errno.ENOSPC:
+            raise ResourceError(_disk_full(path)) from None
         raise ResourceError(f"{path}: could not write ({e.strerror or e}); check free space and permissions") from None
+    except RuntimeError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        # torch.save reports a full disk as "PytorchStreamWriter failed writing ... unexpected pos".
+        if "unexpected pos" in str(e) or "failed writing" in str(e):
+            raise ResourceError(_disk_full(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+def _disk_full(path: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return f"{path}: could not write: the disk is full ({free}); free some space or write elsewhere (-o)"
 
 
 def _umask() -> int:

@@ -66,6 +66,18 @@ def _handle_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.BadParameter):
+            raise
+        except Exception as e:  # a bug, or a failure no message was written for: one line, not a traceback
+            if _state["debug"]:
+                raise
+            if "DataLoader worker" in str(e) or "Bus error" in str(e):
+                err.print(f"[bold red]error:[/] a data-loading worker died ({str(e).splitlines()[0][:120]}); "
+                          "host memory or /dev/shm ran out: use fewer workers (-j 0)", highlight=False)
+                raise typer.Exit(5) from None
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                      " (please report it; --debug shows the traceback)", highlight=False)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def load_pretrained_state(choice: WeightsChoice) -> dict | None:
         return None
     url = choice.enum.url
     target = _hub_file(url)
+    if target.is_file():
+        verify_cached_weights(target)
     try:
         # Our own call so weights_only=True is explicit (torchvision's builders pass False).
         return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu",
@@ -101,6 +104,22 @@ def load_pretrained_state(choice: WeightsChoice) -> dict | None:
     except Exception as e:  # UnpicklingError and friends from a tampered cache file
         raise ModelFileError(f"{target}: cached weights for {choice.label} could not be loaded safely "
                              f"({type(e).__name__}); delete the file and run again") from None
+
+
+# Full SHA-256 of cached weight files, where known; otherwise the hash prefix torchvision puts in every file
+# name (resnet18-f37072fd.pth) is checked. torch.hub checks it only when downloading, not on each load.
+PINNED_SHA256: dict[str, str] = {}
+
+
+def verify_cached_weights(path: Path) -> None:
+    """Refuse a cached weights file whose content does not match its pinned hash (tampered or corrupt)."""
+    from finetune.data import file_hash
+
+    match = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    expected = PINNED_SHA256.get(path.name) or (match.group(1) if match else None)
+    if expected and not file_hash(str(path)).startswith(expected):
+        raise ModelFileError(f"{path}: cached weights do not match their published SHA-256 (corrupt or tampered); "
+                             "delete the file and run again to download it afresh")
 
 
 def _short(e: BaseException) -> str:
