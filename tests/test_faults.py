@@ -64,7 +64,7 @@ def _spawn(data, out, *extra):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path, proc, timeout=120):
+def _wait_for(path, proc, timeout=300):
     t = time.time()
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
@@ -104,3 +104,36 @@ def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
                                  str(out), "-q"])
     assert r.exit_code == 0, r.output
     assert not list(out.glob(TEMP_PREFIX + "*"))
+
+
+def test_second_ctrl_c_stops_at_once_without_partial_files(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(tiny_data, out)
+    _wait_for(out / T.STATE_FILE, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    load_model_file(out / "best.pt")
+    assert not list(out.glob(TEMP_PREFIX + "*"))
+
+
+def test_out_of_memory_is_exit_5_with_a_smaller_batch(tiny_data, in_tmp, monkeypatch):
+    import torch.nn.functional as F
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(F, "cross_entropy", oom)
+    r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--epochs", "1", "-b", "8"])
+    assert r.exit_code == 5
+    assert "out of CPU memory at batch size 8; try -b 4" in r.stderr
+
+
+def test_exported_program_is_not_loaded_as_a_model(trained_model, tiny_data, tmp_path):
+    from finetune.export import export_model
+
+    export_model(trained_model, tmp_path / "m.pt2")
+    r = CliRunner().invoke(app, ["predict", str(tiny_data / "val"), "--model", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 4 and "not a finetune model file" in r.stderr

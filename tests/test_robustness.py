@@ -46,7 +46,7 @@ EXPECTED = {
     "truncated.jpg": "truncated",
     "page.jpg": "not an image",
     "noise.jpg": "not an image",
-    "IMG_0001.HEIC": "convert them to JPEG",
+    "IMG_0001.HEIC": "pip install pillow-heif",
 }
 
 

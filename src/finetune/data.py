@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -31,10 +32,27 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_NAMES
 
 
+HEIF_EXTENSIONS = (".heic", ".heif")
+
+
+@functools.cache
+def _heif_ready() -> bool:
+    """Register pillow-heif's HEIC/HEIF decoder with Pillow when that package is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
-    """True for a non-hidden file with an image extension (any case)."""
+    """True for a non-hidden file with an image extension (any case); HEIC/HEIF when pillow-heif is installed."""
     name = os.path.basename(path)
-    return not _ignored(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+    if _ignored(name):
+        return False
+    lower = name.lower()
+    return lower.endswith(IMAGE_EXTENSIONS) or (lower.endswith(HEIF_EXTENSIONS) and _heif_ready())
 
 
 @dataclass(frozen=True)
@@ -119,8 +137,8 @@ def images_under(folder: Path, skipped: list | None = None) -> list[str]:
 def unsupported_reason(name: str) -> str:
     """Why a file is not used, with what would make it usable."""
     ext = os.path.splitext(name)[1].lower()
-    if ext in (".heic", ".heif", ".avif"):
-        return f"{ext} photos are not supported; convert them to JPEG (or PNG) first"
+    if ext in HEIF_EXTENSIONS:
+        return f"{ext} photos need the pillow-heif package: pip install pillow-heif (or convert them to JPEG)"
     return f"not a supported image type ({ext or 'no extension'}); use {', '.join(IMAGE_EXTENSIONS)}"
 
 

@@ -534,6 +534,9 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     except Interrupted as e:
         e.run_dir = run_dir
         raise
+    except torch.OutOfMemoryError:
+        raise ResourceError(f"out of {device.type.upper()} memory at batch size {cfg.batch_size}; try -b "
+                            f"{max(1, cfg.batch_size // 2)} (the best model so far is in {run_dir})") from None
 
     seconds = time.perf_counter() - t_start
     result = RunResult(run_dir=run_dir, model_path=model_path, best_epoch=best["epoch"], best_val_acc=best["val_acc"],
