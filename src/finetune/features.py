@@ -15,8 +15,10 @@ from pathlib import Path
 from finetune import __version__
 from finetune.checkpoint import atomic_write
 
-# Augmented views per training image: enough variety for a linear head, a fraction of the epochs' cost.
-FEATURE_VIEWS = 4
+# Augmented views per training image: enough variety for a linear head at a fraction of the epochs' cost.
+# Measured on ants/bees (MobileNetV2 ImageNet weights, 25 epochs, seeds 0/1): best val accuracy 0.961/0.967
+# with 1 view, 0.967/0.974 with 2, 0.967/0.967 with 4, at 1x/1.7x/3x the extraction time.
+FEATURE_VIEWS = 2
 
 
 def cache_dir() -> Path:

@@ -116,6 +116,15 @@ def _make_scheduler(cfg: TrainConfig, optimizer):
     return None
 
 
+def inference_batch(device, batch_size: int) -> int:
+    """Batch size for forward-only passes (validation, feature extraction).
+
+    On CPU small batches stay in cache: resnet18 inference on this project's 2-core CPU ran at 46 img/s
+    with batches of 16 and 31 img/s with 64. GPUs want large batches.
+    """
+    return 16 if device.type == "cpu" else max(batch_size, 128)
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed: int):
     import torch
 
@@ -236,7 +245,8 @@ class _ImageEpochs:
         train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache, cfg.max_pixels)
         val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache, cfg.max_pixels)
         self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed)
-        self.val_loader = _loader(val_ds, cfg.batch_size, False, workers, trainer.device, cfg.seed)
+        self.val_loader = _loader(val_ds, inference_batch(trainer.device, cfg.batch_size), False, workers,
+                                  trainer.device, cfg.seed)
         self.batches = len(self.train_loader)
         self.generator = self.train_loader.generator  # the shuffle order; saved for an exact resume
         self.reported: set[str] = set()
@@ -311,7 +321,9 @@ def _decode(split: D.DatasetSplit, short_side: int, workers: int, cfg: TrainConf
     fits = D.estimate_cache_bytes(len(paths), short_side) <= CACHE_BUDGET_BYTES
     emit("decode_start", total=len(paths), keep=fits)
     # Checking at 1/8 scale is enough to catch truncation; the real decode happens in the loader.
-    cache, failed = D.decode_all(paths, short_side if fits else 32, max(1, workers),
+    # Nothing else runs yet: decode on every core unless -j says otherwise.
+    threads = (os.cpu_count() or 1) if cfg.workers < 0 else max(1, workers)
+    cache, failed = D.decode_all(paths, short_side if fits else 32, threads,
                                  lambda n: emit("decode_advance", n=n), keep=fits, max_pixels=cfg.max_pixels)
     _drop(split, failed, emit, cfg.strict)
     return cache if fits else None
@@ -354,7 +366,7 @@ def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: E
         cache = _decode(split, pre["resize_size"], workers, cfg, emit)
         emit("features", cached=False, views=views)
         short_side = pre["resize_size"]
-        bs = max(cfg.batch_size, 64)
+        bs = inference_batch(trainer.device, cfg.batch_size)
         args = (trainer.model, trainer.head)
         kw = {"device": trainer.device, "batch_size": bs, "memory_format": trainer.memory_format,
               "autocast": trainer.autocast}
