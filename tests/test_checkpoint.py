@@ -1,7 +1,6 @@
 """The model file: self-describing, loadable with weights_only=True, written atomically, refused when unsafe."""
 
 import os
-import pickle
 from pathlib import Path
 
 import pytest

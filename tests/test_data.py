@@ -1,6 +1,5 @@
 """Dataset discovery, splits, decoding and transforms."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np

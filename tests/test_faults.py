@@ -1,6 +1,5 @@
 """Interrupts, exact resume, kill -9 at any moment: never a truncated file, never lost work."""
 
-import os
 import random
 import shutil
 import signal
@@ -12,10 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from finetune import resume as R
 from finetune import train as T
 from finetune.checkpoint import TEMP_PREFIX, load_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
+from finetune.errors import FinetuneError
 
 
 def _cfg(data, out, epochs=4, **kw):
@@ -31,30 +32,30 @@ def test_two_epochs_interrupt_resume_equals_four_straight(tiny_data, tmp_path):
         if event == "epoch_end":
             epochs_done.append(kw["row"]["epoch"])
 
-    with pytest.raises(T.Interrupted) as e:
+    with pytest.raises(R.Interrupted) as e:
         T.run_training(_cfg(tiny_data, tmp_path / "b"), emit, stop=lambda: signal.SIGINT if len(epochs_done) >= 2
                        else 0)
     assert e.value.exit_code == 130 and e.value.run_dir == tmp_path / "b"
     assert epochs_done == [1, 2]
-    cfg, state = T.resume_config(tmp_path / "b", str(tiny_data), "resnet18")
+    cfg, state = R.resume_config(tmp_path / "b", str(tiny_data), "resnet18")
     assert state["epoch"] == 2
     resumed = T.run_training(cfg, resume=state)
     assert [r["val_acc"] for r in resumed.history] == [r["val_acc"] for r in straight.history]
-    a = torch.load(tmp_path / "a" / T.STATE_FILE, weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / T.STATE_FILE, weights_only=True)["model"]
+    a = torch.load(tmp_path / "a" / R.STATE_FILE, weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / R.STATE_FILE, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_classes_or_architecture(tiny_data, tmp_path):
     T.run_training(_cfg(tiny_data, tmp_path / "r", epochs=1))
-    with pytest.raises(T.FinetuneError, match="trains resnet18, not --model alexnet"):
-        T.resume_config(tmp_path / "r", str(tiny_data), "alexnet")
+    with pytest.raises(FinetuneError, match="trains resnet18, not --model alexnet"):
+        R.resume_config(tmp_path / "r", str(tiny_data), "alexnet")
     other = tmp_path / "other"
     shutil.copytree(tiny_data, other)
     for split in ("train", "val"):
         (other / split / "bees").rename(other / split / "wasps")
-    cfg, state = T.resume_config(tmp_path / "r", str(other), "resnet18")
-    with pytest.raises(T.FinetuneError, match=r"classes \['ants', 'wasps'\] differ"):
+    cfg, state = R.resume_config(tmp_path / "r", str(other), "resnet18")
+    with pytest.raises(FinetuneError, match=r"classes \['ants', 'wasps'\] differ"):
         T.run_training(cfg, resume=state)
 
 
@@ -75,13 +76,13 @@ def _wait_for(path, proc, timeout=300):
 def test_sigterm_stops_keeps_best_and_prints_resume_command(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_data, out)
-    _wait_for(out / T.STATE_FILE, proc)
+    _wait_for(out / R.STATE_FILE, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert f"--resume {out}" in stderr and "Traceback" not in stderr
     load_model_file(out / "best.pt")
-    assert T.load_resume_state(out)["epoch"] >= 1
+    assert R.load_resume_state(out)["epoch"] >= 1
     assert not list(out.glob(TEMP_PREFIX + "*"))
 
 
@@ -90,14 +91,14 @@ def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
     rng = random.Random(0)
     for attempt in range(3):
         proc = _spawn(tiny_data, out)
-        _wait_for(out / T.STATE_FILE, proc)
+        _wait_for(out / R.STATE_FILE, proc)
         time.sleep(rng.uniform(0.0, 1.5))  # somewhere in an epoch, maybe inside a save
         proc.kill()
         proc.wait()
         meta = load_model_file(out / "best.pt")  # whole, or this raises
         assert meta["arch"] == "resnet18"
-        assert T.load_resume_state(out)["format"] == "finetune-state"
-        (out / T.STATE_FILE).unlink()  # next attempt waits for a fresh one
+        assert R.load_resume_state(out)["format"] == "finetune-state"
+        (out / R.STATE_FILE).unlink()  # next attempt waits for a fresh one
     # temp files a kill left behind are removed when the folder is used again
     (out / (TEMP_PREFIX + "stale.pt")).write_bytes(b"partial")
     r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--epochs", "1", "-b", "8", "-o",
@@ -109,7 +110,7 @@ def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
 def test_second_ctrl_c_stops_at_once_without_partial_files(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_data, out)
-    _wait_for(out / T.STATE_FILE, proc)
+    _wait_for(out / R.STATE_FILE, proc)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)

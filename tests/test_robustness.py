@@ -1,6 +1,5 @@
 """Real photo folders: bad files are named and skipped (or stop the run with --strict), never substituted."""
 
-import io
 import os
 import shutil
 from pathlib import Path

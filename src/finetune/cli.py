@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -220,7 +219,8 @@ def train(
     import signal
 
     from finetune.config import TrainConfig
-    from finetune.train import Interrupted, resume_config, run_training
+    from finetune.resume import STATE_FILE, Interrupted, resume_config
+    from finetune.train import run_training
 
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
@@ -244,7 +244,7 @@ def train(
             result = run_training(cfg, view, stop=lambda: requested["signal"], resume=state)
     except Interrupted as e:
         run = e.run_dir
-        if run is not None and (run / "state.pt").is_file():
+        if run is not None and (run / STATE_FILE).is_file():
             err.print(f"[yellow]interrupted[/]: best model so far in {run / 'best.pt'}; resume with: "
                       f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
                       + (f" --model {model}" if model != "resnet18" else ""), highlight=False)

@@ -53,8 +53,6 @@ class Predictor:
     """A loaded model plus its own preprocessing, ready to classify images."""
 
     def __init__(self, model_path: str | os.PathLike, device: str = "auto"):
-        import torch
-
         from finetune.checkpoint import model_from_file
         from finetune.devices import resolve_device
 
