@@ -360,6 +360,51 @@ def export(
     out.print(str(report.path), highlight=False, soft_wrap=True)
 
 
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+@app.command(epilog="Example: finetune evaluate ./images --model runs/20261123-101500-resnet18/best.pt --json")
+@_handle_errors
+def evaluate(
+    data: Annotated[str, typer.Argument(help="Labelled folder: its val/ when it has train/ and val/, else every "
+                                             "image of its class folders.", show_default=False)],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file. Default: the latest run's "
+                                              "best model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The full report as JSON on stdout.")] = False,
+    wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to list.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes."""
+    from finetune.evaluate import evaluate_folder
+
+    with err.status("evaluating"):
+        r = evaluate_folder(_model_path(model), data, device, batch_size, wrong=wrong)
+    if as_json:
+        sys.stdout.write(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
+    low, high = r["accuracy_ci95"]
+    err.print(f"[bold]accuracy[/] {_fmt_pct(r['accuracy'])} ({r['correct']}/{r['images']}), 95 % CI "
+              f"{_fmt_pct(low)}-{_fmt_pct(high)} (Wilson)   on {r['data']}", highlight=False)
+    table = Table("class", "precision", "recall", "F1", "support", title="per class", title_justify="left")
+    for name, m in r["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    macro = r["macro"]
+    table.add_row("macro avg", f"{macro['precision']:.3f}", f"{macro['recall']:.3f}", f"{macro['f1']:.3f}",
+                  str(r["images"]), style="bold")
+    err.print(table)
+    cm = Table("true \\ predicted", *r["classes"], title="confusion matrix", title_justify="left")
+    for name, row in zip(r["classes"], r["confusion_matrix"]):
+        cm.add_row(name, *map(str, row))
+    err.print(cm)
+    if r["most_confident_wrong"]:
+        w = Table("image", "true", "predicted", "probability", title="most confidently wrong", title_justify="left")
+        for m in r["most_confident_wrong"]:
+            w.add_row(m["path"], m["true"], m["predicted"], f"{m['probability']:.3f}")
+        err.print(w)
+    for s in r["skipped"]:
+        err.print(f"[yellow]warning:[/] skipped {s['path']}: {s['reason']}", highlight=False)
+
+
 # ------------------------------------------------------------------------------------------------ check
 
 

@@ -83,7 +83,7 @@ class DatasetSplit:
         return out
 
 
-def _class_dirs(root: Path) -> dict[str, Path]:
+def class_dirs(root: Path) -> dict[str, Path]:
     """Class name (NFC-normalised) -> folder, ignoring hidden and OS folders."""
     classes: dict[str, Path] = {}
     seen_folded: dict[str, str] = {}
@@ -144,7 +144,7 @@ def unsupported_reason(name: str) -> str:
 
 def _scan(root: Path, classes: Sequence[str] | None = None,
           skipped: list | None = None) -> tuple[list[str], list[Sample]]:
-    dirs = _class_dirs(root)
+    dirs = class_dirs(root)
     if not dirs:
         loose = [p for p in os.listdir(root) if is_image_file(p)]
         hint = " (images lie directly in it)" if loose else ""

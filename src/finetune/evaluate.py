@@ -1,0 +1,115 @@
+"""Honest metrics on a labelled folder: accuracy with a Wilson interval, per-class precision/recall/F1,
+the confusion matrix, and the images the model got most confidently wrong."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from finetune import data as D
+from finetune.errors import DatasetError
+
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion: sound at small n and near 0 or 1, unlike p +- z*se."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    denom = 1 + z * z / total
+    center = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def classification_report(y_true: list[int], y_pred: list[int], classes: list[str]) -> dict:
+    """Accuracy (+ Wilson 95 % CI), per-class precision/recall/F1/support, macro averages, confusion matrix."""
+    n = len(classes)
+    matrix = [[0] * n for _ in range(n)]  # rows: true class, columns: predicted class
+    for t, p in zip(y_true, y_pred):
+        matrix[t][p] += 1
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = matrix[i][i]
+        predicted = sum(matrix[r][i] for r in range(n))
+        support = sum(matrix[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    present = [c for c in classes if per_class[c]["support"]]  # classes absent from the folder don't vote
+    correct = sum(matrix[i][i] for i in range(n))
+    low, high = wilson_interval(correct, len(y_true))
+    return {
+        "images": len(y_true),
+        "correct": correct,
+        "accuracy": correct / len(y_true) if y_true else 0.0,
+        "accuracy_ci95": [low, high],
+        "per_class": per_class,
+        "macro": {k: sum(per_class[c][k] for c in present) / len(present) if present else 0.0
+                  for k in ("precision", "recall", "f1")},
+        "confusion_matrix": matrix,
+    }
+
+
+def labelled_samples(data: str, classes: list[str]) -> tuple[list[D.Sample], list[tuple[str, str]], str]:
+    """The images to evaluate: val/ of a train/val folder, else every image of a folder of class folders.
+
+    Labels are the model's class indices; a folder class the model does not know is an error.
+    """
+    root = data
+    subdirs = {e.name.lower(): e.path for e in os.scandir(root) if e.is_dir()} if os.path.isdir(root) else {}
+    val = next((subdirs[n] for n in D.VAL_DIR_NAMES if n in subdirs), None)
+    if "train" in subdirs and val is not None:
+        root = val
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: no such folder; pass a folder of class folders (DATA/<class>/*.jpg)")
+    skipped: list[tuple[str, str]] = []
+    dirs = D.class_dirs(root)
+    if not dirs:
+        raise DatasetError(f"{root}: no class folders found; put each class's images in its own folder")
+    unknown = sorted(set(dirs) - set(classes))
+    if unknown:
+        raise DatasetError(f"{root}: classes {unknown} are not among the model's classes {classes}; evaluate on "
+                           "folders named after the model's classes")
+    samples = [D.Sample(p, classes.index(name)) for name, folder in dirs.items()
+               for p in D.images_under(folder, skipped)]
+    if not samples:
+        raise DatasetError(f"{root}: no images to evaluate")
+    return samples, skipped, root
+
+
+def evaluate_folder(model_path: str, data: str, device: str = "auto", batch_size: int = 32, workers: int = 2,
+                    wrong: int = 10) -> dict:
+    """Run the model over a labelled folder and report metrics plus the most confidently wrong images."""
+    from finetune.predict import Failure, Predictor
+
+    predictor = Predictor(model_path, device)
+    classes = predictor.classes
+    samples, skipped, root = labelled_samples(data, classes)
+    label = {s.path: s.label for s in samples}
+    y_true, y_pred, mistakes = [], [], []
+    for r in predictor.predict([s.path for s in samples], top_k=len(classes), batch_size=batch_size,
+                               workers=workers):
+        if isinstance(r, Failure):
+            skipped.append((r.path, r.reason))
+            continue
+        true, (pred_name, prob) = label[r.path], r.top[0]
+        pred = classes.index(pred_name)
+        y_true.append(true)
+        y_pred.append(pred)
+        if pred != true:
+            mistakes.append({"path": os.path.relpath(r.path, root), "true": classes[true], "predicted": pred_name,
+                             "probability": prob})
+    if not y_true:
+        raise DatasetError(f"{root}: none of the images could be read")
+    report = classification_report(y_true, y_pred, classes)
+    report.update({
+        "model": str(model_path),
+        "data": root,
+        "classes": classes,
+        "most_confident_wrong": sorted(mistakes, key=lambda m: -m["probability"])[:wrong],
+        "skipped": [{"path": os.path.relpath(p, root), "reason": why} for p, why in skipped],
+    })
+    return report
