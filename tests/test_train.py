@@ -64,3 +64,28 @@ def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, m
     result = T.run_training(cfg, lambda e, **k: events.append((e, k)))
     assert [k["keep"] for e, k in events if e == "decode_start"] == [False]  # checked, not kept in RAM
     assert result.model_path.is_file() and len(result.history) == 1
+
+
+def test_initial_loss_check():
+    from math import log
+
+    assert T.initial_loss_check(0.7, 2) == {"loss": 0.7, "expected": pytest.approx(log(2)), "suspicious": False}
+    assert T.initial_loss_check(5.4, 2)["suspicious"]  # e.g. unnormalised inputs blowing up the logits
+    assert T.initial_loss_check(0.01, 10)["suspicious"]  # labels leaking into the inputs?
+
+
+def test_update_ratios_logged_and_early_stop(tiny_data, tmp_path):
+    events = []
+    cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", epochs=6, batch_size=4,
+                      lr=1e-30, patience=2, augment="none", output=str(tmp_path / "r"), workers=1)
+    result = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    # with a vanishing lr nothing improves after epoch 1: stopped 2 epochs later
+    assert len(result.history) == 3 and result.best_epoch == 1
+    assert [k["best_epoch"] for e, k in events if e == "early_stop"] == [1]
+    assert [e for e, _ in events].count("initial_loss") == 1
+    row = result.history[0]
+    assert row["update_ratio_backbone"] is None  # frozen
+    assert 0 <= row["update_ratio_head"] < 1e-20
+    assert {k["group"] for e, k in events if e == "update_ratio"} == {"head"}  # far below ~1e-3: said so
+    header = (tmp_path / "r" / "metrics.csv").read_text().splitlines()[0]
+    assert "update_ratio_head" in header and "update_ratio_backbone" in header

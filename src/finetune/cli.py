@@ -159,6 +159,14 @@ class _TrainView:
     def on_batch(self, step, loss, size):
         self.progress.update(self.batch_task, completed=step, info=f"loss {loss:.4f}")
 
+    def on_initial_loss(self, loss, expected, suspicious):
+        if suspicious:
+            self.log(f"[yellow]warning:[/] initial loss {loss:.3f} is far from ln(classes) = {expected:.3f}, what a "
+                     "fresh classifier head should give: check the labels and the preprocessing (or the weights)")
+
+    def on_early_stop(self, epoch, best_epoch, patience):
+        self.log(f"early stop: no better val accuracy for {patience} epoch(s) since epoch {best_epoch}")
+
     def on_epoch_end(self, row, improved):
         self.progress.advance(self.epoch_task)
         if improved:
@@ -168,6 +176,9 @@ class _TrainView:
         self.log(f"epoch {row['epoch']:>{w}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
                  f"{_fmt_pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {_fmt_pct(row['val_acc']):>6}"
                  f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s{mark}")
+
+    def on_update_ratio(self, group, ratio, advice):
+        self.log(f"[yellow]warning:[/] {group} update/weight ratio {ratio:.1e} is far from ~1e-3: {advice}")
 
 
 @app.command(epilog="Example: finetune train ./images --model resnet50 --epochs 15")
@@ -209,6 +220,8 @@ def train(
                                          "instead of skipping it with a warning.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression "
                                             "bombs), read from the header.")] = 178_956_970,
+    patience: Annotated[int, typer.Option(help="Early stopping: stop after this many epochs without a better "
+                                          "val accuracy (0 = off).")] = 0,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run folder from its last completed "
                                                "epoch, with that run's settings.")] = None,
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels: repeatable runs (slower on GPU).")
@@ -226,7 +239,7 @@ def train(
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
                       workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
                       channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
-                      deterministic=deterministic)
+                      deterministic=deterministic, patience=patience)
     state = None
     if resume:
         cfg, state = resume_config(resume, data, model)

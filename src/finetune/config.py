@@ -30,6 +30,7 @@ class TrainConfig:
     output: str | None = None  # run folder; default runs/<timestamp>-<model>
     strict: bool = False  # any unusable file stops the run before epoch 1 instead of being skipped
     max_pixels: int = 178_956_970  # refuse larger images from the header (Pillow's bomb threshold)
+    patience: int = 0  # early stopping: end after this many epochs without a better val accuracy; 0 = off
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
 
     def to_dict(self) -> dict:
