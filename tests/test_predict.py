@@ -35,3 +35,23 @@ def test_predictions_match_model_and_keep_order_around_failures(trained_model, t
     top = dict(results[0].top)
     assert top["ants"] == pytest.approx(p[0].item(), abs=1e-5)
     assert top["bees"] == pytest.approx(p[1].item(), abs=1e-5)
+
+
+def test_sort_into_copies_never_overwrites_and_logs(tiny_data, tmp_path):
+    import csv
+
+    from finetune.predict import sort_into
+
+    src = sorted((tiny_data / "val" / "ants").iterdir())
+    preds = [Prediction(str(src[0]), [("ants", 0.9), ("bees", 0.1)]),
+             Prediction(str(src[1]), [("bees", 0.6), ("ants", 0.4)]),
+             Prediction(str(src[0]), [("ants", 0.95), ("bees", 0.05)])]  # same name twice
+    dest = tmp_path / "sorted"
+    log = sort_into(preds, dest, min_confidence=0.8)
+    assert sorted(p.name for p in (dest / "ants").iterdir()) == sorted([src[0].name, src[0].stem + "-2.jpg"])
+    assert [p.name for p in (dest / "unsure").iterdir()] == [src[1].name]
+    assert all(p.exists() for p in src)  # originals untouched
+    rows = list(csv.DictReader(log.open()))
+    assert [r["predicted"] for r in rows] == ["ants", "bees", "ants"]
+    assert rows[1]["copied_to"].endswith("unsure/" + src[1].name)
+    assert sort_into(preds[:1], dest).name == "sorted-2.csv"  # an earlier log is kept too

@@ -308,10 +308,17 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", "-j", help="Decoding threads.")] = 2,
+    sort_into: Annotated[str | None, typer.Option(help="Also copy each image into SORT_INTO/<predicted class>/ "
+                                                  "(never moves or overwrites), with a CSV of what was done.")
+                         ] = None,
+    min_confidence: Annotated[float, typer.Option(help="With --sort-into: images whose top probability is below "
+                                                  "this go to unsure/.")] = 0.0,
 ) -> None:
     """Classify images with a trained model: top-k classes with probabilities."""
     from finetune.predict import Failure, Predictor, check_inputs, expand_inputs
 
+    if not 0 <= min_confidence <= 1:
+        raise typer.BadParameter(f"{min_confidence}: must be between 0 and 1", param_hint="--min-confidence")
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
     if top_k < 1:
@@ -342,6 +349,11 @@ def predict(
         for r in good:
             table.add_row(r.path, *[f"{c} {p * 100:.1f}%" for c, p in r.top])
         out.print(table)
+    if sort_into and good:
+        from finetune.predict import sort_into as copy_sorted
+
+        log = copy_sorted(good, sort_into, min_confidence)
+        err.print(f"copied {len(good)} image(s) into {sort_into}/<class>/; log: {log}", highlight=False)
     if bad:
         err.print(f"[yellow]{len(bad)} of {len(results) + len(missing)} input(s) skipped[/]")
     if not good:

@@ -107,3 +107,42 @@ def check_inputs(paths: list[str], missing: list[Failure]) -> None:
     if not paths:
         what = ", ".join(f.path for f in missing) or "(nothing given)"
         raise FinetuneError(f"no images found in {what}; pass image files, folders or globs", exit_code=2)
+
+
+def sort_into(predictions: Sequence[Prediction], dest: str | os.PathLike, min_confidence: float = 0.0) -> Path:
+    """Copy each image into dest/<predicted class>/ (dest/unsure/ below min_confidence) and log it to a CSV.
+
+    Never moves or overwrites anything: a name already taken gets a numbered suffix. Returns the CSV path.
+    """
+    import csv
+    import io
+    import shutil
+
+    from finetune.checkpoint import write_text_atomic
+
+    dest = Path(dest)
+    classes = {p.top[0][0] for p in predictions}
+    unsure = "unsure" if "unsure" not in classes else "_unsure"
+    rows = []
+    for p in predictions:
+        cls, prob = p.top[0]
+        folder = dest / (cls if prob >= min_confidence else unsure)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = _free_name(folder / Path(p.path).name)
+        shutil.copy2(p.path, target)
+        rows.append({"source": p.path, "predicted": cls, "probability": f"{prob:.6f}", "copied_to": str(target)})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["source", "predicted", "probability", "copied_to"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(_free_name(dest / "sorted.csv"), buf.getvalue())
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path with -2, -3, ... before the suffix: the first name not taken."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
