@@ -89,3 +89,39 @@ def test_update_ratios_logged_and_early_stop(tiny_data, tmp_path):
     assert {k["group"] for e, k in events if e == "update_ratio"} == {"head"}  # far below ~1e-3: said so
     header = (tmp_path / "r" / "metrics.csv").read_text().splitlines()[0]
     assert "update_ratio_head" in header and "update_ratio_backbone" in header
+
+
+def test_class_weights_hand_computed():
+    assert T.class_weights([0, 0, 0, 1], 2).tolist() == pytest.approx([4 / 6, 4 / 2])
+    assert T.class_weights([0, 1, 2], 3).tolist() == pytest.approx([1, 1, 1])
+
+
+def test_freeze_epochs_then_lower_backbone_lr(tiny_data, tmp_path):
+    snapshots = {}
+
+    def emit(event, **kw):
+        if event == "epoch_end":
+            state = torch.load(tmp_path / "r" / "state.pt", weights_only=True)
+            snapshots[kw["row"]["epoch"]] = (state["model"]["conv1.weight"].clone(), state["model"]["fc.weight"].clone(),
+                                             [g["lr"] for g in state["optimizer"]["param_groups"]])
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=2, batch_size=4, freeze_epochs=1, lr=0.01,
+                      scheduler="none", output=str(tmp_path / "r"), workers=1, augment="none")
+    T.run_training(cfg, emit)
+    import torchvision
+
+    torch.manual_seed(0)
+    init = torchvision.models.resnet18().conv1.weight
+    assert torch.equal(snapshots[1][0], init)  # epoch 1: backbone frozen
+    assert not torch.equal(snapshots[2][0], init)  # epoch 2: trained
+    assert not torch.equal(snapshots[1][1], snapshots[2][1])
+    assert snapshots[2][2] == pytest.approx([0.01, 0.001])  # head lr, backbone lr x 0.1
+
+
+@pytest.mark.parametrize("balance", ["weighted-loss", "sampler"])
+def test_balance_modes_train(tiny_data, tmp_path, balance):
+    for mode in ("finetune", "feature-extract"):
+        cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, balance=balance, mode=mode,
+                          output=str(tmp_path / mode), workers=1)
+        assert len(T.run_training(cfg).history) == 1

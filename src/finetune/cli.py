@@ -123,6 +123,10 @@ class _TrainView:
         self.log(f"[bold]data[/] {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
                  f"{len(split.val)} val images ({split.layout}); per class train/val: {per_class}")
         self.log(f"[bold]device[/] {device}   [bold]weights[/] {weights}")
+        train = counts["train"].values()
+        if min(train) and max(train) / min(train) >= 1.5:
+            self.log(f"[yellow]warning:[/] imbalanced classes: the largest has {max(train) / min(train):.1f}x the "
+                     "images of the smallest; consider --balance weighted-loss or sampler")
 
     def on_decode_start(self, total, keep):
         self.decode_task = self.progress.add_task("decoding" if keep else "checking", total=total, info="")
@@ -220,6 +224,12 @@ def train(
                                          "instead of skipping it with a warning.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this (decompression "
                                             "bombs), read from the header.")] = 178_956_970,
+    balance: Annotated[str, typer.Option(help="Class imbalance: none, weighted-loss (rarer classes weigh more) "
+                                         "or sampler (classes drawn equally often).")] = "none",
+    freeze_epochs: Annotated[int, typer.Option(help="Train only the head for this many epochs, then unfreeze "
+                                               "the backbone.")] = 0,
+    backbone_lr_mult: Annotated[float | None, typer.Option(help="Backbone learning rate = --lr x this. Default: "
+                                                           "0.1 with --freeze-epochs, else 1.")] = None,
     patience: Annotated[int, typer.Option(help="Early stopping: stop after this many epochs without a better "
                                           "val accuracy (0 = off).")] = 0,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run folder from its last completed "
@@ -239,7 +249,8 @@ def train(
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
                       workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
                       channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
-                      deterministic=deterministic, patience=patience)
+                      deterministic=deterministic, patience=patience, balance=balance,
+                      freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult)
     state = None
     if resume:
         cfg, state = resume_config(resume, data, model)

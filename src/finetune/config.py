@@ -30,12 +30,21 @@ class TrainConfig:
     output: str | None = None  # run folder; default runs/<timestamp>-<model>
     strict: bool = False  # any unusable file stops the run before epoch 1 instead of being skipped
     max_pixels: int = 178_956_970  # refuse larger images from the header (Pillow's bomb threshold)
+    balance: str = "none"  # none | weighted-loss | sampler: counter class imbalance
+    freeze_epochs: int = 0  # train the head alone this many epochs first, then everything
+    backbone_lr_mult: float | None = None  # backbone lr = lr x this; None: 0.1 with --freeze-epochs, else 1
     patience: int = 0  # early stopping: end after this many epochs without a better val accuracy; 0 = off
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
 
     def to_dict(self) -> dict:
         """Plain-types view, safe to store inside a model file."""
         return dataclasses.asdict(self)
+
+    def backbone_lr(self) -> float:
+        """Multiplier of the backbone's learning rate relative to the head's."""
+        if self.backbone_lr_mult is not None:
+            return self.backbone_lr_mult
+        return 0.1 if self.freeze_epochs else 1.0
 
     def base_lr(self) -> float:
         """The learning rate actually used: explicit, or a default linearly scaled to batch size."""

@@ -33,6 +33,7 @@ UPDATE_RATIO_BAND = (1e-4, 1e-2)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("step", "plateau", "cosine", "none")
 MODES = ("finetune", "feature-extract")
+BALANCE = ("none", "weighted-loss", "sampler")
 
 
 @dataclass
@@ -64,6 +65,12 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--weight-decay {cfg.weight_decay}: must be 0 or more")
     if not 0 <= cfg.dropout < 1:
         bad(f"--dropout {cfg.dropout}: must be in [0, 1)")
+    if cfg.balance not in BALANCE:
+        bad(f"--balance {cfg.balance}: choose one of {', '.join(BALANCE)}")
+    if cfg.freeze_epochs < 0:
+        bad(f"--freeze-epochs {cfg.freeze_epochs}: must be 0 or more")
+    if cfg.backbone_lr_mult is not None and cfg.backbone_lr_mult < 0:
+        bad(f"--backbone-lr-mult {cfg.backbone_lr_mult}: must be 0 or more")
     if cfg.patience < 0:
         bad(f"--patience {cfg.patience}: must be 0 (off) or more")
     if cfg.max_pixels < 1:
@@ -100,13 +107,26 @@ def latest_model() -> Path:
         raise FinetuneError(f"{LATEST_POINTER}: unreadable; pass --model PATH") from None
 
 
-def _make_optimizer(cfg: TrainConfig, params):
+def _make_optimizer(cfg: TrainConfig, model, head: str):
+    """Head at the base lr, backbone at base lr x --backbone-lr-mult (discriminative learning rates)."""
     import torch
 
     lr = cfg.base_lr()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n.startswith(head + ".")], "lr": lr},
+              {"params": [p for n, p in trainable if not n.startswith(head + ".")], "lr": lr * cfg.backbone_lr()}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def class_weights(labels: list[int], num_classes: int):
+    """Inverse-frequency weights, normalised so a balanced dataset gets all ones."""
+    import torch
+
+    counts = torch.bincount(torch.tensor(labels), minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
 
 
 def _make_scheduler(cfg: TrainConfig, optimizer):
@@ -131,13 +151,17 @@ def inference_batch(device, batch_size: int) -> int:
     return 16 if device.type == "cpu" else max(batch_size, 128)
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed: int):
+def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed: int, sample_weights=None):
     import torch
 
     g = torch.Generator()
     g.manual_seed(seed)
+    sampler = None
+    if sample_weights is not None:  # --balance sampler: classes drawn equally often, with replacement
+        sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(dataset), replacement=True, generator=g)
+        shuffle = False
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, generator=g,
         persistent_workers=workers > 0,  # no per-epoch worker start-up
         pin_memory=device.type == "cuda", drop_last=False, collate_fn=D.collate,
     )
@@ -203,9 +227,18 @@ class _Trainer:
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        self.optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        self.optimizer = _make_optimizer(cfg, model, head)
         self.scheduler = _make_scheduler(cfg, self.optimizer)
-        self.criterion = torch.nn.CrossEntropyLoss()
+        self.criterion = torch.nn.CrossEntropyLoss()  # for val: metrics stay comparable across --balance
+        self.train_criterion = self.criterion
+
+    def balance(self, labels: list[int]) -> None:
+        """--balance weighted-loss: rarer classes weigh more in the training loss."""
+        import torch
+
+        if self.cfg.balance == "weighted-loss":
+            weights = class_weights(labels, self.num_classes).to(self.device)
+            self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights)
 
     def step(self, x, y, epoch: int, step: int, forward) -> tuple[float, int]:
         """One optimiser step; returns (loss, correct). Stops on a non-finite loss or a stop request."""
@@ -216,7 +249,7 @@ class _Trainer:
 
         with self.autocast():
             logits = forward(x)
-            loss = self.criterion(logits.float(), y)
+            loss = self.train_criterion(logits.float(), y)
         if not torch.isfinite(loss):
             lr_now = self.optimizer.param_groups[0]["lr"]
             raise DivergedError(
@@ -288,7 +321,11 @@ class _ImageEpochs:
         short_side = pre["resize_size"]
         train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment), short_side, cache, cfg.max_pixels)
         val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache, cfg.max_pixels)
-        self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed)
+        weights = None
+        if cfg.balance == "sampler":
+            weights = class_weights([s.label for s in split.train], len(split.classes))[
+                [s.label for s in split.train]]
+        self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed, weights)
         self.val_loader = _loader(val_ds, inference_batch(trainer.device, cfg.batch_size), False, workers,
                                   trainer.device, cfg.seed)
         self.batches = len(self.train_loader)
@@ -304,7 +341,11 @@ class _ImageEpochs:
 
     def __call__(self, epoch: int) -> dict:
         t = self.t
-        M.set_train_mode(t.model, t.head, t.frozen)
+        frozen = t.frozen or epoch <= t.cfg.freeze_epochs
+        for name, p in t.model.named_parameters():  # --freeze-epochs: the backbone joins after N epochs
+            if not t.frozen and not name.startswith(t.head + "."):
+                p.requires_grad = not frozen
+        M.set_train_mode(t.model, t.head, frozen)
         seen, loss_sum, correct = 0, 0.0, 0
         for step, (x, y, failed) in enumerate(self.train_loader, 1):
             self._failed(failed)
@@ -340,7 +381,12 @@ class _FeatureEpochs:
 
         t, bs = self.t, self.t.cfg.batch_size
         feats = self.train_feats[(epoch - 1) % len(self.train_feats)]
-        order = torch.randperm(len(self.train_labels), generator=self.generator).to(feats.device)
+        n = len(self.train_labels)
+        if t.cfg.balance == "sampler":
+            weights = class_weights(self.train_labels.tolist(), t.num_classes)[self.train_labels.cpu()]
+            order = torch.multinomial(weights, n, replacement=True, generator=self.generator).to(feats.device)
+        else:
+            order = torch.randperm(n, generator=self.generator).to(feats.device)
         self.head_module.train()
         seen, loss_sum, correct = 0, 0.0, 0
         for step, start in enumerate(range(0, len(order), bs), 1):
@@ -466,6 +512,7 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     trainer.stop = stop
     trainer.num_classes = len(split.classes)
     trainer.checked_initial_loss = resume is not None
+    trainer.balance([s.label for s in split.train])
     if use_features:
         epochs = _feature_epochs(trainer, split, choice, pre, workers, emit)
     else:
