@@ -125,3 +125,23 @@ def test_balance_modes_train(tiny_data, tmp_path, balance):
         cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, balance=balance, mode=mode,
                           output=str(tmp_path / mode), workers=1)
         assert len(T.run_training(cfg).history) == 1
+
+
+def test_overfit_split_and_config(tiny_data):
+    split = T.overfit_split(find_dataset(tiny_data), 5, seed=0)
+    assert split.train == split.val and len(split.train) == 5
+    assert {s.label for s in split.train} == {0, 1}  # spread over the classes
+    cfg = T.overfit_config(TrainConfig(data=str(tiny_data), weight_decay=0.1, dropout=0.5, overfit=5))
+    assert (cfg.augment, cfg.weight_decay, cfg.dropout) == ("none", 0.0, 0.0)
+
+
+def test_overfit_sanity_check_reaches_100_percent(tiny_data, in_tmp):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--overfit", "4", "--epochs", "15",
+                                 "-b", "4", "--optimizer", "adamw", "--lr", "0.001", "--mode", "feature-extract",
+                                 "-q"])
+    assert r.exit_code == 0, r.output
+    assert "sanity check passed" in r.stderr

@@ -230,6 +230,8 @@ def train(
                                                "the backbone.")] = 0,
     backbone_lr_mult: Annotated[float | None, typer.Option(help="Backbone learning rate = --lr x this. Default: "
                                                            "0.1 with --freeze-epochs, else 1.")] = None,
+    overfit: Annotated[int, typer.Option(help="Sanity check: train on this many training images (e.g. 50) with no "
+                                         "augmentation or regularisation; it should reach 100 % on them.")] = 0,
     patience: Annotated[int, typer.Option(help="Early stopping: stop after this many epochs without a better "
                                           "val accuracy (0 = off).")] = 0,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run folder from its last completed "
@@ -250,7 +252,11 @@ def train(
                       workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
                       channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
                       deterministic=deterministic, patience=patience, balance=balance,
-                      freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult)
+                      freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, overfit=overfit)
+    if overfit:
+        from finetune.train import overfit_config
+
+        cfg = overfit_config(cfg)
     state = None
     if resume:
         cfg, state = resume_config(resume, data, model)
@@ -294,6 +300,14 @@ def train(
         for k, v in rows:
             table.add_row(k, v)
         err.print(table)
+    if overfit:
+        if result.best_val_acc == 1.0:
+            err.print(f"[green]sanity check passed[/]: 100 % on the {overfit} images by epoch {result.best_epoch}; "
+                      "the model, labels and preprocessing can learn")
+        else:
+            err.print(f"[yellow]sanity check failed[/]: {_fmt_pct(result.best_val_acc)} at best on the images it "
+                      "trained on. Usually: labels that do not match the images, broken preprocessing, a learning "
+                      "rate far too low or high, or too few --epochs; try more epochs or another --lr first")
     out.print(str(result.model_path), highlight=False, soft_wrap=True)
 
 

@@ -33,6 +33,7 @@ class TrainConfig:
     balance: str = "none"  # none | weighted-loss | sampler: counter class imbalance
     freeze_epochs: int = 0  # train the head alone this many epochs first, then everything
     backbone_lr_mult: float | None = None  # backbone lr = lr x this; None: 0.1 with --freeze-epochs, else 1
+    overfit: int = 0  # sanity check: train and evaluate on this many training images; 0 = a normal run
     patience: int = 0  # early stopping: end after this many epochs without a better val accuracy; 0 = off
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -71,6 +72,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--freeze-epochs {cfg.freeze_epochs}: must be 0 or more")
     if cfg.backbone_lr_mult is not None and cfg.backbone_lr_mult < 0:
         bad(f"--backbone-lr-mult {cfg.backbone_lr_mult}: must be 0 or more")
+    if cfg.overfit < 0:
+        bad(f"--overfit {cfg.overfit}: must be a number of images, e.g. 50")
     if cfg.patience < 0:
         bad(f"--patience {cfg.patience}: must be 0 (off) or more")
     if cfg.max_pixels < 1:
@@ -470,6 +473,30 @@ def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: E
     return _FeatureEpochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
 
 
+def overfit_config(cfg: TrainConfig) -> TrainConfig:
+    """The sanity check's settings: no augmentation, no regularisation, so memorising is possible."""
+    return dataclasses.replace(cfg, augment="none", weight_decay=0.0, dropout=0.0, balance="none", patience=0)
+
+
+def overfit_split(split: D.DatasetSplit, n: int, seed: int) -> D.DatasetSplit:
+    """n training images (spread over the classes) that are also the val set: can the model memorise them?"""
+    import random
+
+    by_class: dict[int, list[D.Sample]] = {}
+    for s in split.train:
+        by_class.setdefault(s.label, []).append(s)
+    rng = random.Random(seed)
+    for items in by_class.values():
+        rng.shuffle(items)
+    chosen: list[D.Sample] = []
+    while len(chosen) < n and any(by_class.values()):  # round-robin over classes
+        for label in sorted(by_class):
+            if by_class[label] and len(chosen) < n:
+                chosen.append(by_class[label].pop())
+    return dataclasses.replace(split, train=sorted(chosen, key=lambda s: s.path),
+                               val=sorted(chosen, key=lambda s: s.path), layout=f"overfit check on {len(chosen)} images")
+
+
 def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[[], int] = lambda: 0,
                  resume: dict | None = None) -> RunResult:
     """Train cfg.model on cfg.data; write the run folder; return where the best model is.
@@ -490,6 +517,8 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     torch.manual_seed(cfg.seed)
 
     split = D.find_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    if cfg.overfit:
+        split = overfit_split(split, cfg.overfit, cfg.seed)
     if resume is not None and resume["classes"] != split.classes:
         raise FinetuneError(f"{cfg.data}: classes {split.classes} differ from the resumed run's "
                             f"{resume['classes']}; resume on the same data or start a new run", exit_code=3)
