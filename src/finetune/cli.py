@@ -171,6 +171,12 @@ class _TrainView:
     def on_early_stop(self, epoch, best_epoch, patience):
         self.log(f"early stop: no better val accuracy for {patience} epoch(s) since epoch {best_epoch}")
 
+    def on_report(self, paths):
+        self.log(f"[bold]report[/] {paths['report']}")
+
+    def on_report_failed(self, reason):
+        self.log(f"[yellow]warning:[/] could not draw the run's pictures ({reason}); the model is saved")
+
     def on_epoch_end(self, row, improved):
         self.progress.advance(self.epoch_task)
         if improved:

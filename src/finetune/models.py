@@ -267,3 +267,11 @@ def load_plain_state(model, head: str, state: dict, dropout: float) -> None:
     if dropout > 0:
         state = {(head + ".1." + k[len(head) + 1:] if k.startswith(head + ".") else k): v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
+
+
+def first_conv_weight(model):
+    """A CPU copy of the first convolution's filters (what the network looks at first), or None."""
+    import torch.nn as nn
+
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.weight.detach().float().cpu().clone()

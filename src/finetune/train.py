@@ -171,8 +171,11 @@ def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed:
 
 
 def evaluate(model, loader, device, criterion, autocast, memory_format=None,
-             on_failed=lambda failed: None) -> tuple[float, float]:
-    """(mean loss, accuracy) over a loader, under inference_mode; files failing now go to on_failed."""
+             on_failed=lambda failed: None, logits_out: list | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) over a loader, under inference_mode; files failing now go to on_failed.
+
+    logits_out, when given, receives each batch's logits (CPU, float32) in loader order.
+    """
     import torch
 
     model.eval()
@@ -188,6 +191,8 @@ def evaluate(model, loader, device, criterion, autocast, memory_format=None,
             loss_sum += criterion(logits.float(), y).item() * y.numel()
             correct += (logits.argmax(1) == y).sum().item()
             total += y.numel()
+            if logits_out is not None:
+                logits_out.append(logits.float().cpu())
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
@@ -343,6 +348,8 @@ class _ImageEpochs:
             self.t.emit("skipped", files=new, root=self.root)
 
     def __call__(self, epoch: int) -> dict:
+        import torch
+
         t = self.t
         frozen = t.frozen or epoch <= t.cfg.freeze_epochs
         for name, p in t.model.named_parameters():  # --freeze-epochs: the backbone joins after N epochs
@@ -359,8 +366,10 @@ class _ImageEpochs:
             seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
         if not seen:
             raise FinetuneError(f"{self.root}: no training image could be read this epoch", exit_code=3)
+        batches: list = []
         val_loss, val_acc = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format,
-                                     self._failed)
+                                     self._failed, batches)
+        self.val_logits = torch.cat(batches) if batches else None
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
 
 
@@ -402,6 +411,7 @@ class _FeatureEpochs:
             logits = self.head_module(self.val_feats).float()
         val_loss = t.criterion(logits, self.val_labels).item()
         val_acc = (logits.argmax(1) == self.val_labels).float().mean().item()
+        self.val_logits = logits.cpu()
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
 
 
@@ -561,7 +571,8 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
                               "train_images": len(split.train), "val_images": len(split.val),
                               "device": str(device), "base_weights": choice.label, "preprocessing": pre}
     history: list[dict] = []
-    best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
+    # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
+    best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": M.first_conv_weight(model)}
     first = 1
     if resume is not None:
         trainer.load_state(resume)
@@ -590,7 +601,8 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
             improved = row["val_acc"] > best["val_acc"] or (
                 row["val_acc"] == best["val_acc"] and row["val_loss"] < best["val_loss"])
             if improved:
-                best = {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+                best |= {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"],
+                         "filters": M.first_conv_weight(model), "val_logits": epochs.val_logits}
                 save_model_file(
                     model_path, arch=cfg.model, head=head, dropout=cfg.dropout,
                     state_dict=M.plain_state_dict(model, head), classes=split.classes, base_weights=choice.label,
@@ -620,8 +632,42 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     summary = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
                "best_val_loss": result.best_val_loss, "seconds": seconds, "model": str(model_path),
                "skipped": [{"path": p, "reason": r} for p, r in split.skipped]}
+    val_samples = split.val
+    logits = best.get("val_logits")
+    if logits is not None and len(logits) == len(val_samples):
+        from finetune.evaluate import classification_report
+
+        summary["val_metrics"] = classification_report([s.label for s in val_samples], logits.argmax(1).tolist(),
+                                                       split.classes)
     write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2))
+    _pictures(run_dir, split, best, history, config, summary, emit)
     return result
+
+
+def _pictures(run_dir: Path, split: D.DatasetSplit, best: dict, history: list[dict], config: dict, summary: dict,
+              emit: Emit) -> None:
+    """Curves, confusion matrix, confident mistakes, first-layer filters and report.html. Failing here only
+    warns: the model is already safe on disk."""
+    n = len(split.classes)
+    confusion = summary.get("val_metrics", {}).get("confusion_matrix", [[0] * n for _ in range(n)])
+    wrong = []
+    if "val_metrics" in summary:
+        confidence, predicted = best["val_logits"].softmax(1).max(1)
+        for s, p, c in zip(split.val, predicted.tolist(), confidence.tolist()):
+            if p != s.label:
+                wrong.append({"path": s.path, "true": split.classes[s.label], "predicted": split.classes[p],
+                              "probability": c})
+        wrong = sorted(wrong, key=lambda w: -w["probability"])[:16]
+    try:
+        from finetune.report import write_report
+
+        paths = write_report(run_dir, history=history, classes=split.classes, confusion=confusion, wrong=wrong,
+                             filters_before=best.get("filters_before"), filters_after=best.get("filters"),
+                             config=config, summary=summary)
+    except Exception as e:  # noqa: BLE001 - pictures are a bonus; never lose a finished run over them
+        emit("report_failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    emit("report", paths=paths)
 
 
 def _point_latest(run_dir: Path, model_path: Path) -> None:
