@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -459,6 +460,53 @@ def evaluate(
         err.print(w)
     for s in r["skipped"]:
         err.print(f"[yellow]warning:[/] skipped {s['path']}: {s['reason']}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ lr-find
+
+
+@app.command("lr-find", epilog="Example: finetune lr-find ./images --model resnet50")
+@_handle_errors
+def lr_find(
+    data: Annotated[str, typer.Argument(help="Dataset folder, as for train.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="torchvision model name, as for train.")] = "resnet18",
+    weights: Annotated[str, typer.Option(help="As for train.")] = "DEFAULT",
+    mode: Annotated[str, typer.Option(help="finetune or feature-extract.")] = "finetune",
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 32,
+    augment: Annotated[str, typer.Option(help="none, light or standard.")] = "standard",
+    start_lr: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="Last learning rate (the test stops earlier if the loss explodes).")
+                      ] = 10.0,
+    steps: Annotated[int, typer.Option(help="Steps from --start-lr to --end-lr.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", "-j", help="As for train.")] = -1,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Folder for lr_find.png and lr_find.json. "
+                                               "Default: runs/lr-find-<date>-<time>-<model>.")] = None,
+) -> None:
+    """Learning-rate range test: plot loss against an exponentially rising lr and suggest a rate."""
+    import time
+
+    from finetune.checkpoint import write_text_atomic
+    from finetune.config import TrainConfig
+    from finetune.lrfind import lr_find as run_lr_find
+    from finetune.report import write_lr_plot
+    from finetune.train import RUNS_ROOT
+
+    cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, optimizer=optimizer, batch_size=batch_size,
+                      augment=augment, seed=seed, device=device, workers=workers)
+    with err.status("lr range test"):
+        result = run_lr_find(cfg, start_lr, end_lr, steps)
+    folder = Path(output) if output else RUNS_ROOT / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}-{model}"
+    plot = write_lr_plot(folder / "lr_find.png", result.lrs, result.losses, result.suggestion, result.min_loss_lr)
+    write_text_atomic(folder / "lr_find.json", json.dumps({"lrs": result.lrs, "losses": result.losses,
+                                                           "suggestion": result.suggestion,
+                                                           "min_loss_lr": result.min_loss_lr}, indent=2))
+    err.print(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: {plot}; "
+              f"train with: finetune train {shlex.quote(data)} --model {model} --optimizer {optimizer} "
+              f"--lr {result.suggestion:.2g}", highlight=False)
+    out.print(f"{result.suggestion:.3g}")
 
 
 # ------------------------------------------------------------------------------------------------ check

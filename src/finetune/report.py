@@ -244,3 +244,17 @@ def _cell(key: str, value) -> str:
     if key == "lr":
         return f"{value:.3g}"
     return str(value)
+
+
+def write_lr_plot(path, lrs: list[float], losses: list[float], suggestion: float, min_loss_lr: float) -> Path:
+    """The lr range test: smoothed loss against learning rate (log scale), with the suggestion marked."""
+    fig, axes = _subplots(figsize=(7, 4.5))
+    ax = axes[0, 0]
+    ax.plot(lrs, losses, color="tab:blue")
+    ax.set_xscale("log")
+    ax.axvline(suggestion, color="tab:green", linestyle="--", label=f"suggested lr {suggestion:.2g}")
+    ax.axvline(min_loss_lr, color="gray", linestyle=":", label=f"lowest loss at {min_loss_lr:.2g}")
+    ax.set(title="learning-rate range test", xlabel="learning rate", ylabel="loss (smoothed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, Path(path))

@@ -340,6 +340,16 @@ class _ImageEpochs:
         self.generator = self.train_loader.generator  # the shuffle order; saved for an exact resume
         self.reported: set[str] = set()
 
+    def batches(self):
+        """Endless training batches on the device, for the lr range test: (inputs, labels, module to call)."""
+        t = self.t
+        M.set_train_mode(t.model, t.head, t.frozen)
+        while True:
+            for x, y, failed in self.train_loader:
+                self._failed(failed)
+                if x is not None:
+                    yield (*_to_device(x, y, t.device, t.memory_format), t.model)
+
     def _failed(self, failed: list) -> None:
         """Name a file that fails mid-run (changed after the scan) once; it stays out of every batch."""
         new = [f for f in failed if f[0] not in self.reported]
@@ -387,6 +397,17 @@ class _FeatureEpochs:
         self.head_module = trainer.model.get_submodule(trainer.head)
         self.generator = torch.Generator().manual_seed(trainer.cfg.seed)
         self.batches = -(-len(train_labels) // trainer.cfg.batch_size)
+
+    def batches(self):
+        """Endless training batches on the device, for the lr range test: (features, labels, head)."""
+        import torch
+
+        self.head_module.train()
+        n, bs = len(self.train_labels), self.t.cfg.batch_size
+        while True:
+            view = int(torch.randint(len(self.train_feats), (1,), generator=self.generator))
+            idx = torch.randperm(n, generator=self.generator)[:bs].to(self.train_feats.device)
+            yield self.train_feats[view][idx], self.train_labels[idx], self.head_module
 
     def __call__(self, epoch: int) -> dict:
         import torch
@@ -507,18 +528,27 @@ def overfit_split(split: D.DatasetSplit, n: int, seed: int) -> D.DatasetSplit:
                                val=sorted(chosen, key=lambda s: s.path), layout=f"overfit check on {len(chosen)} images")
 
 
-def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[[], int] = lambda: 0,
-                 resume: dict | None = None) -> RunResult:
-    """Train cfg.model on cfg.data; write the run folder; return where the best model is.
+@dataclass
+class Prepared:
+    """Everything a training loop (or an lr range test) needs, set up once."""
 
-    stop() returning a signal number ends training after the current step (Interrupted). resume is
-    a state from load_resume_state: training continues after its last completed epoch.
-    """
+    device: object
+    split: D.DatasetSplit
+    choice: M.WeightsChoice
+    pre: dict
+    model: object
+    head: str
+    trainer: _Trainer
+    epochs: object  # _ImageEpochs or _FeatureEpochs
+
+
+def prepare(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[[], int] = lambda: 0,
+            resume: dict | None = None) -> Prepared:
+    """Validate options, read the data, build the model with its weights, decode or extract features."""
     import torch
 
     from finetune import features as F
 
-    t_start = time.perf_counter()
     validate(cfg)
     device = resolve_device(cfg.device)
     if cfg.deterministic:
@@ -558,6 +588,23 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
         cache = _decode(split, pre["resize_size"], workers, cfg, emit)
         # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
         epochs = _ImageEpochs(trainer, split, pre, cache, 0 if cache is not None else workers)
+
+    return Prepared(device, split, choice, pre, model, head, trainer, epochs)
+
+
+def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[[], int] = lambda: 0,
+                 resume: dict | None = None) -> RunResult:
+    """Train cfg.model on cfg.data; write the run folder; return where the best model is.
+
+    stop() returning a signal number ends training after the current step (Interrupted). resume is
+    a state from load_resume_state: training continues after its last completed epoch.
+    """
+    import torch
+
+    t_start = time.perf_counter()
+    p = prepare(cfg, emit, stop, resume)
+    device, split, choice, pre, model, head, trainer, epochs = (p.device, p.split, p.choice, p.pre, p.model, p.head,
+                                                                p.trainer, p.epochs)
 
     run_dir = new_run_dir(cfg)
     try:

@@ -1,0 +1,71 @@
+"""The learning-rate range test: raise the lr exponentially step by step and watch the loss.
+
+The loss falls while the lr is useful and explodes once it is too high; a good lr sits well below
+the point of the lowest (smoothed) loss. A suggestion, not an oracle: the plot tells more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from finetune.config import TrainConfig
+from finetune.errors import DivergedError, FinetuneError
+
+SMOOTHING = 0.9  # exponential moving average of the loss; single batches are too noisy to read
+STOP_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of the best seen
+
+
+@dataclass
+class LrFindResult:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    suggestion: float  # lr at the smoothed-loss minimum, divided by 10
+    min_loss_lr: float
+
+
+def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
+    """(suggested lr, lr of the lowest loss): one tenth of the lr where the smoothed loss bottomed out."""
+    if not lrs:
+        raise FinetuneError("the lr range test recorded no step; use more images or a smaller --batch-size")
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return lrs[best] / 10, lrs[best]
+
+
+def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
+            emit=lambda *a, **k: None) -> LrFindResult:
+    """Run the range test with cfg's model, data, optimiser and augmentation; the model is thrown away after."""
+    from finetune.train import prepare
+
+    if not 0 < start_lr < end_lr:
+        raise FinetuneError(f"--start-lr {start_lr} / --end-lr {end_lr}: need 0 < start < end", exit_code=2)
+    if steps < 2:
+        raise FinetuneError(f"--steps {steps}: need at least 2", exit_code=2)
+    p = prepare(cfg, emit)
+    trainer = p.trainer
+    trainer.checked_initial_loss = True
+    groups = trainer.optimizer.param_groups
+    ratios = [g["lr"] / groups[0]["lr"] for g in groups]  # keep discriminative lrs in proportion
+    gamma = (end_lr / start_lr) ** (1 / (steps - 1))
+    lrs, smoothed, avg, best = [], [], 0.0, math.inf
+    batches = p.epochs.batches()
+    emit("lr_find_start", steps=steps)
+    for step in range(1, steps + 1):
+        lr = start_lr * gamma ** (step - 1)
+        for g, r in zip(groups, ratios):
+            g["lr"] = lr * r
+        x, y, module = next(batches)
+        try:
+            loss, _ = trainer.step(x, y, 1, step, module)
+        except DivergedError:
+            break
+        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
+        value = avg / (1 - SMOOTHING ** step)  # bias-corrected
+        lrs.append(lr)
+        smoothed.append(value)
+        emit("lr_find_step", step=step, lr=lr, loss=value)
+        best = min(best, value)
+        if value > STOP_FACTOR * best:
+            break
+    suggestion, at_min = suggest(lrs, smoothed)
+    return LrFindResult(lrs, smoothed, suggestion, at_min)

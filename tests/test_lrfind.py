@@ -1,0 +1,31 @@
+"""The learning-rate range test."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.errors import FinetuneError
+from finetune.lrfind import suggest
+
+
+def test_suggestion_is_a_tenth_of_the_lowest_loss_lr():
+    lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    losses = [0.70, 0.69, 0.50, 0.40, 2.0]
+    assert suggest(lrs, losses) == (pytest.approx(1e-3), 1e-2)
+    with pytest.raises(FinetuneError):
+        suggest([], [])
+
+
+def test_cli_writes_plot_and_json_and_prints_the_suggestion(tiny_data, in_tmp):
+    r = CliRunner().invoke(app, ["lr-find", str(tiny_data), "--weights", "none", "--steps", "12", "-b", "4",
+                                 "--mode", "feature-extract", "--end-lr", "100", "-o", str(in_tmp / "lr")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((in_tmp / "lr" / "lr_find.json").read_text())
+    lrs = data["lrs"]
+    assert 2 <= len(lrs) <= 12 and lrs[0] == pytest.approx(1e-7) and lrs == sorted(lrs)
+    assert float(r.stdout) == pytest.approx(data["suggestion"], rel=1e-2)
+    assert data["suggestion"] == pytest.approx(data["min_loss_lr"] / 10)
+    assert (in_tmp / "lr" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--lr" in r.stderr
