@@ -31,15 +31,27 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
     assert r.stdout.strip() == str((run / "best.pt").relative_to(in_tmp))
     for line in ("epoch 1/2", "epoch 2/2", "val loss", "best epoch", "*best"):
         assert line in r.stderr
-    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json", "state.pt"}
+    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json", "state.pt",
+                                               "curves.png", "confusion.png", "wrong.png", "filters.png",
+                                               "report.html"}
+    for png in run.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<script" not in html
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r_["epoch"]) for r_ in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                            "update_ratio_head", "update_ratio_backbone"}
     best = max(rows, key=lambda r_: float(r_["val_acc"]))
     meta = torch.load(run / "best.pt", weights_only=True)
     assert meta["metrics"]["val_acc"] == pytest.approx(float(best["val_acc"]), abs=1e-5)
     config = json.loads((run / "config.json").read_text())
     assert config["classes"] == ["ants", "bees"] and config["train_images"] == 12
+    results = json.loads((run / "results.json").read_text())
+    val = results["val_metrics"]  # the best epoch's val predictions: they must agree with metrics.csv
+    assert val["accuracy"] == pytest.approx(float(best["val_acc"]), abs=1e-5)
+    assert sum(map(sum, val["confusion_matrix"])) == 6 == val["images"]
+    assert f"{float(best['val_acc']) * 100:.1f} %" in (run / "report.html").read_text()
     latest = json.loads((in_tmp / "runs" / "latest.json").read_text())
     assert latest["model"] == str((run / "best.pt").resolve())
 

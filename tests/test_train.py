@@ -140,8 +140,12 @@ def test_overfit_sanity_check_reaches_100_percent(tiny_data, in_tmp):
 
     from finetune.cli import app
 
-    r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--overfit", "4", "--epochs", "15",
-                                 "-b", "4", "--optimizer", "adamw", "--lr", "0.001", "--mode", "feature-extract",
-                                 "-q"])
+    r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--overfit", "4", "--epochs", "10",
+                                 "-b", "4", "--optimizer", "adamw", "--lr", "0.001", "-q"])
     assert r.exit_code == 0, r.output
     assert "sanity check passed" in r.stderr
+    # a learning rate of ~0 cannot memorise anything: the check must say so
+    r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--overfit", "4", "--epochs", "2",
+                                 "-b", "4", "--lr", "1e-12", "--mode", "feature-extract", "-q", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert "sanity check failed" in r.stderr and "labels" in r.stderr

@@ -48,7 +48,7 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     ratios = [g["lr"] / groups[0]["lr"] for g in groups]  # keep discriminative lrs in proportion
     gamma = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, smoothed, avg, best = [], [], 0.0, math.inf
-    batches = p.epochs.batches()
+    batches = p.epochs.endless_batches()
     emit("lr_find_start", steps=steps)
     for step in range(1, steps + 1):
         lr = start_lr * gamma ** (step - 1)

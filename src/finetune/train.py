@@ -340,7 +340,7 @@ class _ImageEpochs:
         self.generator = self.train_loader.generator  # the shuffle order; saved for an exact resume
         self.reported: set[str] = set()
 
-    def batches(self):
+    def endless_batches(self):
         """Endless training batches on the device, for the lr range test: (inputs, labels, module to call)."""
         t = self.t
         M.set_train_mode(t.model, t.head, t.frozen)
@@ -398,7 +398,7 @@ class _FeatureEpochs:
         self.generator = torch.Generator().manual_seed(trainer.cfg.seed)
         self.batches = -(-len(train_labels) // trainer.cfg.batch_size)
 
-    def batches(self):
+    def endless_batches(self):
         """Endless training batches on the device, for the lr range test: (features, labels, head)."""
         import torch
 
