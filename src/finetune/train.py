@@ -637,7 +637,8 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
             row = {"epoch": epoch, **epochs(epoch), "lr": lr_used,
                    "update_ratio_head": trainer.update_ratios["head"],
                    "update_ratio_backbone": trainer.update_ratios["backbone"]}
-            for group in ("head", "backbone"):
+            # Judged only while the schedule has not decayed the lr much: late cosine epochs are meant to be tiny.
+            for group in ("head", "backbone") if lr_used >= 0.5 * cfg.base_lr() else ():
                 ratio = row[f"update_ratio_{group}"]
                 if ratio is not None and not UPDATE_RATIO_BAND[0] <= ratio <= UPDATE_RATIO_BAND[1]:
                     advice = "lower --lr" if ratio > UPDATE_RATIO_BAND[1] else "raise --lr"
