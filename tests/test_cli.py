@@ -202,3 +202,14 @@ def test_unexpected_errors_are_one_line_unless_debug(tiny_data, in_tmp, monkeypa
     assert "Traceback" not in r.output
     r = invoke("--debug", "train", tiny_data)
     assert isinstance(r.exception, ValueError)
+
+
+def test_brackets_in_names_are_printed_verbatim(trained_model, tiny_data, in_tmp):
+    weird = in_tmp / "[bold]ant [1].jpg"
+    weird.write_bytes(sorted((tiny_data / "val" / "ants").iterdir())[0].read_bytes())
+    r = invoke("predict", weird, "--model", trained_model)
+    assert r.exit_code == 0, r.output
+    flat = "".join(ch for ch in r.stdout if ch not in " \n│")  # the table may fold a long path
+    assert "[bold]ant[1].jpg" in flat
+    r = invoke("predict", in_tmp / "[red]missing.jpg", "--model", trained_model)
+    assert "[red]missing.jpg" in r.stderr

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc  # user text (paths, class names) must never be read as markup
 from rich.table import Column, Table
 
 from finetune import __version__
@@ -61,7 +62,7 @@ def _handle_errors(fn):
         except FinetuneError as e:
             if _state["debug"]:
                 err.print_exception()
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {esc(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -72,10 +73,10 @@ def _handle_errors(fn):
             if _state["debug"]:
                 raise
             if "DataLoader worker" in str(e) or "Bus error" in str(e):
-                err.print(f"[bold red]error:[/] a data-loading worker died ({str(e).splitlines()[0][:120]}); "
+                err.print(f"[bold red]error:[/] a data-loading worker died ({esc(str(e).splitlines()[0][:120])}); "
                           "host memory or /dev/shm ran out: use fewer workers (-j 0)", highlight=False)
                 raise typer.Exit(5) from None
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {esc(str(e).splitlines()[0][:200]) if str(e) else ''}"
                       " (please report it; --debug shows the traceback)", highlight=False)
             raise typer.Exit(1) from None
 
@@ -120,8 +121,8 @@ class _TrainView:
 
     def on_dataset(self, split, device, weights):
         counts = split.counts()
-        per_class = ", ".join(f"{c} {counts['train'][c]}/{counts['val'][c]}" for c in split.classes)
-        self.log(f"[bold]data[/] {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
+        per_class = ", ".join(f"{esc(c)} {counts['train'][c]}/{counts['val'][c]}" for c in split.classes)
+        self.log(f"[bold]data[/] {esc(split.root)}: {len(split.classes)} classes, {len(split.train)} train / "
                  f"{len(split.val)} val images ({split.layout}); per class train/val: {per_class}")
         self.log(f"[bold]device[/] {device}   [bold]weights[/] {weights}")
         train = counts["train"].values()
@@ -137,7 +138,7 @@ class _TrainView:
 
     def on_skipped(self, files, root):
         for path, reason in files:
-            self.log(f"[yellow]warning:[/] skipped {os.path.relpath(path, root)}: {reason}")
+            self.log(f"[yellow]warning:[/] skipped {esc(os.path.relpath(path, root))}: {esc(reason)}")
         self.log(f"[yellow]{len(files)} file(s) skipped[/] (--strict makes this an error)")
 
     def on_features(self, cached, views):
@@ -151,7 +152,7 @@ class _TrainView:
         if self.decode_task is not None:
             self.progress.remove_task(self.decode_task)
         self.epochs = epochs
-        self.log(f"[bold]run[/] {run_dir}   lr {lr:.3g}, {batches} batches/epoch")
+        self.log(f"[bold]run[/] {esc(str(run_dir))}   lr {lr:.3g}, {batches} batches/epoch")
         if first > 1:
             self.log(f"[bold]resuming[/] at epoch {first}")
         self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first - 1, info="")
@@ -173,10 +174,10 @@ class _TrainView:
         self.log(f"early stop: no better val accuracy for {patience} epoch(s) since epoch {best_epoch}")
 
     def on_report(self, paths):
-        self.log(f"[bold]report[/] {paths['report']}")
+        self.log(f"[bold]report[/] {esc(str(paths['report']))}")
 
     def on_report_failed(self, reason):
-        self.log(f"[yellow]warning:[/] could not draw the run's pictures ({reason}); the model is saved")
+        self.log(f"[yellow]warning:[/] could not draw the run's pictures ({esc(reason)}); the model is saved")
 
     def on_epoch_end(self, row, improved):
         self.progress.advance(self.epoch_task)
@@ -282,9 +283,9 @@ def train(
     except Interrupted as e:
         run = e.run_dir
         if run is not None and (run / STATE_FILE).is_file():
-            err.print(f"[yellow]interrupted[/]: best model so far in {run / 'best.pt'}; resume with: "
+            err.print("[yellow]interrupted[/]: " + esc(f"best model so far in {run / 'best.pt'}; resume with: "
                       f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
-                      + (f" --model {model}" if model != "resnet18" else ""), highlight=False)
+                      + (f" --model {model}" if model != "resnet18" else "")), highlight=False)
         else:
             err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
         raise typer.Exit(e.exit_code) from None
@@ -305,7 +306,7 @@ def train(
             ("model", str(result.model_path)),
         ]
         for k, v in rows:
-            table.add_row(k, v)
+            table.add_row(k, esc(v))
         err.print(table)
     if overfit:
         # Training accuracy (train mode, measured as it learns) or the eval-mode pass over the same images.
@@ -360,7 +361,7 @@ def predict(
         raise typer.BadParameter(f"{top_k}: must be at least 1", param_hint="--top-k")
     files, missing = expand_inputs(paths)
     for f in missing:
-        err.print(f"[yellow]warning:[/] {f.path}: {f.reason}", highlight=False)
+        err.print(f"[yellow]warning:[/] {esc(f.path)}: {esc(f.reason)}", highlight=False)
     check_inputs(files, missing)
     predictor = Predictor(_model_path(model), device)
     results = list(predictor.predict(files, top_k, batch_size, workers))
@@ -368,7 +369,7 @@ def predict(
     bad = [r for r in results if isinstance(r, Failure)] + missing
     for f in bad:
         if f not in missing:
-            err.print(f"[yellow]warning:[/] skipped {f.path}: {f.reason}", highlight=False)
+            err.print(f"[yellow]warning:[/] skipped {esc(f.path)}: {esc(f.reason)}", highlight=False)
     if as_json:
         payload = [{"path": r.path, "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top]}
                    for r in good]
@@ -382,13 +383,13 @@ def predict(
     else:
         table = Table(Column("image", overflow="fold"), *[f"#{i}" for i in range(1, min(top_k, len(predictor.classes)) + 1)])
         for r in good:
-            table.add_row(r.path, *[f"{c} {p * 100:.1f}%" for c, p in r.top])
+            table.add_row(esc(r.path), *[f"{esc(c)} {p * 100:.1f}%" for c, p in r.top])
         out.print(table)
     if sort_into and good:
         from finetune.predict import sort_into as copy_sorted
 
         log = copy_sorted(good, sort_into, min_confidence)
-        err.print(f"copied {len(good)} image(s) into {sort_into}/<class>/; log: {log}", highlight=False)
+        err.print(esc(f"copied {len(good)} image(s) into {sort_into}/<class>/; log: {log}"), highlight=False)
     if bad:
         err.print(f"[yellow]{len(bad)} of {len(results) + len(missing)} input(s) skipped[/]")
     if not good:
@@ -414,7 +415,7 @@ def export(
 
     with err.status(f"exporting {out_path}"):
         report = export_model(_model_path(model), out_path, check_images)
-    err.print(f"checked on {report.checked_images} images ({report.image_source}): max logit difference "
+    err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max logit difference "
               f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
               f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
     out.print(str(report.path), highlight=False, soft_wrap=True)
@@ -444,25 +445,25 @@ def evaluate(
         sys.stdout.write(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
     low, high = r["accuracy_ci95"]
     err.print(f"[bold]accuracy[/] {_fmt_pct(r['accuracy'])} ({r['correct']}/{r['images']}), 95 % CI "
-              f"{_fmt_pct(low)}-{_fmt_pct(high)} (Wilson)   on {r['data']}", highlight=False)
+              f"{_fmt_pct(low)}-{_fmt_pct(high)} (Wilson)   on {esc(r['data'])}", highlight=False)
     table = Table("class", "precision", "recall", "F1", "support", title="per class", title_justify="left")
     for name, m in r["per_class"].items():
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(esc(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     macro = r["macro"]
     table.add_row("macro avg", f"{macro['precision']:.3f}", f"{macro['recall']:.3f}", f"{macro['f1']:.3f}",
                   str(r["images"]), style="bold")
     err.print(table)
-    cm = Table("true \\ predicted", *r["classes"], title="confusion matrix", title_justify="left")
+    cm = Table("true \\ predicted", *map(esc, r["classes"]), title="confusion matrix", title_justify="left")
     for name, row in zip(r["classes"], r["confusion_matrix"]):
-        cm.add_row(name, *map(str, row))
+        cm.add_row(esc(name), *map(str, row))
     err.print(cm)
     if r["most_confident_wrong"]:
         w = Table("image", "true", "predicted", "probability", title="most confidently wrong", title_justify="left")
         for m in r["most_confident_wrong"]:
-            w.add_row(m["path"], m["true"], m["predicted"], f"{m['probability']:.3f}")
+            w.add_row(esc(m["path"]), esc(m["true"]), esc(m["predicted"]), f"{m['probability']:.3f}")
         err.print(w)
     for s in r["skipped"]:
-        err.print(f"[yellow]warning:[/] skipped {s['path']}: {s['reason']}", highlight=False)
+        err.print(f"[yellow]warning:[/] skipped {esc(s['path'])}: {esc(s['reason'])}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------ lr-find
@@ -506,9 +507,9 @@ def lr_find(
     write_text_atomic(folder / "lr_find.json", json.dumps({"lrs": result.lrs, "losses": result.losses,
                                                            "suggestion": result.suggestion,
                                                            "min_loss_lr": result.min_loss_lr}, indent=2))
-    err.print(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: {plot}; "
-              f"train with: finetune train {shlex.quote(data)} --model {model} --optimizer {optimizer} "
-              f"--lr {result.suggestion:.2g}", highlight=False)
+    err.print(esc(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: {plot}; "
+                  f"train with: finetune train {shlex.quote(data)} --model {model} --optimizer {optimizer} "
+                  f"--lr {result.suggestion:.2g}"), highlight=False)
     out.print(f"{result.suggestion:.3g}")
 
 
@@ -540,11 +541,11 @@ def check(
 
 
 def _render_check(r: dict) -> None:
-    err.print(f"[bold]{r['root']}[/]: {len(r['classes'])} classes, {r['images']} images, {r['usable']} usable "
+    err.print(f"[bold]{esc(r['root'])}[/]: {len(r['classes'])} classes, {r['images']} images, {r['usable']} usable "
               f"({r['layout']})", highlight=False)
     table = Table("class", "train", "val", title="images per class", title_justify="left")
     for c in r["classes"]:
-        table.add_row(c, str(r["counts"]["train"][c]), str(r["counts"]["val"][c]))
+        table.add_row(esc(c), str(r["counts"]["train"][c]), str(r["counts"]["val"][c]))
     err.print(table)
     for part, ratio in r["imbalance"].items():
         if ratio and ratio >= 1.5:
@@ -566,7 +567,7 @@ def _render_check(r: dict) -> None:
         if items:
             err.print(f"[yellow]{len(items)} {label}:[/]")
             for item in items:
-                err.print(f"  {item}", highlight=False)
+                err.print(f"  {esc(item)}", highlight=False)
     if not any(items for _, items in findings):
         err.print("[green]no unusable files, no duplicates[/]")
 
