@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
                         "on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=HERE / "results-cpu.json")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, seed 0")
+    p.add_argument("--update", action="store_true",
+                   help="keep the runs in --out of the scenarios not run now (re-measure one scenario after a change)")
     a = p.parse_args()
     if a.quick:
         a.epochs, a.seeds = 1, [0]
@@ -82,6 +84,14 @@ def run(cmd: list, cwd: Path) -> tuple[dict, str]:
     return {"command": shlex.join(cmd), "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}, stdout
 
 
+def commit() -> str:
+    """The finetune commit measured (with -dirty when the work tree has changes)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def train_commands(a: argparse.Namespace, scenario: str, seed: int, tmp: Path) -> dict[str, list]:
     common = ["--mode", scenario, "--epochs", a.epochs, "--seed", seed, "--weights", a.weights]
     return {"baseline": [sys.executable, BASELINE, a.data, *common,
@@ -100,7 +110,8 @@ def summarize(runs: list[dict]) -> dict:
                 s[tool] = {"runs": len(rs), "mean_seconds": statistics.mean(r["seconds"] for r in rs),
                            "mean_acc": statistics.mean(accs), "min_acc": min(accs), "max_acc": max(accs),
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
-        if len(s) == len(TOOLS):
+        s["commits"] = sorted({r.get("commit", "?") for r in runs if r["scenario"] == scenario})
+        if len(s) == len(TOOLS) + 1:
             s["seconds_ratio"] = s["baseline"]["mean_seconds"] / s["finetune"]["mean_seconds"]
         summary[scenario] = s
     return summary
@@ -115,14 +126,17 @@ def save(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     lines = ["| scenario | baseline s | finetune s | ratio | baseline acc (min-max) | finetune acc (min-max) "
-             "| baseline peak MB | finetune peak MB |", "|---|---:|---:|---:|---|---|---:|---:|"]
+             "| baseline peak MB | finetune peak MB | commit |", "|---|---:|---:|---:|---|---|---:|---:|---|"]
     for scenario, s in results["summary"].items():
         b, f = s["baseline"], s["finetune"]
         acc = [f"{t['mean_acc']:.3f} ({t['min_acc']:.3f}-{t['max_acc']:.3f})" for t in (b, f)]
         lines.append(f"| {scenario} | {b['mean_seconds']:.1f} | {f['mean_seconds']:.1f} | {s['seconds_ratio']:.2f}x "
-                     f"| {acc[0]} | {acc[1]} | {b['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} |")
+                     f"| {acc[0]} | {acc[1]} | {b['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {', '.join(s['commits'])} |")
     one, folder, export = results["predict"]["one_image"], results["predict"]["folder"], results["export"]
-    lines += ["", f"predict, 1 image (cold): {one['seconds']:.1f} s", f"predict, {folder['images']} images: "
+    if "feature_extract_cache_warm" in results:
+        lines += ["", f"feature-extract again on the same data (feature cache warm): "
+                      f"{results['feature_extract_cache_warm']['seconds']:.1f} s"]
+    lines += ["", f"`finetune --help`: {results['help']['seconds']:.2f} s", f"predict, 1 image (cold): {one['seconds']:.1f} s", f"predict, {folder['images']} images: "
               f"{folder['seconds']:.1f} s ({folder['images_per_second']:.1f} images/s, start-up included)",
               f"export .pt: {export['seconds']:.1f} s"]
     return "\n".join(lines)
@@ -137,6 +151,13 @@ def main() -> None:
                                "seconds": "wall time from spawn to exit of a fresh process (model written)",
                                "peak_rss_mb": "ru_maxrss: largest single process, DataLoader workers not summed"},
                "runs": []}
+    if a.update and a.out.exists():
+        old = json.loads(a.out.read_text())
+        results["runs"] = [r for r in old["runs"] if r["scenario"] not in a.scenarios]
+        for key in ("feature_extract_cache_warm",):
+            if key in old and "feature-extract" not in a.scenarios:
+                results[key] = old[key]
+    version = commit()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
         tmp = Path(tmp)
         # Each run's feature cache starts empty; the warm re-run below measures reuse.
@@ -151,7 +172,7 @@ def main() -> None:
                     print(f"[{scenario} seed {seed}] {tool} ...", file=sys.stderr, flush=True)
                     timing, _ = run(cmds[tool], tmp)
                     out = tmp / ("base.json" if tool == "baseline" else "run/results.json")
-                    record = {"tool": tool, "scenario": scenario, "seed": seed, **timing,
+                    record = {"tool": tool, "scenario": scenario, "seed": seed, "commit": version, **timing,
                               "best_val_acc": json.loads(out.read_text())["best_val_acc"]}
                     results["runs"].append(record)
                     save(results, a.out)
@@ -162,6 +183,7 @@ def main() -> None:
             timing, _ = run(cmds["finetune"], tmp)  # same data and seed again: features come from the cache
             results["feature_extract_cache_warm"] = timing
         results["help"], _ = run([FINETUNE, "--help"], tmp)
+        results["help"]["commit"] = version
 
         model, val = tmp / "run" / "best.pt", a.data / "val"
         image = next(p for p in sorted(val.rglob("*")) if p.is_file())
@@ -171,6 +193,8 @@ def main() -> None:
         folder["images_per_second"] = folder["images"] / folder["seconds"]
         results["predict"] = {"one_image": one, "folder": folder}
         results["export"], _ = run([FINETUNE, "export", tmp / "model.pt", "--model", model], tmp)
+        for timing in (one, folder, results["export"]):
+            timing["commit"] = version
         save(results, a.out)
     print(table(results))
     print(f"\nwritten to {a.out}", file=sys.stderr)

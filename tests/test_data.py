@@ -182,3 +182,6 @@ def test_train_transform_output_shape(augment):
     pre = {"resize_size": 64, "crop_size": 56, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
     x = D.train_transform(pre, augment)(torch.randint(0, 255, (3, 64, 90), dtype=torch.uint8))
     assert x.shape == (3, 56, 56) and x.dtype == torch.float32
+    if augment != "none":  # a smaller training crop when asked (none is the eval view, always the eval crop)
+        x = D.train_transform(pre, augment, 48)(torch.randint(0, 255, (3, 64, 90), dtype=torch.uint8))
+        assert x.shape == (3, 48, 48)

@@ -7,7 +7,7 @@ from finetune import train as T
 from finetune.checkpoint import model_from_file
 from finetune.config import TrainConfig
 from finetune.data import eval_transform, find_dataset, decode_to_tensor
-from finetune.errors import DivergedError
+from finetune.errors import DivergedError, FinetuneError
 
 
 def _val_accuracy_of_saved_model(model_path, data):
@@ -149,3 +149,50 @@ def test_overfit_sanity_check_reaches_100_percent(tiny_data, in_tmp):
                                  "-b", "4", "--lr", "1e-12", "--mode", "feature-extract", "-q", "--seed", "1"])
     assert r.exit_code == 0, r.output
     assert "sanity check failed" in r.stderr and "labels" in r.stderr
+
+
+class _FixedSize(torch.nn.Module):
+    """A model that, like torchvision's ViTs, runs only on the input size it was built for."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.fc = size, torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        assert x.shape[-1] == self.size, "wrong input size"
+        return self.fc(x.mean((2, 3)))
+
+
+def test_train_crop_rule():
+    import torchvision
+
+    pre = {"crop_size": 224}
+    resnet = torchvision.models.resnet18(num_classes=2)
+    cfg = TrainConfig(data="x")
+    assert T.train_crop(cfg, pre, resnet) == 176  # torchvision's own recipe: train 176, evaluate 224
+    assert T.train_crop(cfg, {"crop_size": 299}, resnet) == 240
+    assert T.train_crop(TrainConfig(data="x", mode="feature-extract"), pre, resnet) == 224
+    assert T.train_crop(TrainConfig(data="x", augment="none"), pre, resnet) == 224
+    assert T.train_crop(TrainConfig(data="x", train_size=200), pre, resnet) == 200
+    assert resnet.training  # probing left the mode as it was
+
+    fixed = _FixedSize(224)
+    assert T.train_crop(cfg, pre, fixed) == 224  # falls back to the one size it accepts
+    with pytest.raises(FinetuneError, match="--train-size 160: resnet18 only runs on 224x224") as e:
+        T.train_crop(TrainConfig(data="x", train_size=160), pre, fixed)
+    assert e.value.exit_code == 2
+    with pytest.raises(FinetuneError, match="--train-size 8"):
+        T.validate(TrainConfig(data="x", train_size=8))
+
+
+def test_training_batches_use_the_train_crop_and_val_the_eval_crop(tiny_data, tmp_path):
+    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, train_size=160,
+                      output=str(tmp_path / "r"), workers=1)
+    p = T.prepare(cfg)
+    x, _, _ = next(p.epochs.endless_batches())
+    assert x.shape[-2:] == (160, 160)
+    xv, _, _ = next(iter(p.epochs.val_loader))
+    assert xv.shape[-2:] == (224, 224)
+    start = []
+    T.run_training(cfg, lambda e, **k: start.append(k) if e == "start" else None)
+    assert start[0]["sizes"] == (160, 224)

@@ -148,11 +148,12 @@ class _TrainView:
         what = "reused from cache" if cached else f"computing once ({views} view(s) per training image)"
         self.log(f"[bold]features[/] frozen backbone: {what}")
 
-    def on_start(self, run_dir, epochs, batches, lr, first):
+    def on_start(self, run_dir, epochs, batches, lr, first, sizes):
         if self.decode_task is not None:
             self.progress.remove_task(self.decode_task)
         self.epochs = epochs
-        self.log(f"[bold]run[/] {esc(str(run_dir))}   lr {lr:.3g}, {batches} batches/epoch")
+        self.log(f"[bold]run[/] {esc(str(run_dir))}   lr {lr:.3g}, {batches} batches/epoch, "
+                 f"train crop {sizes[0]} / eval crop {sizes[1]} px")
         if first > 1:
             self.log(f"[bold]resuming[/] at epoch {first}")
         self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first - 1, info="")
@@ -217,6 +218,9 @@ def train(
     dropout: Annotated[float, typer.Option(help="Dropout before the new head (0 = none).")] = 0.0,
     augment: Annotated[str, typer.Option(help="Training augmentation: none, light (crop 35-100%, flip) or "
                                          "standard (crop 8-100%, flip, rotation up to 10 deg).")] = "standard",
+    train_size: Annotated[int, typer.Option(help="Training crop in pixels. 0 = automatic: 80% of the eval crop in "
+                                            "finetune mode (176 for 224: objects in random crops look larger, "
+                                            "and it is ~1.8x faster), else the eval crop.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation when DATA "
                                                 "has no val/ folder (stratified).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling.")] = 0,
@@ -257,8 +261,8 @@ def train(
 
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
-                      workers=workers, augment=augment, val_fraction=val_fraction, seed=seed, device=device, amp=amp,
-                      channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
+                      workers=workers, augment=augment, train_size=train_size, val_fraction=val_fraction, seed=seed,
+                      device=device, amp=amp, channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
                       deterministic=deterministic, patience=patience, balance=balance,
                       freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, overfit=overfit)
     if overfit:

@@ -22,6 +22,7 @@ class TrainConfig:
     batch_size: int = 32  # larger than the tutorial's 4: fewer, better-utilised steps
     workers: int = -1  # -1: min(4, cpu count - 1)
     augment: str = "standard"  # none | light | standard
+    train_size: int = 0  # training crop in pixels; 0: 80 % of the eval crop in finetune mode (see train_crop)
     val_fraction: float = 0.2  # used only when DATA has no val folder
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -376,15 +376,16 @@ def eval_transform(pre: dict):
 AUGMENTATIONS = ("none", "light", "standard")
 
 
-def train_transform(pre: dict, augment: str):
-    """Training view: random resized crop, flips and small rotations on top of the eval normalisation."""
+def train_transform(pre: dict, augment: str, size: int | None = None):
+    """Training view: random resized crop (to size, default the eval crop), flips and small rotations on
+    top of the eval normalisation."""
     import torch
     from torchvision.transforms import InterpolationMode, v2
 
     if augment == "none":
         return eval_transform(pre)
     interp = InterpolationMode(pre["interpolation"])
-    crop = pre["crop_size"]
+    crop = size or pre["crop_size"]
     if augment == "light":
         geometric = [v2.RandomResizedCrop(crop, scale=(0.35, 1.0), interpolation=interp, antialias=True),
                      v2.RandomHorizontalFlip()]
