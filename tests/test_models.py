@@ -161,3 +161,18 @@ def test_feature_extract_trains_only_the_head_and_keeps_bn_statistics():
     model(torch.randn(4, 3, 64, 64) * 3 + 1)
     assert torch.equal(model.bn1.running_mean, before)
     assert model.fc.training and not model.bn1.training
+
+
+def test_full_sha256_pins_are_checked_in_full(hub, monkeypatch):
+    for name, digest in M.PINNED_SHA256.items():  # each pin is a full digest that begins with the name's prefix
+        assert len(digest) == 64 and digest.startswith(name.rsplit("-", 1)[1].split(".")[0])
+    path = hub / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    from finetune.data import file_hash
+
+    real = file_hash(str(path))
+    monkeypatch.setitem(M.PINNED_SHA256, path.name, real[:-1] + ("0" if real[-1] != "0" else "1"))
+    with pytest.raises(ModelFileError, match="do not match their published SHA-256"):
+        M.verify_cached_weights(path)  # differs only in the last hex digit: refused
+    monkeypatch.setitem(M.PINNED_SHA256, path.name, real)
+    M.verify_cached_weights(path)

