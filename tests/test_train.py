@@ -196,3 +196,24 @@ def test_training_batches_use_the_train_crop_and_val_the_eval_crop(tiny_data, tm
     start = []
     T.run_training(cfg, lambda e, **k: start.append(k) if e == "start" else None)
     assert start[0]["sizes"] == (160, 224)
+
+
+def test_update_ratio_is_the_median_per_tensor_not_one_pooled_norm():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Parameter(torch.full((4,), v)) for v in (1.0, 1.0, 1000.0))
+            self.fc = torch.nn.Linear(2, 2)
+
+    trainer = object.__new__(T._Trainer)
+    trainer.model, trainer.head = Net(), "fc"
+    before = trainer._snapshot()
+    with torch.no_grad():
+        trainer.model.a += 0.001  # ratio 1e-3
+        trainer.model.b += 0.003  # ratio 3e-3
+        trainer.model.c += 0.001  # ratio 1e-6: the huge tensor would swamp a pooled norm (~1.0e-6)
+        trainer.model.fc.weight.mul_(1.5)
+        trainer.model.fc.bias.mul_(1.5)
+    ratios = trainer._update_ratios(before)
+    assert ratios["backbone"] == pytest.approx(1e-3, rel=1e-3)
+    assert ratios["head"] == pytest.approx(0.5, rel=1e-4)  # weight and bias both scaled by 1.5

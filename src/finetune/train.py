@@ -288,17 +288,15 @@ class _Trainer:
         return {g: [p.detach().clone() for p in ps] for g, ps in self._groups().items()}
 
     def _update_ratios(self, before: dict) -> dict:
-        """||w_after - w_before|| / ||w_before|| per parameter group, for the step just taken."""
+        """Per group, the median over its weight tensors of ||w_after - w_before|| / ||w_before||, for the step
+        just taken. Per tensor, as cs231n computes it: one pooled norm would be ruled by the few largest
+        tensors (in some checkpoints a single folded-BatchNorm layer holds most of the norm)."""
         import torch
 
         out = {}
         for g, ps in self._groups().items():
-            if not ps:
-                out[g] = None
-                continue
-            delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(ps, before[g])))
-            norm = torch.sqrt(sum((b ** 2).sum() for b in before[g]))
-            out[g] = float(delta / norm) if norm > 0 else None
+            ratios = [float((p.detach() - b).norm() / b.norm()) for p, b in zip(ps, before[g]) if b.norm() > 0]
+            out[g] = float(torch.tensor(ratios).median()) if ratios else None
         return out
 
     def state(self) -> dict:
