@@ -81,7 +81,13 @@ def run(cmd: list, cwd: Path) -> tuple[dict, str]:
         stdout = out.read().decode()
     if proc.returncode:
         sys.exit(f"exit code {proc.returncode}: {shlex.join(cmd)}")
-    return {"command": shlex.join(cmd), "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}, stdout
+    return {"command": portable(shlex.join(cmd)), "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}, stdout
+
+
+def portable(command: str) -> str:
+    """The command as it reads from the repository root: no paths of the machine that ran it."""
+    root = str(HERE.parent)
+    return command.replace(root + "/", "").replace(str(Path(root).parent) + "/", "../")
 
 
 def commit() -> str:

@@ -33,11 +33,11 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
         assert line in r.stderr
     assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json", "state.pt",
                                                "curves.png", "confusion.png", "wrong.png", "filters.png",
-                                               "report.html"}
+                                               "reliability.png", "report.html"}
     for png in run.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<script" not in html
+    assert html.count("data:image/png;base64,") == 5 and "<script" not in html
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r_["epoch"]) for r_ in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",

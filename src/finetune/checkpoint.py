@@ -89,7 +89,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_model_file(path: str | os.PathLike, *, arch: str, head: str, dropout: float, state_dict: dict,
-                    classes: list[str], base_weights: str, preprocessing: dict, metrics: dict, config: dict) -> Path:
+                    classes: list[str], base_weights: str, preprocessing: dict, metrics: dict, config: dict,
+                    temperature: float = 1.0) -> Path:
     """Write a finetune model file: plain types and tensors only, so weights_only=True can load it."""
     import torch
 
@@ -104,10 +105,19 @@ def save_model_file(path: str | os.PathLike, *, arch: str, head: str, dropout: f
         "preprocessing": dict(preprocessing),
         "metrics": metrics,
         "config": config,
+        "temperature": float(temperature),  # probabilities = softmax(logits / temperature); 1.0 = uncalibrated
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "state_dict": state_dict,
     }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def update_model_file(path: str | os.PathLike, **fields) -> Path:
+    """Rewrite a model file (atomically) with some top-level fields replaced, e.g. a fitted temperature."""
+    import torch
+
+    payload = load_model_file(path) | fields
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 

@@ -174,6 +174,10 @@ class _TrainView:
     def on_early_stop(self, epoch, best_epoch, patience):
         self.log(f"early stop: no better val accuracy for {patience} epoch(s) since epoch {best_epoch}")
 
+    def on_calibrated(self, temperature, ece_before, ece_after, images):
+        self.log(f"[bold]calibrated[/] temperature {temperature:.3g} fitted on {images} val images: expected "
+                 f"calibration error {ece_before:.3f} -> {ece_after:.3f} (on the same images)")
+
     def on_report(self, paths):
         self.log(f"[bold]report[/] {esc(str(paths['report']))}")
 
@@ -248,6 +252,8 @@ def train(
                                           "val accuracy (0 = off).")] = 0,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run folder from its last completed "
                                                "epoch, with that run's settings.")] = None,
+    calibrate: Annotated[bool, typer.Option(help="After training, fit a softmax temperature on the val images so "
+                                            "probabilities match accuracy; stored in the model.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels: repeatable runs (slower on GPU).")
                              ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -264,7 +270,8 @@ def train(
                       workers=workers, augment=augment, train_size=train_size, val_fraction=val_fraction, seed=seed,
                       device=device, amp=amp, channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
                       deterministic=deterministic, patience=patience, balance=balance,
-                      freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, overfit=overfit)
+                      freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, overfit=overfit,
+                      calibrate=calibrate)
     if overfit:
         from finetune.train import overfit_config
 
@@ -461,6 +468,10 @@ def evaluate(
     for name, row in zip(r["classes"], r["confusion_matrix"]):
         cm.add_row(esc(name), *map(str, row))
     err.print(cm)
+    cal = r["calibration"]
+    after = (f"; {cal['ece_after']:.3f} with the model's temperature {cal['temperature']:.3g}" if cal["fitted"]
+             else " (no temperature fitted: train with --calibrate)")
+    err.print(f"[bold]calibration[/] expected calibration error {cal['ece_before']:.3f} raw{after}", highlight=False)
     if r["most_confident_wrong"]:
         w = Table("image", "true", "predicted", "probability", title="most confidently wrong", title_justify="left")
         for m in r["most_confident_wrong"]:

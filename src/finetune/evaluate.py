@@ -89,7 +89,7 @@ def evaluate_folder(model_path: str, data: str, device: str = "auto", batch_size
     classes = predictor.classes
     samples, skipped, root = labelled_samples(data, classes)
     label = {s.path: s.label for s in samples}
-    y_true, y_pred, mistakes = [], [], []
+    y_true, y_pred, mistakes, logits = [], [], [], []
     for r in predictor.predict([s.path for s in samples], top_k=len(classes), batch_size=batch_size,
                                workers=workers):
         if isinstance(r, Failure):
@@ -99,12 +99,17 @@ def evaluate_folder(model_path: str, data: str, device: str = "auto", batch_size
         pred = classes.index(pred_name)
         y_true.append(true)
         y_pred.append(pred)
+        logits.append(r.logits)
         if pred != true:
             mistakes.append({"path": os.path.relpath(r.path, root), "true": classes[true], "predicted": pred_name,
                              "probability": prob})
     if not y_true:
         raise DatasetError(f"{root}: none of the images could be read")
     report = classification_report(y_true, y_pred, classes)
+    from finetune.calibrate import calibration_summary
+
+    report["calibration"] = calibration_summary(logits, y_true, predictor.temperature) | {
+        "fitted": predictor.temperature != 1.0}
     report.update({
         "model": str(model_path),
         "data": root,

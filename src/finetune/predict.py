@@ -17,6 +17,7 @@ from finetune.errors import FinetuneError
 class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class, probability), best first
+    logits: list[float] | None = None  # raw, in the model's class order (before any temperature)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Predictor:
         self.model = model.to(self.device)
         self.meta = meta
         self.classes: list[str] = meta["classes"]
+        self.temperature = float(meta.get("temperature", 1.0))  # fitted by train --calibrate; 1.0 otherwise
         self.transform = D.eval_transform(meta["preprocessing"])
         self.short_side = meta["preprocessing"]["resize_size"]
 
@@ -91,15 +93,17 @@ class Predictor:
             for start in range(0, len(paths), batch_size):
                 chunk = list(pool.map(load, paths[start:start + batch_size]))
                 good = [(p, x) for p, x, err in chunk if err is None]
-                probs = {}
+                probs, raw = {}, {}
                 if good:
                     batch = torch.stack([x for _, x in good])
-                    p = torch.softmax(self.logits(batch), dim=1)
+                    logits = self.logits(batch)
+                    p = torch.softmax(logits / self.temperature, dim=1)
                     values, indices = p.topk(k, dim=1)
-                    for (path, _), v, i in zip(good, values.tolist(), indices.tolist()):
+                    for (path, _), v, i, z in zip(good, values.tolist(), indices.tolist(), logits.tolist()):
                         probs[path] = [(self.classes[j], float(pv)) for pv, j in zip(v, i)]
+                        raw[path] = z
                 for path, _, err in chunk:
-                    yield Prediction(path, probs[path]) if err is None else Failure(path, err)
+                    yield Prediction(path, probs[path], raw[path]) if err is None else Failure(path, err)
 
 
 def check_inputs(paths: list[str], missing: list[Failure]) -> None:

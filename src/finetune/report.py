@@ -33,6 +33,8 @@ def write_report(run_dir: str | os.PathLike, *, history: list[dict], classes: li
     # Runs whose first layer could not be found (or a caller that skips it) simply get no filters picture.
     if filters_before is not None and filters_after is not None:
         paths["filters"] = _filters(run_dir / "filters.png", filters_before, filters_after)
+    if summary.get("calibration"):
+        paths["reliability"] = write_reliability(run_dir / "reliability.png", summary["calibration"])
     paths["report"] = write_text_atomic(run_dir / "report.html",
                                         _html(paths, run_dir.name, history=history, classes=classes,
                                               config=config, summary=summary))
@@ -195,7 +197,8 @@ table.config td { text-align: left; font-family: ui-monospace, monospace; word-b
 """
 
 PICTURES = (("curves", "Training curves"), ("confusion", "Confusion matrix"),
-            ("wrong", "Most confidently wrong validation images"), ("filters", "First-layer filters"))
+            ("wrong", "Most confidently wrong validation images"), ("reliability", "Calibration (reliability)"),
+            ("filters", "First-layer filters"))
 
 
 def _html(paths: dict[str, Path], run_name: str, *, history: list[dict], classes: list[str], config: dict, summary: dict) -> str:
@@ -211,6 +214,10 @@ def _html(paths: dict[str, Path], run_name: str, *, history: list[dict], classes
         ("best val accuracy", None if best_acc is None else f"{100 * best_acc:.1f} %"),
         ("time", None if seconds is None else f"{seconds:.0f} s"),
     ]
+    cal = summary.get("calibration")
+    if cal:
+        facts.append(("expected calibration error", f"{cal['ece_before']:.3f}" + (
+            f" raw, {cal['ece_after']:.3f} at temperature {cal['temperature']:.3g}" if cal.get("fitted") else "")))
     out = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>finetune report: {e(run_name)}</title>",
            f"<style>{CSS}</style>", "</head>", "<body>", "<h1>finetune training report</h1>", "<dl>"]
@@ -244,6 +251,32 @@ def _cell(key: str, value) -> str:
     if key == "lr":
         return f"{value:.3g}"
     return str(value)
+
+
+def write_reliability(path, calibration: dict) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (a calibrated model follows the diagonal),
+    raw and, when a temperature was fitted, after it; bar width is the bin, the label its image count."""
+    fitted = calibration.get("fitted")
+    panels = [("raw", calibration["bins_before"], calibration["ece_before"])]
+    if fitted:
+        panels.append((f"temperature {calibration['temperature']:.3g}", calibration["bins_after"],
+                       calibration["ece_after"]))
+    fig, axes = _subplots(1, len(panels), figsize=(5 * len(panels), 4.8))
+    for ax, (name, bins, ece) in zip(axes.flat, panels):
+        used = [b for b in bins if b["count"]]
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+        ax.bar([(b["low"] + b["high"]) / 2 for b in used], [b["accuracy"] for b in used],
+               width=[b["high"] - b["low"] for b in used], edgecolor="black", color="tab:blue", alpha=0.7,
+               label="accuracy in bin")
+        ax.scatter([b["confidence"] for b in used], [b["accuracy"] for b in used], color="tab:red", s=12, zorder=3,
+                   label="mean confidence")
+        for b in used:
+            ax.text((b["low"] + b["high"]) / 2, min(b["accuracy"] + 0.02, 0.97), str(b["count"]), ha="center",
+                    fontsize=7)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+               title=f"{name}: ECE {ece:.3f} on {calibration['images']} val images")
+        ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, Path(path))
 
 
 def write_lr_plot(path, lrs: list[float], losses: list[float], suggestion: float, min_loss_lr: float) -> Path:

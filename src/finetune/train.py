@@ -731,9 +731,27 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
 
         summary["val_metrics"] = classification_report([s.label for s in val_samples], logits.argmax(1).tolist(),
                                                        split.classes)
+        summary["calibration"] = _calibration(cfg, logits, [s.label for s in val_samples], model_path, emit)
     write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2))
     _pictures(run_dir, split, best, history, config, summary, emit)
     return result
+
+
+def _calibration(cfg: TrainConfig, logits, labels: list[int], model_path: Path, emit: Emit) -> dict:
+    """The best epoch's calibration on the val set: ECE, reliability bins; with --calibrate, also a fitted
+    temperature, stored in the model file (predictions then use softmax(logits / T))."""
+    from finetune import calibrate as C
+    from finetune.checkpoint import update_model_file
+
+    temperature = C.fit_temperature(logits, labels) if cfg.calibrate else 1.0
+    out = C.calibration_summary(logits, labels, temperature) | {"fitted": cfg.calibrate}
+    out["bins_before"] = C.reliability_bins(logits.double().softmax(1), labels)
+    out["bins_after"] = C.reliability_bins((logits.double() / temperature).softmax(1), labels)
+    if cfg.calibrate:
+        update_model_file(model_path, temperature=temperature)
+        emit("calibrated", temperature=temperature, ece_before=out["ece_before"], ece_after=out["ece_after"],
+             images=len(labels))
+    return out
 
 
 def _pictures(run_dir: Path, split: D.DatasetSplit, best: dict, history: list[dict], config: dict, summary: dict,
@@ -744,7 +762,8 @@ def _pictures(run_dir: Path, split: D.DatasetSplit, best: dict, history: list[di
     confusion = summary.get("val_metrics", {}).get("confusion_matrix", [[0] * n for _ in range(n)])
     wrong = []
     if "val_metrics" in summary:
-        confidence, predicted = best["val_logits"].softmax(1).max(1)
+        temperature = summary.get("calibration", {}).get("temperature", 1.0)
+        confidence, predicted = (best["val_logits"] / temperature).softmax(1).max(1)
         for s, p, c in zip(split.val, predicted.tolist(), confidence.tolist()):
             if p != s.label:
                 wrong.append({"path": s.path, "true": split.classes[s.label], "predicted": split.classes[p],
