@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "results-cpu.json")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, seed 0")
     p.add_argument("--update", action="store_true",
-                   help="keep the runs in --out of the scenarios not run now (re-measure one scenario after a change)")
+                   help="keep the runs in --out of the (scenario, seed) pairs not run now (re-measure a part)")
     a = p.parse_args()
     if a.quick:
         a.epochs, a.seeds = 1, [0]
@@ -157,32 +157,31 @@ def main() -> None:
                                "seconds": "wall time from spawn to exit of a fresh process (model written)",
                                "peak_rss_mb": "ru_maxrss: largest single process, DataLoader workers not summed"},
                "runs": []}
+    plan = [(scenario, seed) for seed in a.seeds for scenario in a.scenarios  # seed-major: an interrupted
+            if not (scenario == "finetune" and a.finetune_seeds is not None  # run still has every scenario
+                    and seed not in a.seeds[:a.finetune_seeds])]
     if a.update and a.out.exists():
         old = json.loads(a.out.read_text())
-        results["runs"] = [r for r in old["runs"] if r["scenario"] not in a.scenarios]
-        for key in ("feature_extract_cache_warm",):
-            if key in old and "feature-extract" not in a.scenarios:
-                results[key] = old[key]
+        results["runs"] = [r for r in old["runs"] if (r["scenario"], r["seed"]) not in plan]
+        if "feature_extract_cache_warm" in old and "feature-extract" not in a.scenarios:
+            results["feature_extract_cache_warm"] = old["feature_extract_cache_warm"]
     version = commit()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
         tmp = Path(tmp)
         # Each run's feature cache starts empty; the warm re-run below measures reuse.
         os.environ["FINETUNE_CACHE"] = str(tmp / "feature-cache")
-        for seed in a.seeds:  # seed-major: an interrupted benchmark still has every scenario
-            for scenario in a.scenarios:
-                if scenario == "finetune" and a.finetune_seeds is not None and seed not in a.seeds[:a.finetune_seeds]:
-                    continue
-                shutil.rmtree(tmp / "feature-cache", ignore_errors=True)
-                cmds = train_commands(a, scenario, seed, tmp)
-                for tool in TOOLS:  # alternating, so drift in machine load hits both tools alike
-                    print(f"[{scenario} seed {seed}] {tool} ...", file=sys.stderr, flush=True)
-                    timing, _ = run(cmds[tool], tmp)
-                    out = tmp / ("base.json" if tool == "baseline" else "run/results.json")
-                    record = {"tool": tool, "scenario": scenario, "seed": seed, "commit": version, **timing,
-                              "best_val_acc": json.loads(out.read_text())["best_val_acc"]}
-                    results["runs"].append(record)
-                    save(results, a.out)
-                    print(f"  {record['seconds']:.1f} s, val acc {record['best_val_acc']:.3f}", file=sys.stderr)
+        for scenario, seed in plan:
+            shutil.rmtree(tmp / "feature-cache", ignore_errors=True)
+            cmds = train_commands(a, scenario, seed, tmp)
+            for tool in TOOLS:  # alternating, so drift in machine load hits both tools alike
+                print(f"[{scenario} seed {seed}] {tool} ...", file=sys.stderr, flush=True)
+                timing, _ = run(cmds[tool], tmp)
+                out = tmp / ("base.json" if tool == "baseline" else "run/results.json")
+                record = {"tool": tool, "scenario": scenario, "seed": seed, "commit": version, **timing,
+                          "best_val_acc": json.loads(out.read_text())["best_val_acc"]}
+                results["runs"].append(record)
+                save(results, a.out)
+                print(f"  {record['seconds']:.1f} s, val acc {record['best_val_acc']:.3f}", file=sys.stderr)
 
         if "feature-extract" in a.scenarios:
             cmds = train_commands(a, "feature-extract", a.seeds[-1], tmp)
