@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scenarios", nargs="+", choices=["finetune", "feature-extract"],
                    default=["finetune", "feature-extract"])
     p.add_argument("--finetune-seeds", type=int, default=None, metavar="N",
-                   help="run the fine-tune scenario for the first N seeds only (its baseline takes ~17 min a seed "
+                   help="run the fine-tune scenario for the first N seeds only (its baseline takes 12-15 min a seed "
                         "on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=HERE / "results-cpu.json")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, seed 0")

@@ -201,6 +201,7 @@ class _TrainView:
 @app.command(epilog="Example: finetune train ./images --model resnet50 --epochs 15")
 @_handle_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders (DATA/<class>/*.jpg), or with train/ and "
                                              "val/ (or valid/, validation/) inside.", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="Any torchvision classification model: resnet18, "
@@ -252,10 +253,15 @@ def train(
                                           "val accuracy (0 = off).")] = 0,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run folder from its last completed "
                                                "epoch, with that run's settings.")] = None,
+    folds: Annotated[int, typer.Option(help="k-fold cross-validation: train one model per stratified fold (every "
+                                       "image, train/ and val/ pooled) and report mean ± sd val accuracy; 0 = off.")
+                     ] = 0,
     calibrate: Annotated[bool, typer.Option(help="After training, fit a softmax temperature on the val images so "
                                             "probabilities match accuracy; stored in the model.")] = False,
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels: repeatable runs (slower on GPU).")
                              ] = False,
+    config: Annotated[str | None, typer.Option(help="Settings from a best.json written by `finetune tune`; "
+                                               "options given on the command line override them.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
@@ -268,10 +274,21 @@ def train(
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, scheduler=scheduler, epochs=epochs, batch_size=batch_size,
                       workers=workers, augment=augment, train_size=train_size, val_fraction=val_fraction, seed=seed,
-                      device=device, amp=amp, channels_last=channels_last, output=output, strict=strict, max_pixels=max_pixels,
-                      deterministic=deterministic, patience=patience, balance=balance,
+                      device=device, amp=amp, channels_last=channels_last, output=output, strict=strict,
+                      max_pixels=max_pixels, deterministic=deterministic, patience=patience, balance=balance,
                       freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, overfit=overfit,
-                      calibrate=calibrate)
+                      calibrate=calibrate, folds=folds)
+    if config:
+        import dataclasses
+
+        from finetune.tune import load_config
+
+        def given(name: str) -> bool:  # typed on the command line (ParameterSource.COMMANDLINE; click or typer's)
+            source = ctx.get_parameter_source(name)
+            return source is not None and source.name == "COMMANDLINE"
+
+        settings = load_config(config)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in settings.items() if not given(k)})
     if overfit:
         from finetune.train import overfit_config
 
@@ -287,22 +304,28 @@ def train(
         requested["signal"] = signum
         err.print("[yellow]stopping after this step (again to stop at once)[/]")
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with _TrainView(quiet) as view:
-            result = run_training(cfg, view, stop=lambda: requested["signal"], resume=state)
-    except Interrupted as e:
-        run = e.run_dir
-        if run is not None and (run / STATE_FILE).is_file():
-            err.print("[yellow]interrupted[/]: " + esc(f"best model so far in {run / 'best.pt'}; resume with: "
-                      f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
-                      + (f" --model {model}" if model != "resnet18" else "")), highlight=False)
-        else:
-            err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
-        raise typer.Exit(e.exit_code) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def run_one(cfg, state):
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with _TrainView(quiet) as view:
+                return run_training(cfg, view, stop=lambda: requested["signal"], resume=state)
+        except Interrupted as e:
+            run = e.run_dir
+            if run is not None and (run / STATE_FILE).is_file():
+                err.print("[yellow]interrupted[/]: " + esc(f"best model so far in {run / 'best.pt'}; resume with: "
+                          f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
+                          + (f" --model {model}" if model != "resnet18" else "")), highlight=False)
+            else:
+                err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
+            raise typer.Exit(e.exit_code) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    if cfg.folds and state is None:
+        _cross_validate(cfg, run_one, quiet)
+        return
+    result = run_one(cfg, state)
     if not quiet:
         table = Table(title="finetune train", show_header=False, title_justify="left")
         best = result.history[result.best_epoch - 1]
@@ -333,6 +356,32 @@ def train(
     out.print(str(result.model_path), highlight=False, soft_wrap=True)
 
 
+def _cross_validate(cfg, run_one, quiet: bool) -> None:
+    """--folds K: one run per fold in RUN/fold-N/, then the mean and spread of the folds' val accuracy."""
+    from finetune.train import fold_configs, summarize_folds, validate
+
+    validate(cfg)
+    root, configs = fold_configs(cfg)
+    results = []
+    for i, fold_cfg in enumerate(configs, 1):
+        err.print(f"[bold]fold {i} of {len(configs)}[/] " + esc(str(fold_cfg.output)), highlight=False)
+        results.append(run_one(fold_cfg, None))
+    summary = summarize_folds(root, results)
+    table = Table("fold", "val images", "best epoch", "val accuracy", "model",
+                  title=f"{len(results)}-fold cross-validation", title_justify="left")
+    for f in summary["folds"]:
+        table.add_row(str(f["fold"]), str(f["val_images"]), str(f["best_epoch"]), _fmt_pct(f["val_acc"]),
+                      esc(f["model"]))
+    table.add_row("mean ± sd", str(summary["images"]), "", f"{_fmt_pct(summary['mean_val_acc'])} ± "
+                  f"{100 * summary['sd_val_acc']:.1f}", esc(str(root / "folds.json")), style="bold")
+    if not quiet:
+        err.print(table)
+        models = " ".join(f"-m {shlex.quote(f['model'])}" for f in summary["folds"])
+        err.print(esc(f"the {len(results)} fold models form an ensemble: finetune predict PHOTOS {models}"),
+                  highlight=False)
+    out.print(str(root / "folds.json"), highlight=False, soft_wrap=True)
+
+
 # ------------------------------------------------------------------------------------------------ predict
 
 
@@ -342,14 +391,22 @@ def _model_path(model: str | None) -> str:
     return model or str(latest_model())
 
 
+def _model_paths(models: list[str] | None) -> list[str]:
+    """-m given once or more (an ensemble), else the latest run's best model."""
+    return list(models) if models else [_model_path(None)]
+
+
 @app.command(epilog="Example: finetune predict photo.jpg ./more_photos 'shots/*.png' -k 2 --json")
 @_handle_errors
 def predict(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.",
                                                show_default=False)],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file. Default: the latest run's "
-                                              "best model.")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model file; repeat for an ensemble "
+                                                    "(probabilities averaged). Default: the latest run's best model.")
+                     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average the logits of each image and its "
+                                      "mirror image (two forward passes).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
@@ -362,7 +419,7 @@ def predict(
                                                   "this go to unsure/.")] = 0.0,
 ) -> None:
     """Classify images with a trained model: top-k classes with probabilities."""
-    from finetune.predict import Failure, Predictor, check_inputs, expand_inputs
+    from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor
 
     if not 0 <= min_confidence <= 1:
         raise typer.BadParameter(f"{min_confidence}: must be between 0 and 1", param_hint="--min-confidence")
@@ -374,7 +431,7 @@ def predict(
     for f in missing:
         err.print(f"[yellow]warning:[/] {esc(f.path)}: {esc(f.reason)}", highlight=False)
     check_inputs(files, missing)
-    predictor = Predictor(_model_path(model), device)
+    predictor = load_predictor(_model_paths(model), device, tta)
     results = list(predictor.predict(files, top_k, batch_size, workers))
     good = [r for r in results if not isinstance(r, Failure)]
     bad = [r for r in results if isinstance(r, Failure)] + missing
@@ -416,8 +473,9 @@ def export(
     out_path: Annotated[str, typer.Argument(metavar="OUT", help="Output file: .pt (torchvision state_dict + "
                                             "metadata), .safetensors, .pt2 (torch.export) or .onnx.",
                                             show_default=False)],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file. Default: the latest run's "
-                                              "best model.")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model file; repeat to export an ensemble "
+                                                    "as one file (same classes and preprocessing). Default: the "
+                                                    "latest run's best model.")] = None,
     check_images: Annotated[str | None, typer.Option(help="Images to verify the export on. Default: the "
                                                      "training data's val images.")] = None,
 ) -> None:
@@ -425,7 +483,7 @@ def export(
     from finetune.export import ATOL, RTOL, export_model
 
     with err.status(f"exporting {out_path}"):
-        report = export_model(_model_path(model), out_path, check_images)
+        report = export_model(_model_paths(model), out_path, check_images)
     err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max logit difference "
               f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
               f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
@@ -440,10 +498,13 @@ def export(
 def evaluate(
     data: Annotated[str, typer.Argument(help="Labelled folder: its val/ when it has train/ and val/, else every "
                                              "image of its class folders.", show_default=False)],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file. Default: the latest run's "
-                                              "best model.")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model file; repeat to evaluate an "
+                                                    "ensemble beside each of its models. Default: the latest run's "
+                                                    "best model.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The full report as JSON on stdout.")] = False,
     wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to list.")] = 10,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average the logits of each image and its "
+                                      "mirror image.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
@@ -451,7 +512,7 @@ def evaluate(
     from finetune.evaluate import evaluate_folder
 
     with err.status("evaluating"):
-        r = evaluate_folder(_model_path(model), data, device, batch_size, wrong=wrong)
+        r = evaluate_folder(_model_paths(model), data, device, batch_size, wrong=wrong, tta=tta)
     if as_json:
         sys.stdout.write(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
     low, high = r["accuracy_ci95"]
@@ -468,8 +529,19 @@ def evaluate(
     for name, row in zip(r["classes"], r["confusion_matrix"]):
         cm.add_row(esc(name), *map(str, row))
     err.print(cm)
+    if "members" in r:
+        t = Table("model", "accuracy", "95 % CI", "macro F1", "ECE", title="ensemble and its members",
+                  title_justify="left")
+        for m in r["members"]:
+            t.add_row(esc(m["model"]), _fmt_pct(m["accuracy"]), "-".join(map(_fmt_pct, m["accuracy_ci95"])),
+                      f"{m['macro_f1']:.3f}", f"{m['ece']:.3f}")
+        t.add_row(f"ensemble of {len(r['members'])}", _fmt_pct(r["accuracy"]),
+                  "-".join(map(_fmt_pct, r["accuracy_ci95"])), f"{r['macro']['f1']:.3f}",
+                  f"{r['calibration']['ece_before']:.3f}", style="bold")
+        err.print(t)
     cal = r["calibration"]
     after = (f"; {cal['ece_after']:.3f} with the model's temperature {cal['temperature']:.3g}" if cal["fitted"]
+             else " (of the averaged probabilities, each model with its own temperature)" if "members" in r
              else " (no temperature fitted: train with --calibrate)")
     err.print(f"[bold]calibration[/] expected calibration error {cal['ece_before']:.3f} raw{after}", highlight=False)
     if r["most_confident_wrong"]:
@@ -526,6 +598,100 @@ def lr_find(
                   f"train with: finetune train {shlex.quote(data)} --model {model} --optimizer {optimizer} "
                   f"--lr {result.suggestion:.2g}"), highlight=False)
     out.print(f"{result.suggestion:.3g}")
+
+
+# ------------------------------------------------------------------------------------------------ tune
+
+
+def _seconds(text: str | None) -> float | None:
+    """A time budget: 900, 900s, 15m or 2h."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise typer.BadParameter(f"{text}: give seconds or a number with s, m or h, e.g. 30m", param_hint="--budget") \
+            from None
+    if value <= 0:
+        raise typer.BadParameter(f"{text}: must be positive", param_hint="--budget")
+    return value
+
+
+@app.command(epilog="Example: finetune tune ./images --trials 30 --budget 1h --mode feature-extract")
+@_handle_errors
+def tune(
+    data: Annotated[str, typer.Argument(help="Dataset folder, as for train.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="torchvision model name, as for train.")] = "resnet18",
+    weights: Annotated[str, typer.Option(help="As for train.")] = "DEFAULT",
+    trials: Annotated[int, typer.Option(help="Trials in all: about 70 % coarse (wide ranges, --coarse-epochs), "
+                                        "then fine (ranges narrowed around the best 3, --fine-epochs).")] = 20,
+    coarse_epochs: Annotated[int, typer.Option(help="Epochs per stage-1 trial.")] = 3,
+    fine_epochs: Annotated[int, typer.Option(help="Epochs per stage-2 trial.")] = 10,
+    budget: Annotated[str | None, typer.Option(help="Time budget (900, 15m, 2h): no trial starts after it.")
+                      ] = None,
+    mode: Annotated[str, typer.Option(help="Modes to search: both, finetune or feature-extract (fast: backbone "
+                                      "features are computed once and cached).")] = "both",
+    seed: Annotated[int, typer.Option(help="Seed of the search (and of every trial's split and init).")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="As for train.")] = 0.2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", "-j", help="As for train.")] = -1,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Search folder. Default: "
+                                               "runs/tune-<date>-<time>-<model>.")] = None,
+) -> None:
+    """Random hyper-parameter search, coarse then fine; writes every trial and the best settings (best.json)."""
+    import time
+
+    from rich.live import Live
+
+    from finetune.config import TrainConfig
+    from finetune.train import RUNS_ROOT
+    from finetune.tune import MODES, Space, run_search
+
+    if mode not in ("both", *MODES):
+        raise typer.BadParameter(f"{mode}: choose both, finetune or feature-extract", param_hint="--mode")
+    root = Path(output) if output else RUNS_ROOT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{model}"
+    base = TrainConfig(data=data, model=model, weights=weights, seed=seed, val_fraction=val_fraction, device=device,
+                       workers=workers)
+    space = Space(mode=MODES if mode == "both" else (mode,))
+    rows: list = []
+
+    def table() -> Table:
+        t = Table("#", "stage", "mode", "optimizer", "lr", "wd", "dropout", "batch", "augment", "epochs",
+                  "val acc", "s", title=f"finetune tune: {esc(str(root))}", title_justify="left")
+        best = max((r.val_acc for r in rows if r.status == "ok"), default=None)
+        for r in rows:
+            p = r.params
+            acc = _fmt_pct(r.val_acc) if r.status == "ok" else ("..." if r.status == "running" else r.status)
+            t.add_row(str(r.number), str(r.stage), p["mode"], p["optimizer"], f"{p['lr']:.2g}",
+                      f"{p['weight_decay']:.1g}", f"{p['dropout']:.2f}", str(p["batch_size"]), p["augment"],
+                      str(r.epochs), acc, f"{r.seconds:.0f}",
+                      style="bold green" if r.status == "ok" and r.val_acc == best else None)
+        return t
+
+    with Live(table(), console=err, refresh_per_second=4, transient=False) as live:
+        def view(event: str, **kw) -> None:
+            if event == "trial_start":
+                rows.append(kw["trial"])
+            if event == "stage":
+                around = ", ".join(map(str, kw["around"])) or "none (no trial succeeded)"
+                live.console.print(f"[bold]stage 2[/]: ranges narrowed around trials {around}")
+            live.update(table())
+
+        result = run_search(base, root, trials, coarse_epochs, fine_epochs, _seconds(budget), seed, space, view)
+    if result.stopped_by_budget:
+        err.print(f"[yellow]time budget spent[/]: {len(result.trials)} of {trials} trials ran")
+    failed = sum(t.status != "ok" for t in result.trials)
+    if failed:
+        err.print(f"[yellow]{failed} trial(s) diverged[/] (loss NaN/inf: learning rate too high for them)")
+    if result.best is None:
+        raise FinetuneError("no trial finished: every one diverged; lower the learning rates (they are searched "
+                            "log-uniformly) or check the data with `finetune check`", exit_code=6)
+    err.print(esc(f"best: trial {result.best.number}, val accuracy {_fmt_pct(result.best.val_acc)}; all trials in "
+                  f"{root / 'trials.csv'}; reproduce with: finetune train {shlex.quote(data)} --config "
+                  f"{result.best_config}"), highlight=False)
+    out.print(str(result.best_config), highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------ check

@@ -36,6 +36,8 @@ class TrainConfig:
     backbone_lr_mult: float | None = None  # backbone lr = lr x this; None: 0.1 with --freeze-epochs, else 1
     overfit: int = 0  # sanity check: train and evaluate on this many training images; 0 = a normal run
     patience: int = 0  # early stopping: end after this many epochs without a better val accuracy; 0 = off
+    folds: int = 0  # k-fold cross-validation: 0 = off; else this run trains fold `fold` (0-based) of k
+    fold: int = 0
     calibrate: bool = False  # fit a softmax temperature on the val set after training (stored in the model)
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
 

@@ -201,6 +201,31 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int,
     return sorted(train, key=key), sorted(val, key=key)
 
 
+def stratified_folds(samples: Sequence[Sample], k: int, seed: int,
+                     groups: dict[str, str] | None = None) -> list[list[Sample]]:
+    """k disjoint folds covering every sample, each holding about 1/k of every class.
+
+    Per class, groups of identical files are shuffled (seeded) and each goes to the fold that has the
+    fewest images of that class so far, so a duplicate never sits in two folds.
+    """
+    groups = groups or {}
+    by_class: dict[int, dict[str, list[Sample]]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, {}).setdefault(groups.get(s.path, s.path), []).append(s)
+    rng = random.Random(seed)
+    folds: list[list[Sample]] = [[] for _ in range(k)]
+    for label in sorted(by_class):
+        units = [by_class[label][key] for key in sorted(by_class[label])]
+        rng.shuffle(units)
+        units.sort(key=len, reverse=True)  # big groups first: the greedy fill stays balanced (stable sort)
+        counts = [0] * k
+        for unit in units:
+            i = min(range(k), key=lambda f: (counts[f], f))
+            folds[i].extend(unit)
+            counts[i] += len(unit)
+    return [sorted(f, key=lambda s: s.path) for f in folds]
+
+
 def content_groups(paths: Sequence[str]) -> dict[str, str]:
     """path -> first path with identical bytes, for files that have a twin; only same-size files are hashed."""
     by_size: dict[int, list[str]] = {}
@@ -238,8 +263,13 @@ def _min_per_class(val_fraction: float) -> int:
     return n
 
 
-def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
-    """Read DATA as train/+val/ folders, or as class folders split into train/val (stratified)."""
+def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, folds: int = 0,
+                 fold: int = 0) -> DatasetSplit:
+    """Read DATA as train/+val/ folders, or as class folders split into train/val (stratified).
+
+    With folds=k, every image (train/ and val/ together, if both exist) is split into k stratified folds;
+    fold number `fold` (0-based) is the val set and the others train.
+    """
     root = Path(data)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder; pass a folder of class folders (DATA/<class>/*.jpg)")
@@ -249,6 +279,8 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
     subdirs = {e.name.lower(): Path(e.path) for e in os.scandir(root) if e.is_dir() and not _ignored(e.name)}
     train_dir = subdirs.get("train")
     val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if folds:
+        return _fold_split(root, train_dir, val_dir, folds, fold, seed, skipped)
     if train_dir is not None and val_dir is not None:
         classes, train = _scan(train_dir, skipped=skipped)
         _check_classes(train_dir, classes)
@@ -271,6 +303,33 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
         train, val = stratified_split(samples, val_fraction, seed, content_groups([s.path for s in samples]))
         layout = f"stratified split, {val_fraction:.0%} val (seed {seed})"
     return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root), skipped=skipped)
+
+
+def _fold_split(root: Path, train_dir: Path | None, val_dir: Path | None, k: int, fold: int, seed: int,
+                skipped: list) -> DatasetSplit:
+    if train_dir is not None and val_dir is not None:
+        classes, samples = _scan(train_dir, skipped=skipped)
+        _check_classes(train_dir, classes)
+        samples = samples + _scan(val_dir, classes, skipped)[1]
+        what = f"{train_dir.name}/ + {val_dir.name}/ pooled"
+    else:
+        source = train_dir if train_dir is not None else root
+        classes, samples = _scan(source, skipped=skipped)
+        _check_classes(root, classes)
+        what = "class folders"
+    for label, name in enumerate(classes):
+        n = sum(s.label == label for s in samples)
+        if n < k:
+            raise DatasetError(f"{root}: class {name} has {n} image(s), too few for --folds {k} (each fold needs "
+                               f"one of every class); use fewer folds or add images")
+    parts = stratified_folds(samples, k, seed, content_groups([s.path for s in samples]))
+    train = sorted((s for i, part in enumerate(parts) if i != fold for s in part), key=lambda s: s.path)
+    missing = [name for label, name in enumerate(classes) if not any(s.label == label for s in train)]
+    if missing:
+        raise DatasetError(f"{root}: class {missing[0]} has no training image in fold {fold + 1} of {k} (its images "
+                           "are copies of one file, which stay together); add distinct images or use fewer folds")
+    return DatasetSplit(classes=classes, train=train, val=parts[fold], root=str(root), skipped=skipped,
+                        layout=f"fold {fold + 1} of {k}, stratified ({what}, seed {seed})")
 
 
 # ---------------------------------------------------------------------------------------------

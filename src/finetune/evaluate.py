@@ -80,16 +80,18 @@ def labelled_samples(data: str, classes: list[str]) -> tuple[list[D.Sample], lis
     return samples, skipped, root
 
 
-def evaluate_folder(model_path: str, data: str, device: str = "auto", batch_size: int = 32, workers: int = 2,
-                    wrong: int = 10) -> dict:
-    """Run the model over a labelled folder and report metrics plus the most confidently wrong images."""
-    from finetune.predict import Failure, Predictor
+def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,
+                    workers: int = 2, wrong: int = 10, tta: bool = False) -> dict:
+    """Run the model (or an ensemble of several) over a labelled folder and report metrics plus the most
+    confidently wrong images; for an ensemble, each member's accuracy and ECE too."""
+    from finetune.predict import Failure, load_predictor
 
-    predictor = Predictor(model_path, device)
+    model_paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    predictor = load_predictor(model_paths, device, tta)
     classes = predictor.classes
     samples, skipped, root = labelled_samples(data, classes)
     label = {s.path: s.label for s in samples}
-    y_true, y_pred, mistakes, logits = [], [], [], []
+    y_true, y_pred, mistakes, logits, member_probs = [], [], [], [], []
     for r in predictor.predict([s.path for s in samples], top_k=len(classes), batch_size=batch_size,
                                workers=workers):
         if isinstance(r, Failure):
@@ -100,6 +102,8 @@ def evaluate_folder(model_path: str, data: str, device: str = "auto", batch_size
         y_true.append(true)
         y_pred.append(pred)
         logits.append(r.logits)
+        if r.members is not None:
+            member_probs.append(r.members)
         if pred != true:
             mistakes.append({"path": os.path.relpath(r.path, root), "true": classes[true], "predicted": pred_name,
                              "probability": prob})
@@ -110,11 +114,32 @@ def evaluate_folder(model_path: str, data: str, device: str = "auto", batch_size
 
     report["calibration"] = calibration_summary(logits, y_true, predictor.temperature) | {
         "fitted": predictor.temperature != 1.0}
+    if member_probs:
+        report["members"] = _members(model_paths, member_probs, y_true, classes)
     report.update({
-        "model": str(model_path),
+        "model": model_paths[0] if len(model_paths) == 1 else model_paths,
+        "tta": tta,
         "data": root,
         "classes": classes,
         "most_confident_wrong": sorted(mistakes, key=lambda m: -m["probability"])[:wrong],
         "skipped": [{"path": os.path.relpath(p, root), "reason": why} for p, why in skipped],
     })
     return report
+
+
+def _members(model_paths: list[str], member_probs: list[list[list[float]]], y_true: list[int],
+             classes: list[str]) -> list[dict]:
+    """Each ensemble member alone, on the same images: accuracy with its interval, macro F1 and ECE."""
+    import torch
+
+    from finetune.calibrate import expected_calibration_error
+
+    probs = torch.tensor(member_probs, dtype=torch.float64)  # images x members x classes
+    out = []
+    for i, path in enumerate(model_paths):
+        p = probs[:, i]
+        r = classification_report(y_true, p.argmax(1).tolist(), classes)
+        out.append({"model": str(path), "accuracy": r["accuracy"], "accuracy_ci95": r["accuracy_ci95"],
+                    "correct": r["correct"], "macro_f1": r["macro"]["f1"],
+                    "ece": expected_calibration_error(p, y_true)})
+    return out

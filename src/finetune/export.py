@@ -35,6 +35,15 @@ class ExportReport:
 
 def metadata(meta: dict) -> dict:
     """What every exported file carries: enough to use it without finetune."""
+    if "members" in meta:  # an ensemble: the members' architectures, and what the output is
+        return _metadata(meta) | {
+            "members": meta["members"],
+            "output": "log of the mean of the members' softmax(logits / temperature): softmax of it gives the "
+                      "ensemble's probabilities (its own temperature is 1)"}
+    return _metadata(meta)
+
+
+def _metadata(meta: dict) -> dict:
     return {
         "format": EXPORT_FORMAT,
         "format_version": 1,
@@ -66,7 +75,9 @@ def _check_inputs(meta: dict, images: str | None):
         paths = []
         if root and os.path.isdir(root):
             try:
-                split = D.find_dataset(root, meta["config"].get("val_fraction", 0.2), meta["config"].get("seed", 0))
+                c = meta["config"]
+                split = D.find_dataset(root, c.get("val_fraction", 0.2), c.get("seed", 0), c.get("folds", 0),
+                                       c.get("fold", 0))
                 paths = [s.path for s in split.val] or [s.path for s in split.train]
             except FinetuneError:
                 paths = []
@@ -87,8 +98,50 @@ def _check_inputs(meta: dict, images: str | None):
     return torch.stack(batch), source
 
 
-def export_model(model_path: str | os.PathLike, out: str | os.PathLike, check_images: str | None = None) -> ExportReport:
-    """Write model_path's model to out (format from the suffix), verify it, return the report."""
+def _ensemble_module(models: list, temperatures: list[float]):
+    """One module for several models: log of the mean of their softmax(logits / T) (softmax of it gives the
+    averaged probabilities). Traceable, so .pt2 and .onnx hold the whole ensemble."""
+    import torch
+
+    class Ensemble(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = torch.nn.ModuleList(models)
+            self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+
+        def forward(self, x):
+            probs = [torch.softmax(m(x) / self.temperatures[i], dim=1) for i, m in enumerate(self.members)]
+            return torch.log(torch.stack(probs).mean(0).clamp_min(1e-12))
+
+    return Ensemble().eval()
+
+
+def _load_ensemble(model_paths: list) -> tuple:
+    """(module, meta) for several model files of the same classes and preprocessing."""
+    loaded = [model_from_file(p) for p in model_paths]
+    first = loaded[0][1]
+    for path, (_, meta) in zip(model_paths[1:], loaded[1:]):
+        if meta["classes"] != first["classes"]:
+            raise FinetuneError(f"{path}: its classes {meta['classes']} are not those of {model_paths[0]} "
+                                f"{first['classes']}; an ensemble needs models of the same classes", exit_code=2)
+        if meta["preprocessing"] != first["preprocessing"]:
+            raise FinetuneError(f"{path}: its preprocessing {meta['preprocessing']} differs from {model_paths[0]}'s "
+                                f"{first['preprocessing']}; one exported file takes one input, so export models "
+                                "with the same preprocessing (or predict with several -m instead)", exit_code=2)
+    temperatures = [float(m.get("temperature", 1.0)) for _, m in loaded]
+    module = _ensemble_module([m for m, _ in loaded], temperatures)
+    meta = {**first, "arch": "ensemble", "base_weights": None, "metrics": {}, "temperature": 1.0,
+            "state_dict": {f"members.{i}.{k}": v for i, (_, m) in enumerate(loaded) for k, v in m["state_dict"].items()},
+            "members": [{"arch": m["arch"], "base_weights": m.get("base_weights"), "temperature": t,
+                         "metrics": m.get("metrics", {}), "source": os.path.basename(str(p))}
+                        for p, (_, m), t in zip(model_paths, loaded, temperatures)]}
+    return module, meta
+
+
+def export_model(model_path: str | os.PathLike | list, out: str | os.PathLike,
+                 check_images: str | None = None) -> ExportReport:
+    """Write model_path's model (or an ensemble of several files) to out (format from the suffix), verify it,
+    return the report."""
     import torch
 
     t0 = time.perf_counter()
@@ -97,7 +150,8 @@ def export_model(model_path: str | os.PathLike, out: str | os.PathLike, check_im
     if fmt not in FORMATS:
         raise FinetuneError(f"{out}: unknown export format '{out.suffix}'; use one of {', '.join(FORMATS)}",
                             exit_code=2)
-    model, meta = model_from_file(model_path)
+    paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    model, meta = model_from_file(paths[0]) if len(paths) == 1 else _load_ensemble(paths)
     x, source = _check_inputs(meta, check_images)
     with torch.inference_mode():
         expected = model(x)
@@ -145,13 +199,29 @@ def _write_pt(model, meta, info, x, tmp):
 def _run_pt(path, x):
     """Load exactly as README tells users to: torch.load(weights_only=True) + torchvision.get_model."""
     import torch
-    import torchvision
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    m = torchvision.models.get_model(ckpt["arch"], num_classes=len(ckpt["classes"]))
-    m.load_state_dict(ckpt["state_dict"])
+    return _run_state(ckpt, ckpt["state_dict"], x)
+
+
+def _run_state(info: dict, state: dict, x):
+    """Build the torchvision model(s) named in the metadata from a plain state_dict, as README shows."""
+    import torch
+    import torchvision
+
+    n = len(info["classes"])
     with torch.inference_mode():
-        return m.eval()(x)
+        if "members" not in info:
+            m = torchvision.models.get_model(info["arch"], num_classes=n)
+            m.load_state_dict(state)
+            return m.eval()(x)
+        probs = []
+        for i, member in enumerate(info["members"]):
+            m = torchvision.models.get_model(member["arch"], num_classes=n)
+            prefix = f"members.{i}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            probs.append(torch.softmax(m.eval()(x) / member["temperature"], dim=1))
+        return torch.log(torch.stack(probs).mean(0).clamp_min(1e-12))
 
 
 # --- .safetensors: raw tensors + JSON metadata; runs no code on load --------------------------------
@@ -164,17 +234,12 @@ def _write_safetensors(model, meta, info, x, tmp):
 
 
 def _run_safetensors(path, x):
-    import torch
-    import torchvision
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
         info = json.loads(f.metadata()["finetune"])
-    m = torchvision.models.get_model(info["arch"], num_classes=len(info["classes"]))
-    m.load_state_dict(load_file(str(path)))
-    with torch.inference_mode():
-        return m.eval()(x)
+    return _run_state(info, load_file(str(path)), x)
 
 
 # --- .pt2: torch.export program, batch size dynamic --------------------------------------------------

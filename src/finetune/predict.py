@@ -18,6 +18,7 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class, probability), best first
     logits: list[float] | None = None  # raw, in the model's class order (before any temperature)
+    members: list[list[float]] | None = None  # an ensemble's: each member's probabilities, in class order
 
 
 @dataclass
@@ -53,7 +54,7 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
 class Predictor:
     """A loaded model plus its own preprocessing, ready to classify images."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto"):
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto", tta: bool = False):
         from finetune.checkpoint import model_from_file
         from finetune.devices import resolve_device
 
@@ -63,6 +64,7 @@ class Predictor:
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.temperature = float(meta.get("temperature", 1.0))  # fitted by train --calibrate; 1.0 otherwise
+        self.tta = tta  # test-time augmentation: logits averaged over the image and its mirror image
         self.transform = D.eval_transform(meta["preprocessing"])
         self.short_side = meta["preprocessing"]["resize_size"]
 
@@ -70,11 +72,15 @@ class Predictor:
         return self.transform(D.decode_to_tensor(path, self.short_side))
 
     def logits(self, batch):
-        """Raw logits for a preprocessed batch."""
+        """Raw logits for a preprocessed batch (with --tta, the mean of the batch's and its mirror's)."""
         import torch
 
         with torch.inference_mode():
-            return self.model(batch.to(self.device)).float().cpu()
+            x = batch.to(self.device)
+            out = self.model(x).float()
+            if self.tta:
+                out = (out + self.model(x.flip(-1)).float()) / 2
+            return out.cpu()
 
     def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32,
                 workers: int = 2) -> Iterator[Prediction | Failure]:
@@ -104,6 +110,53 @@ class Predictor:
                         raw[path] = z
                 for path, _, err in chunk:
                     yield Prediction(path, probs[path], raw[path]) if err is None else Failure(path, err)
+
+
+class Ensemble:
+    """Several models trained on the same classes; their probabilities (each model with its own
+    preprocessing and temperature) are averaged. Same interface as Predictor."""
+
+    def __init__(self, model_paths: Sequence[str | os.PathLike], device: str = "auto", tta: bool = False):
+        self.members = [Predictor(p, device, tta) for p in model_paths]
+        self.paths = [str(p) for p in model_paths]
+        self.classes = self.members[0].classes
+        for path, member in zip(self.paths[1:], self.members[1:]):
+            if member.classes != self.classes:
+                raise FinetuneError(f"{path}: its classes {member.classes} are not those of {self.paths[0]} "
+                                    f"{self.classes}; an ensemble needs models of the same classes, in the same "
+                                    "order", exit_code=2)
+        self.temperature = 1.0  # each member applies its own; Prediction.logits are log mean probabilities
+
+    def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32,
+                workers: int = 2) -> Iterator[Prediction | Failure]:
+        """Yield a Prediction (mean probabilities; members' probabilities attached) or a Failure per path."""
+        import torch
+
+        n, k = len(self.classes), max(1, min(top_k, len(self.classes)))
+        step = batch_size * 8  # members take turns over chunks: memory stays bounded on any folder size
+        for start in range(0, len(paths), step):
+            chunk = list(paths[start:start + step])
+            runs = [{r.path: r for r in m.predict(chunk, n, batch_size, workers)} for m in self.members]
+            for path in chunk:
+                results = [run[path] for run in runs]
+                failed = next((r for r in results if isinstance(r, Failure)), None)
+                if failed is not None:
+                    yield failed
+                    continue
+                member_probs = [(torch.tensor(r.logits) / m.temperature).softmax(0) for r, m in
+                                zip(results, self.members)]
+                mean = torch.stack(member_probs).mean(0)
+                values, indices = mean.topk(k)
+                yield Prediction(path, [(self.classes[j], float(v)) for v, j in zip(values.tolist(), indices.tolist())],
+                                 mean.clamp_min(1e-12).log().tolist(), [p.tolist() for p in member_probs])
+
+
+def load_predictor(model_paths: Sequence[str | os.PathLike], device: str = "auto",
+                   tta: bool = False) -> Predictor | Ensemble:
+    """One model file: a Predictor; several: an Ensemble averaging their probabilities."""
+    if len(model_paths) == 1:
+        return Predictor(model_paths[0], device, tta)
+    return Ensemble(model_paths, device, tta)
 
 
 def check_inputs(paths: list[str], missing: list[Failure]) -> None:

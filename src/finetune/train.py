@@ -78,6 +78,10 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--patience {cfg.patience}: must be 0 (off) or more")
     if cfg.train_size and cfg.train_size < 32:
         bad(f"--train-size {cfg.train_size}: must be 0 (automatic) or at least 32 pixels, e.g. 224")
+    if cfg.folds == 1 or cfg.folds < 0:
+        bad(f"--folds {cfg.folds}: must be 0 (off) or at least 2, e.g. 5")
+    if cfg.folds and not 0 <= cfg.fold < cfg.folds:
+        bad(f"fold {cfg.fold}: must be between 0 and {cfg.folds - 1}")
     if cfg.max_pixels < 1:
         bad(f"--max-pixels {cfg.max_pixels}: must be at least 1")
     if not 0 < cfg.val_fraction < 1:
@@ -87,6 +91,30 @@ def validate(cfg: TrainConfig) -> None:
         if value not in choices:
             bad(f"{opt} {value}: choose one of {', '.join(choices)}")
     M.check_model_name(cfg.model)
+
+
+def fold_configs(cfg: TrainConfig) -> tuple[Path, list[TrainConfig]]:
+    """--folds K: the cross-validation folder and one config per fold, writing into FOLDER/fold-N/."""
+    root = new_run_dir(cfg)
+    return root, [dataclasses.replace(cfg, fold=i, output=str(root / f"fold-{i + 1}")) for i in range(cfg.folds)]
+
+
+def summarize_folds(root: Path, results: list) -> dict:
+    """Per-fold best val accuracy, their mean and sample standard deviation; written to ROOT/folds.json."""
+    import statistics
+
+    accs = [r.best_val_acc for r in results]
+    folds = [{"fold": i, "model": str(r.model_path), "best_epoch": r.best_epoch, "val_acc": r.best_val_acc,
+              "val_loss": r.best_val_loss, "val_images": _val_images(r.run_dir)} for i, r in enumerate(results, 1)]
+    summary = {"folds": folds, "mean_val_acc": statistics.mean(accs),
+               "sd_val_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "images": sum(f["val_images"] for f in folds), "seconds": sum(r.seconds for r in results)}
+    write_text_atomic(root / "folds.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _val_images(run_dir: Path) -> int:
+    return json.loads((Path(run_dir) / "config.json").read_text())["val_images"]
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -482,8 +510,7 @@ def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: E
     cfg = trainer.cfg
     views = 1 if cfg.augment == "none" else min(F.FEATURE_VIEWS, cfg.epochs)
     key = F.feature_key(cfg.model, choice.label, choice.path, pre | {"train_size": train_size}, cfg.augment, views,
-                        cfg.seed,
-                        [s.path for s in split.train + split.val])
+                        cfg.seed, [s.path for s in split.train + split.val])
     hit = F.load(key)
     if hit is not None:
         _drop(split, [tuple(x) for x in hit["skipped"]], emit, cfg.strict)
@@ -598,7 +625,7 @@ def prepare(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
 
-    split = D.find_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    split = D.find_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
     if cfg.overfit:
         split = overfit_split(split, cfg.overfit, cfg.seed)
     if resume is not None and resume["classes"] != split.classes:
