@@ -680,6 +680,8 @@ def tune(
             live.update(table())
 
         result = run_search(base, root, trials, coarse_epochs, fine_epochs, _seconds(budget), seed, space, view)
+    if not err.is_terminal:
+        err.print()  # Live leaves its last frame without a line end when stderr is a file or pipe
     if result.stopped_by_budget:
         err.print(f"[yellow]time budget spent[/]: {len(result.trials)} of {trials} trials ran")
     failed = sum(t.status != "ok" for t in result.trials)
