@@ -126,3 +126,18 @@ def test_ensemble_export_refuses_other_preprocessing(trained_model, tmp_path):
     with pytest.raises(FinetuneError, match="preprocessing .* differs") as e:
         E.export_model([trained_model, other], tmp_path / "e.pt")
     assert e.value.exit_code == 2 and not (tmp_path / "e.pt").exists()
+
+
+def test_members_with_other_preprocessing_each_decode_their_own_way(trained_model, second_model, tiny_data,
+                                                                    tmp_path):
+    from finetune.checkpoint import load_model_file
+
+    other = tmp_path / "resize232.pt"
+    shutil.copy(second_model, other)
+    update_model_file(other, preprocessing=dict(load_model_file(other)["preprocessing"], resize_size=232))
+    images = [str(p) for p in sorted((tiny_data / "val").rglob("*.jpg"))]
+    a, b = Predictor(trained_model, "cpu"), Predictor(other, "cpu")
+    ensemble = Ensemble([trained_model, other], "cpu")
+    for pa, pb, pe in zip(a.predict(images, 2), b.predict(images, 2), ensemble.predict(images, 2)):
+        expected = (_probs(pa, ensemble.classes) + _probs(pb, ensemble.classes)) / 2
+        assert torch.allclose(_probs(pe, ensemble.classes), expected, atol=1e-6)

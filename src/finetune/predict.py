@@ -82,12 +82,10 @@ class Predictor:
                 out = (out + self.model(x.flip(-1)).float()) / 2
             return out.cpu()
 
-    def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32,
-                workers: int = 2) -> Iterator[Prediction | Failure]:
-        """Yield a Prediction or a Failure per path, in order; decoding runs in threads ahead of the model."""
+    def batches(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2):
+        """Preprocessed batches, in order: ([(path, failure reason or None)], stacked good images or None);
+        decoding runs in threads ahead of the model."""
         import torch
-
-        k = max(1, min(top_k, len(self.classes)))
 
         def load(path):
             try:
@@ -98,18 +96,27 @@ class Predictor:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for start in range(0, len(paths), batch_size):
                 chunk = list(pool.map(load, paths[start:start + batch_size]))
-                good = [(p, x) for p, x, err in chunk if err is None]
-                probs, raw = {}, {}
-                if good:
-                    batch = torch.stack([x for _, x in good])
-                    logits = self.logits(batch)
-                    p = torch.softmax(logits / self.temperature, dim=1)
-                    values, indices = p.topk(k, dim=1)
-                    for (path, _), v, i, z in zip(good, values.tolist(), indices.tolist(), logits.tolist()):
-                        probs[path] = [(self.classes[j], float(pv)) for pv, j in zip(v, i)]
-                        raw[path] = z
-                for path, _, err in chunk:
-                    yield Prediction(path, probs[path], raw[path]) if err is None else Failure(path, err)
+                good = [x for _, x, err in chunk if err is None]
+                yield [(path, err) for path, _, err in chunk], torch.stack(good) if good else None
+
+    def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32,
+                workers: int = 2) -> Iterator[Prediction | Failure]:
+        """Yield a Prediction or a Failure per path, in order."""
+        k = max(1, min(top_k, len(self.classes)))
+        for chunk, batch in self.batches(paths, batch_size, workers):
+            logits = self.logits(batch) if batch is not None else None
+            good = iter(range(len(batch) if batch is not None else 0))
+            for path, err in chunk:
+                if err is not None:
+                    yield Failure(path, err)
+                    continue
+                z = logits[next(good)]
+                yield Prediction(path, _top((z / self.temperature).softmax(0), self.classes, k), z.tolist())
+
+
+def _top(probs, classes: list[str], k: int) -> list[tuple[str, float]]:
+    values, indices = probs.topk(k)
+    return [(classes[j], float(v)) for v, j in zip(values.tolist(), indices.tolist())]
 
 
 class Ensemble:
@@ -132,8 +139,18 @@ class Ensemble:
         """Yield a Prediction (mean probabilities; members' probabilities attached) or a Failure per path."""
         import torch
 
-        n, k = len(self.classes), max(1, min(top_k, len(self.classes)))
+        k = max(1, min(top_k, len(self.classes)))
+        if all(m.meta["preprocessing"] == self.members[0].meta["preprocessing"] for m in self.members):
+            # One preprocessing: decode each image once and run every member on the same batch.
+            for chunk, batch in self.members[0].batches(paths, batch_size, workers):
+                probs = torch.stack([(m.logits(batch) / m.temperature).softmax(1) for m in self.members],
+                                    dim=1) if batch is not None else None  # images x members x classes
+                good = iter(range(len(batch) if batch is not None else 0))
+                for path, err in chunk:
+                    yield Failure(path, err) if err is not None else self._combine(path, probs[next(good)], k)
+            return
         step = batch_size * 8  # members take turns over chunks: memory stays bounded on any folder size
+        n = len(self.classes)
         for start in range(0, len(paths), step):
             chunk = list(paths[start:start + step])
             runs = [{r.path: r for r in m.predict(chunk, n, batch_size, workers)} for m in self.members]
@@ -143,12 +160,14 @@ class Ensemble:
                 if failed is not None:
                     yield failed
                     continue
-                member_probs = [(torch.tensor(r.logits) / m.temperature).softmax(0) for r, m in
-                                zip(results, self.members)]
-                mean = torch.stack(member_probs).mean(0)
-                values, indices = mean.topk(k)
-                yield Prediction(path, [(self.classes[j], float(v)) for v, j in zip(values.tolist(), indices.tolist())],
-                                 mean.clamp_min(1e-12).log().tolist(), [p.tolist() for p in member_probs])
+                yield self._combine(path, torch.stack([(torch.tensor(r.logits) / m.temperature).softmax(0)
+                                                       for r, m in zip(results, self.members)]), k)
+
+    def _combine(self, path: str, member_probs, k: int) -> Prediction:
+        """member_probs: members x classes. The mean, its log as the logits, and each member's probabilities."""
+        mean = member_probs.mean(0)
+        return Prediction(path, _top(mean, self.classes, k), mean.clamp_min(1e-12).log().tolist(),
+                          member_probs.tolist())
 
 
 def load_predictor(model_paths: Sequence[str | os.PathLike], device: str = "auto",
