@@ -71,13 +71,15 @@ def fit_temperature(logits, labels) -> float:
 
 
 def calibration_summary(logits, labels, temperature: float) -> dict:
-    """ECE and NLL with the raw logits and with logits / temperature."""
+    """ECE, NLL and reliability bins with the raw logits and with logits / temperature."""
     import torch
 
     logits = torch.as_tensor(logits, dtype=torch.float64)
     labels = torch.as_tensor(labels)
     nll = torch.nn.functional.cross_entropy
+    before, after = logits.softmax(1), (logits / temperature).softmax(1)
     return {"temperature": temperature, "images": len(labels),
-            "ece_before": expected_calibration_error(logits.softmax(1), labels),
-            "ece_after": expected_calibration_error((logits / temperature).softmax(1), labels),
-            "nll_before": float(nll(logits, labels)), "nll_after": float(nll(logits / temperature, labels))}
+            "ece_before": expected_calibration_error(before, labels),
+            "ece_after": expected_calibration_error(after, labels),
+            "nll_before": float(nll(logits, labels)), "nll_after": float(nll(logits / temperature, labels)),
+            "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)}

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.errors import ModelFileError, ResourceError
+from finetune.errors import FinetuneError, ModelFileError, ResourceError
 
 FORMAT = "finetune-model"
 FORMAT_VERSION = 1
@@ -156,3 +156,18 @@ def model_from_file(path: str | os.PathLike):
     except RuntimeError as e:
         raise ModelFileError(f"{path}: weights do not match {meta['arch']} ({str(e).splitlines()[0][:160]})") from None
     return model.eval(), meta
+
+
+def check_ensemble(paths: list, metas: list[dict], same_preprocessing: bool = False) -> None:
+    """Models can form an ensemble: the same classes in the same order (and, for one exported file that
+    takes one input, the same preprocessing). Exit 2 naming the first file that differs."""
+    first = metas[0]
+    for path, meta in zip(paths[1:], metas[1:]):
+        if meta["classes"] != first["classes"]:
+            raise FinetuneError(f"{path}: its classes {meta['classes']} are not those of {paths[0]} "
+                                f"{first['classes']}; an ensemble needs models of the same classes, in the same "
+                                "order", exit_code=2)
+        if same_preprocessing and meta["preprocessing"] != first["preprocessing"]:
+            raise FinetuneError(f"{path}: its preprocessing {meta['preprocessing']} differs from {paths[0]}'s "
+                                f"{first['preprocessing']}; one exported file takes one input, so export models "
+                                "with the same preprocessing (or predict with several -m instead)", exit_code=2)

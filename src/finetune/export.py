@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as D
-from finetune.checkpoint import atomic_write, model_from_file, versions
+from finetune.checkpoint import atomic_write, check_ensemble, model_from_file, versions
 from finetune.errors import FinetuneError
 
 FORMATS = (".pt", ".safetensors", ".pt2", ".onnx")
@@ -119,19 +119,13 @@ def _ensemble_module(models: list, temperatures: list[float]):
 def _load_ensemble(model_paths: list) -> tuple:
     """(module, meta) for several model files of the same classes and preprocessing."""
     loaded = [model_from_file(p) for p in model_paths]
+    check_ensemble(model_paths, [m for _, m in loaded], same_preprocessing=True)
     first = loaded[0][1]
-    for path, (_, meta) in zip(model_paths[1:], loaded[1:]):
-        if meta["classes"] != first["classes"]:
-            raise FinetuneError(f"{path}: its classes {meta['classes']} are not those of {model_paths[0]} "
-                                f"{first['classes']}; an ensemble needs models of the same classes", exit_code=2)
-        if meta["preprocessing"] != first["preprocessing"]:
-            raise FinetuneError(f"{path}: its preprocessing {meta['preprocessing']} differs from {model_paths[0]}'s "
-                                f"{first['preprocessing']}; one exported file takes one input, so export models "
-                                "with the same preprocessing (or predict with several -m instead)", exit_code=2)
     temperatures = [float(m.get("temperature", 1.0)) for _, m in loaded]
     module = _ensemble_module([m for m, _ in loaded], temperatures)
     meta = {**first, "arch": "ensemble", "base_weights": None, "metrics": {}, "temperature": 1.0,
-            "state_dict": {f"members.{i}.{k}": v for i, (_, m) in enumerate(loaded) for k, v in m["state_dict"].items()},
+            "state_dict": {f"members.{i}.{k}": v for i, (_, m) in enumerate(loaded)
+                           for k, v in m["state_dict"].items()},
             "members": [{"arch": m["arch"], "base_weights": m.get("base_weights"), "temperature": t,
                          "metrics": m.get("metrics", {}), "source": os.path.basename(str(p))}
                         for p, (_, m), t in zip(model_paths, loaded, temperatures)]}

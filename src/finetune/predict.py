@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as D
+from finetune.checkpoint import check_ensemble
 from finetune.errors import FinetuneError
 
 
@@ -126,12 +127,8 @@ class Ensemble:
     def __init__(self, model_paths: Sequence[str | os.PathLike], device: str = "auto", tta: bool = False):
         self.members = [Predictor(p, device, tta) for p in model_paths]
         self.paths = [str(p) for p in model_paths]
+        check_ensemble(self.paths, [m.meta for m in self.members])
         self.classes = self.members[0].classes
-        for path, member in zip(self.paths[1:], self.members[1:]):
-            if member.classes != self.classes:
-                raise FinetuneError(f"{path}: its classes {member.classes} are not those of {self.paths[0]} "
-                                    f"{self.classes}; an ensemble needs models of the same classes, in the same "
-                                    "order", exit_code=2)
         self.temperature = 1.0  # each member applies its own; Prediction.logits are log mean probabilities
 
     def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32,

@@ -772,8 +772,6 @@ def _calibration(cfg: TrainConfig, logits, labels: list[int], model_path: Path, 
 
     temperature = C.fit_temperature(logits, labels) if cfg.calibrate else 1.0
     out = C.calibration_summary(logits, labels, temperature) | {"fitted": cfg.calibrate}
-    out["bins_before"] = C.reliability_bins(logits.double().softmax(1), labels)
-    out["bins_after"] = C.reliability_bins((logits.double() / temperature).softmax(1), labels)
     if cfg.calibrate:
         update_model_file(model_path, temperature=temperature)
         emit("calibrated", temperature=temperature, ece_before=out["ece_before"], ece_after=out["ece_after"],
