@@ -60,9 +60,11 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FinetuneError as e:
+            if getattr(e, "echo", False):  # raised by every process of a distributed run; rank 0 printed it
+                raise typer.Exit(e.exit_code) from None
             if _state["debug"]:
                 err.print_exception()
-            err.print(f"[bold red]error:[/] {esc(str(e))}", highlight=False)
+            err.print(f"[bold red]error:[/] {_rank_prefix()}{esc(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -81,6 +83,12 @@ def _handle_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _rank_prefix() -> str:
+    """'rank N: ' in the processes of a distributed run other than rank 0 (without importing torch)."""
+    rank = os.environ.get("RANK", "0")
+    return f"rank {esc(rank)}: " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""
 
 
 def _fmt_pct(x: float) -> str:
@@ -119,12 +127,13 @@ class _TrainView:
     def __call__(self, event: str, **kw) -> None:
         getattr(self, "on_" + event, lambda **_: None)(**kw)
 
-    def on_dataset(self, split, device, weights):
+    def on_dataset(self, split, device, weights, processes=1):
         counts = split.counts()
         per_class = ", ".join(f"{esc(c)} {counts['train'][c]}/{counts['val'][c]}" for c in split.classes)
         self.log(f"[bold]data[/] {esc(split.root)}: {len(split.classes)} classes, {len(split.train)} train / "
                  f"{len(split.val)} val images ({split.layout}); per class train/val: {per_class}")
-        self.log(f"[bold]device[/] {device}   [bold]weights[/] {weights}")
+        ddp = f" x {processes} processes (DistributedDataParallel)" if processes > 1 else ""
+        self.log(f"[bold]device[/] {device}{ddp}   [bold]weights[/] {weights}")
         train = counts["train"].values()
         if min(train) and max(train) / min(train) >= 1.5:
             self.log(f"[yellow]warning:[/] imbalanced classes: the largest has {max(train) / min(train):.1f}x the "
@@ -262,10 +271,18 @@ def train(
                              ] = False,
     config: Annotated[str | None, typer.Option(help="Settings from a best.json written by `finetune tune`; "
                                                "options given on the command line override them.")] = None,
+    gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (DistributedDataParallel, "
+                                      "launched through torchrun); -b is per GPU. With --device cpu: that many CPU "
+                                      "processes, to try the setup. For several machines, see README.")] = 1,
+    sync_bn: Annotated[bool, typer.Option(help="With several GPUs: BatchNorm statistics over all GPUs' images "
+                                          "(SyncBatchNorm) rather than each GPU's share.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
     import signal
+
+    if gpus != 1:
+        raise typer.Exit(_launch(ctx, gpus, device))
 
     from finetune.config import TrainConfig
     from finetune.resume import STATE_FILE, Interrupted, resume_config
@@ -277,7 +294,7 @@ def train(
                       device=device, amp=amp, channels_last=channels_last, output=output, strict=strict,
                       max_pixels=max_pixels, deterministic=deterministic, patience=patience, balance=balance,
                       freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult, overfit=overfit,
-                      calibrate=calibrate, folds=folds)
+                      calibrate=calibrate, folds=folds, sync_bn=sync_bn)
     if config:
         import dataclasses
 
@@ -293,16 +310,21 @@ def train(
         from finetune.train import overfit_config
 
         cfg = overfit_config(cfg)
+    from finetune import distributed
+
+    world = distributed.init(cfg.device)
+    quiet = quiet or not world.main
     state = None
-    if resume:
-        cfg, state = resume_config(resume, data, model)
+    if resume:  # read by rank 0 (other machines may not share its disk) and handed to all
+        cfg, state = distributed.on_main(lambda: resume_config(resume, data, model))
     requested = {"signal": 0}
 
     def on_signal(signum, frame):
         if requested["signal"]:  # a second Ctrl-C: stop now (atomic writes leave no partial file)
             raise Interrupted(signum)
         requested["signal"] = signum
-        err.print("[yellow]stopping after this step (again to stop at once)[/]")
+        if world.main:
+            err.print("[yellow]stopping after this step (again to stop at once)[/]")
 
     def run_one(cfg, state):
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -310,11 +332,15 @@ def train(
             with _TrainView(quiet) as view:
                 return run_training(cfg, view, stop=lambda: requested["signal"], resume=state)
         except Interrupted as e:
+            if not world.main:
+                raise typer.Exit(e.exit_code) from None
             run = e.run_dir
             if run is not None and (run / STATE_FILE).is_file():
                 err.print("[yellow]interrupted[/]: " + esc(f"best model so far in {run / 'best.pt'}; resume with: "
                           f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
-                          + (f" --model {model}" if model != "resnet18" else "")), highlight=False)
+                          + (f" --model {model}" if model != "resnet18" else "")
+                          + (" (with --gpus N or under torchrun again, any number of processes)"
+                             if world.distributed else "")), highlight=False)
             else:
                 err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
             raise typer.Exit(e.exit_code) from None
@@ -323,9 +349,11 @@ def train(
                 signal.signal(sig, handler)
 
     if cfg.folds and state is None:
-        _cross_validate(cfg, run_one, quiet)
+        _cross_validate(cfg, run_one, quiet, world.main)
         return
     result = run_one(cfg, state)
+    if not world.main:
+        return
     if not quiet:
         table = Table(title="finetune train", show_header=False, title_justify="left")
         best = result.history[result.best_epoch - 1]
@@ -356,16 +384,20 @@ def train(
     out.print(str(result.model_path), highlight=False, soft_wrap=True)
 
 
-def _cross_validate(cfg, run_one, quiet: bool) -> None:
+def _cross_validate(cfg, run_one, quiet: bool, main: bool) -> None:
     """--folds K: one run per fold in RUN/fold-N/, then the mean and spread of the folds' val accuracy."""
+    from finetune.distributed import on_main
     from finetune.train import fold_configs, summarize_folds, validate
 
     validate(cfg)
-    root, configs = fold_configs(cfg)
+    root, configs = on_main(lambda: fold_configs(cfg))  # one timestamped folder for all processes
     results = []
     for i, fold_cfg in enumerate(configs, 1):
-        err.print(f"[bold]fold {i} of {len(configs)}[/] " + esc(str(fold_cfg.output)), highlight=False)
+        if main:
+            err.print(f"[bold]fold {i} of {len(configs)}[/] " + esc(str(fold_cfg.output)), highlight=False)
         results.append(run_one(fold_cfg, None))
+    if not main:
+        return
     summary = summarize_folds(root, results)
     table = Table("fold", "val images", "best epoch", "val accuracy", "model",
                   title=f"{len(results)}-fold cross-validation", title_justify="left")
@@ -380,6 +412,44 @@ def _cross_validate(cfg, run_one, quiet: bool) -> None:
         err.print(esc(f"the {len(results)} fold models form an ensemble: finetune predict PHOTOS {models}"),
                   highlight=False)
     out.print(str(root / "folds.json"), highlight=False, soft_wrap=True)
+
+
+def _launch(ctx: typer.Context, gpus: int, device: str) -> int:
+    """--gpus N: this same command in N processes under torchrun (standalone, this machine); its exit code."""
+    import torch
+
+    if gpus < 1:
+        raise typer.BadParameter(f"{gpus}: must be at least 1", param_hint="--gpus")
+    if "WORLD_SIZE" in os.environ:
+        raise typer.BadParameter("already running under torchrun; leave --gpus out (torchrun's --nproc-per-node "
+                                 "sets the number of processes)", param_hint="--gpus")
+    on_cpu = device.strip().lower() == "cpu"
+    if not on_cpu and torch.cuda.device_count() < gpus:
+        raise typer.BadParameter(f"{gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at "
+                                 f"most that many (or --device cpu for {gpus} CPU processes)", param_hint="--gpus")
+    from finetune.distributed import launch
+
+    return launch([*(["--debug"] if _state["debug"] else []), "train", *_command_line(ctx, skip={"gpus"})], gpus)
+
+
+def _command_line(ctx: typer.Context, skip: set[str]) -> list[str]:
+    """The options and arguments given to this command, as a command line (without those named in skip)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        source = ctx.get_parameter_source(param.name)
+        if param.name in skip or source is None or source.name == "DEFAULT":
+            continue
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif param.is_flag and param.secondary_opts:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            if value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ predict

@@ -40,6 +40,7 @@ class TrainConfig:
     fold: int = 0
     calibrate: bool = False  # fit a softmax temperature on the val set after training (stored in the model)
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
+    sync_bn: bool = False  # several GPU processes: BatchNorm statistics over the global batch, not each GPU's share
 
     def to_dict(self) -> dict:
         """Plain-types view, safe to store inside a model file."""
@@ -51,10 +52,11 @@ class TrainConfig:
             return self.backbone_lr_mult
         return 0.1 if self.freeze_epochs else 1.0
 
-    def base_lr(self) -> float:
-        """The learning rate actually used: explicit, or a default linearly scaled to batch size."""
+    def base_lr(self, processes: int = 1) -> float:
+        """The learning rate actually used: explicit, or a default linearly scaled to the batch size summed
+        over the processes (each of which takes batch_size images per step)."""
         if self.lr is not None:
             return self.lr
         # Linear scaling rule from the tutorial's (batch 4, lr 1e-3) SGD setting.
         per_sample = {"sgd": 1e-3 / 4, "adamw": 1e-4 / 32}[self.optimizer]
-        return per_sample * self.batch_size
+        return per_sample * self.batch_size * processes

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as D
+from finetune import distributed as dist
 from finetune import models as M
 from finetune.checkpoint import save_model_file, write_text_atomic
 from finetune.config import TrainConfig
-from finetune.devices import resolve_device
 from finetune.errors import DivergedError, FinetuneError, ResourceError
 from finetune.resume import Interrupted, save_state, set_rng_state
 
@@ -93,6 +93,16 @@ def validate(cfg: TrainConfig) -> None:
     M.check_model_name(cfg.model)
 
 
+def _check_world(cfg: TrainConfig, world: dist.World, device) -> None:
+    """Options that need several processes, or that several processes cannot do."""
+    if cfg.sync_bn and world.distributed and device.type != "cuda":
+        raise dist.echoed(FinetuneError("--sync-bn: torch's SyncBatchNorm runs on GPUs only; drop it for a CPU run",
+                                        exit_code=2))
+    if cfg.overfit and world.distributed:
+        raise dist.echoed(FinetuneError("--overfit: the sanity check runs in one process; launch it without torchrun "
+                                        "or --gpus", exit_code=2))
+
+
 def fold_configs(cfg: TrainConfig) -> tuple[Path, list[TrainConfig]]:
     """--folds K: the cross-validation folder and one config per fold, writing into FOLDER/fold-N/."""
     root = new_run_dir(cfg)
@@ -140,11 +150,10 @@ def latest_model() -> Path:
         raise FinetuneError(f"{LATEST_POINTER}: unreadable; pass --model PATH") from None
 
 
-def _make_optimizer(cfg: TrainConfig, model, head: str):
+def _make_optimizer(cfg: TrainConfig, model, head: str, lr: float):
     """Head at the base lr, backbone at base lr x --backbone-lr-mult (discriminative learning rates)."""
     import torch
 
-    lr = cfg.base_lr()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if n.startswith(head + ".")], "lr": lr},
               {"params": [p for n, p in trainable if not n.startswith(head + ".")], "lr": lr * cfg.backbone_lr()}]
@@ -184,27 +193,30 @@ def inference_batch(device, batch_size: int) -> int:
     return 16 if device.type == "cpu" else max(batch_size, 128)
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed: int, sample_weights=None):
+def _loader(dataset, batch_size: int, shuffle: bool, workers: int, device, seed: int, sample_weights=None,
+            batch_sampler=None):
     import torch
 
     g = torch.Generator()
     g.manual_seed(seed)
+    common = {"num_workers": workers, "generator": g, "collate_fn": D.collate, "pin_memory": device.type == "cuda",
+              "persistent_workers": workers > 0}  # no per-epoch worker start-up
+    if batch_sampler is not None:  # several processes: this rank's share, in batches (distributed.EvenBatches)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
     sampler = None
     if sample_weights is not None:  # --balance sampler: classes drawn equally often, with replacement
         sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(dataset), replacement=True, generator=g)
         shuffle = False
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, generator=g,
-        persistent_workers=workers > 0,  # no per-epoch worker start-up
-        pin_memory=device.type == "cuda", drop_last=False, collate_fn=D.collate,
-    )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                                       drop_last=False, **common)
 
 
 def evaluate(model, loader, device, criterion, autocast, memory_format=None,
-             on_failed=lambda failed: None, logits_out: list | None = None) -> tuple[float, float]:
-    """(mean loss, accuracy) over a loader, under inference_mode; files failing now go to on_failed.
+             on_failed=lambda failed: None, logits_out: list | None = None) -> tuple[float, float, int]:
+    """(summed loss, correct, images) over a loader, under inference_mode; files failing now go to on_failed.
 
-    logits_out, when given, receives each batch's logits (CPU, float32) in loader order.
+    Sums, not means, so several processes' shares add up. logits_out, when given, receives each batch's
+    logits (CPU, float32) in loader order.
     """
     import torch
 
@@ -223,7 +235,7 @@ def evaluate(model, loader, device, criterion, autocast, memory_format=None,
             total += y.numel()
             if logits_out is not None:
                 logits_out.append(logits.float().cpu())
-    return loss_sum / max(total, 1), correct / max(total, 1)
+    return loss_sum, correct, total
 
 
 def _to_device(x, y, device, memory_format):
@@ -243,7 +255,7 @@ def initial_loss_check(loss: float, num_classes: int) -> dict:
 class _Trainer:
     """Optimiser, schedule, AMP and the guarded step, shared by image epochs and feature epochs."""
 
-    def __init__(self, cfg: TrainConfig, model, head: str, device, emit: Emit):
+    def __init__(self, cfg: TrainConfig, model, head: str, device, emit: Emit, processes: int = 1):
         import contextlib
 
         import torch
@@ -265,10 +277,30 @@ class _Trainer:
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        self.optimizer = _make_optimizer(cfg, model, head)
+        # processes: how many take a batch each per step; their images add up to the step's batch.
+        self.lr = cfg.base_lr(processes)
+        self.optimizer = _make_optimizer(cfg, model, head, self.lr)
         self.scheduler = _make_scheduler(cfg, self.optimizer)
         self.criterion = torch.nn.CrossEntropyLoss()  # for val: metrics stay comparable across --balance
         self.train_criterion = self.criterion
+        self.forward = self.model  # what a training step calls: the model, or its DDP wrapper
+        self._wrapped_for: tuple | None = None
+
+    def wrap(self) -> None:
+        """Under several processes, DDP over the parameters that train now (it averages their gradients).
+
+        DDP registers its hooks for the parameters that require grad when it is built, so it is built
+        again when --freeze-epochs unfreezes the backbone.
+        """
+        if not dist.current().distributed:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable != self._wrapped_for:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+            self._wrapped_for = trainable
 
     def balance(self, labels: list[int]) -> None:
         """--balance weighted-loss: rarer classes weigh more in the training loss."""
@@ -278,22 +310,31 @@ class _Trainer:
             weights = class_weights(labels, self.num_classes).to(self.device)
             self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights)
 
-    def step(self, x, y, epoch: int, step: int, forward) -> tuple[float, int]:
-        """One optimiser step; returns (loss, correct). Stops on a non-finite loss or a stop request."""
+    def step(self, x, y, epoch: int, step: int, forward) -> tuple[float, int] | None:
+        """One optimiser step; returns (loss, correct), or None when x is None (every image of the batch failed).
+
+        Stops on a non-finite loss or a stop request. Under several processes every rank takes part in
+        each decision (stop, skip, diverged), so they all leave together at the same step.
+        """
         import torch
 
-        if self.stop():
-            raise Interrupted(self.stop())
+        signum, empty = dist.all_max([self.stop(), x is None])
+        if signum:
+            raise dist.echoed(Interrupted(int(signum)))
+        if empty:
+            return None
 
         with self.autocast():
             logits = forward(x)
             loss = self.train_criterion(logits.float(), y)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if dist.all_max([not finite])[0]:
             lr_now = self.optimizer.param_groups[0]["lr"]
-            raise DivergedError(
-                f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step} (lr {lr_now:.3g}); "
+            value = loss.item() if not finite else "not finite in another process"
+            raise dist.echoed(DivergedError(
+                f"training diverged: loss is {value} at epoch {epoch}, step {step} (lr {lr_now:.3g}); "
                 f"the learning rate is too high, try --lr {lr_now / 10:.3g}"
-            )
+            ))
         if not self.checked_initial_loss:
             self.checked_initial_loss = True
             self.emit("initial_loss", **initial_loss_check(loss.item(), self.num_classes))
@@ -348,13 +389,19 @@ class _Trainer:
 
 
 class _ImageEpochs:
-    """The general path: forward and backward through the model on augmented images."""
+    """The general path: forward and backward through the model on augmented images.
+
+    Under several processes, split is this rank's share (distributed.shard) and val_order the paths of the
+    whole val set, the order val logits are gathered into.
+    """
 
     def __init__(self, trainer: _Trainer, split: D.DatasetSplit, pre: dict, cache: dict | None, workers: int,
-                 train_size: int):
+                 train_size: int, val_order: list[str] | None = None):
         cfg = trainer.cfg
         self.t = trainer
         self.root = split.root
+        self.world = dist.current()
+        self.val_paths, self.val_order = [s.path for s in split.val], val_order
         short_side = pre["resize_size"]
         train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment, train_size), short_side, cache,
                                   cfg.max_pixels)
@@ -363,7 +410,11 @@ class _ImageEpochs:
         if cfg.balance == "sampler":
             weights = class_weights([s.label for s in split.train], len(split.classes))[
                 [s.label for s in split.train]]
-        self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed, weights)
+        even = None
+        if self.world.distributed:
+            longest = int(dist.all_max([len(train_ds)])[0])
+            even = dist.EvenBatches(len(train_ds), -(-longest // cfg.batch_size), cfg.seed, self.world.rank, weights)
+        self.train_loader = _loader(train_ds, cfg.batch_size, True, workers, trainer.device, cfg.seed, weights, even)
         self.val_loader = _loader(val_ds, inference_batch(trainer.device, cfg.batch_size), False, workers,
                                   trainer.device, cfg.seed)
         self.batches = len(self.train_loader)
@@ -396,21 +447,44 @@ class _ImageEpochs:
             if not t.frozen and not name.startswith(t.head + "."):
                 p.requires_grad = not frozen
         M.set_train_mode(t.model, t.head, frozen)
+        t.wrap()
+        if self.world.distributed:  # each epoch's randomness from (seed, rank, epoch): resumable at any world size
+            self.train_loader.batch_sampler.set_epoch(epoch)
+            torch.manual_seed(dist.epoch_seed(t.cfg.seed, self.world.rank, epoch))
         seen, loss_sum, correct = 0, 0.0, 0
         for step, (x, y, failed) in enumerate(self.train_loader, 1):
             self._failed(failed)
-            if x is None:
-                continue
-            x, y = _to_device(x, y, t.device, t.memory_format)
-            loss, ok = t.step(x, y, epoch, step, t.model)
-            seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
+            if x is not None:
+                x, y = _to_device(x, y, t.device, t.memory_format)
+            done = t.step(x, y, epoch, step, t.forward)
+            if done is not None:
+                seen, loss_sum, correct = seen + len(y), loss_sum + done[0] * len(y), correct + done[1]
+        seen, loss_sum, correct = dist.all_sum([seen, loss_sum, correct])
         if not seen:
-            raise FinetuneError(f"{self.root}: no training image could be read this epoch", exit_code=3)
+            raise dist.echoed(FinetuneError(f"{self.root}: no training image could be read this epoch", exit_code=3))
+        dist.broadcast_buffers(t.model)  # every rank evaluates the model rank 0 saves
         batches: list = []
-        val_loss, val_acc = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format,
-                                     self._failed, batches)
-        self.val_logits = torch.cat(batches) if batches else None
-        return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+        val_totals = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format,
+                              self._failed, batches)
+        val_loss_sum, val_correct, val_total = dist.all_sum(val_totals)
+        self.val_logits = self._gather(torch.cat(batches) if batches else torch.zeros(0, t.num_classes))
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss_sum / max(val_total, 1),
+                "val_acc": val_correct / max(val_total, 1)}
+
+    def _gather(self, logits):
+        """Val logits of the whole val set in val_order (one process: as they are)."""
+        import torch
+
+        if not self.world.distributed:
+            return logits if len(logits) else None
+        rows: dict[str, object] = {}
+        complete = True
+        for paths, part in dist.all_gather((self.val_paths, logits)):
+            complete &= len(paths) == len(part)  # an image that failed mid-run leaves no row: positions unknown
+            rows.update(zip(paths, part))
+        if not complete or any(p not in rows for p in self.val_order):
+            return None
+        return torch.stack([rows[p] for p in self.val_order])
 
 
 class _FeatureEpochs:
@@ -455,7 +529,7 @@ class _FeatureEpochs:
         for step, start in enumerate(range(0, len(order), bs), 1):
             idx = order[start:start + bs]
             y = self.train_labels[idx]
-            loss, ok = t.step(feats[idx], y, epoch, step, self.head_module)
+            loss, ok = t.step(feats[idx], y, epoch, step, self.head_module)  # never None: features never fail
             seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
         self.head_module.eval()
         with torch.inference_mode(), t.autocast():
@@ -466,19 +540,29 @@ class _FeatureEpochs:
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
 
 
-def _decode(split: D.DatasetSplit, short_side: int, workers: int, cfg: TrainConfig, emit: Emit) -> dict | None:
-    """Decode every image once into RAM when the budget allows, else check each decodes (at reduced size).
+def _decode(split: D.DatasetSplit, local: D.DatasetSplit, short_side: int, workers: int, cfg: TrainConfig,
+            emit: Emit) -> dict | None:
+    """Decode this rank's images (local; all of split in one process) once into RAM when the budget allows,
+    else check each decodes (at reduced size).
 
-    Either way a file that fails is named and dropped before epoch 1 (or stops the run under --strict).
+    Either way a file that fails is named and dropped before epoch 1 (or stops the run under --strict),
+    from every rank's view alike.
     """
-    paths = [s.path for s in split.train + split.val]
-    fits = D.estimate_cache_bytes(len(paths), short_side) <= CACHE_BUDGET_BYTES
+    world = dist.current()
+    paths = [s.path for s in local.train + local.val]
+    budget = CACHE_BUDGET_BYTES // world.local_size  # the processes of one machine share its memory
+    fits = D.estimate_cache_bytes(len(paths), short_side) <= budget
     emit("decode_start", total=len(paths), keep=fits)
     # Checking at 1/8 scale is enough to catch truncation; the real decode happens in the loader.
     # Nothing else runs yet: decode on every core unless -j says otherwise.
-    threads = (os.cpu_count() or 1) if cfg.workers < 0 else max(1, workers)
+    threads = max(1, (os.cpu_count() or 1) // world.local_size) if cfg.workers < 0 else max(1, workers)
     cache, failed = D.decode_all(paths, short_side if fits else 32, threads,
                                  lambda n: emit("decode_advance", n=n), keep=fits, max_pixels=cfg.max_pixels)
+    if world.distributed:
+        failed = [f for part in dist.all_gather(failed) for f in part]
+        bad = {p for p, _ in failed}
+        local.train = [s for s in local.train if s.path not in bad]
+        local.val = [s for s in local.val if s.path not in bad]
     _drop(split, failed, emit, cfg.strict)
     return cache if fits else None
 
@@ -490,50 +574,71 @@ def _drop(split: D.DatasetSplit, failed: list, emit: Emit, strict: bool) -> None
         split.train = [s for s in split.train if s.path not in bad]
         split.val = [s for s in split.val if s.path not in bad]
         emit("skipped", files=failed, root=split.root)
-    if strict and split.skipped:
+    if strict and split.skipped:  # every rank sees the same failures, so all raise this together
         path, reason = split.skipped[0]
-        raise FinetuneError(f"--strict: {len(split.skipped)} file(s) cannot be used, e.g. "
-                            f"{os.path.relpath(path, split.root)}: {reason}; fix or remove them, or drop --strict",
-                            exit_code=3)
+        raise dist.echoed(FinetuneError(
+            f"--strict: {len(split.skipped)} file(s) cannot be used, e.g. {os.path.relpath(path, split.root)}: "
+            f"{reason}; fix or remove them, or drop --strict", exit_code=3))
     if not split.train or not split.val:
-        raise FinetuneError(f"{split.root}: no readable images left in {'train' if not split.train else 'val'}",
-                            exit_code=3)
+        raise dist.echoed(FinetuneError(
+            f"{split.root}: no readable images left in {'train' if not split.train else 'val'}", exit_code=3))
 
 
-def _feature_epochs(trainer: _Trainer, split, choice, pre, workers: int, emit: Emit,
+def _feature_epochs(trainer: _Trainer, split, local, choice, pre, workers: int, emit: Emit,
                     train_size: int) -> _FeatureEpochs:
-    """Backbone features from the disk cache, or computed now (a few augmented views when augmenting)."""
+    """Backbone features from the disk cache, or computed now (a few augmented views when augmenting).
+
+    Under several processes each rank extracts its share (local) and all ranks gather the whole set; the
+    head then trains identically on every rank (it is tiny next to the backbone pass).
+    """
     import torch
 
     from finetune import features as F
 
     cfg = trainer.cfg
+    world = dist.current()
     views = 1 if cfg.augment == "none" else min(F.FEATURE_VIEWS, cfg.epochs)
     key = F.feature_key(cfg.model, choice.label, choice.path, pre | {"train_size": train_size}, cfg.augment, views,
                         cfg.seed, [s.path for s in split.train + split.val])
     hit = F.load(key)
-    if hit is not None:
+    if not dist.all_max([hit is None])[0]:  # every machine has the cache (else all compute it together)
         _drop(split, [tuple(x) for x in hit["skipped"]], emit, cfg.strict)
         emit("features", cached=True, views=views)
         train_feats, val_feats = hit["train"], hit["val"]
     else:
         skipped_before = len(split.skipped)
-        cache = _decode(split, pre["resize_size"], workers, cfg, emit)
+        cache = _decode(split, local, pre["resize_size"], workers, cfg, emit)
         emit("features", cached=False, views=views)
         short_side = pre["resize_size"]
         bs = inference_batch(trainer.device, cfg.batch_size)
         args = (trainer.model, trainer.head)
         kw = {"device": trainer.device, "batch_size": bs, "memory_format": trainer.memory_format,
               "autocast": trainer.autocast}
-        torch.manual_seed(cfg.seed)
-        train_ds = D.ImageDataset(split.train, D.train_transform(pre, cfg.augment, train_size), short_side, cache,
+        torch.manual_seed(cfg.seed + world.rank)
+        train_ds = D.ImageDataset(local.train, D.train_transform(pre, cfg.augment, train_size), short_side, cache,
                                   cfg.max_pixels)
         train_feats = torch.stack([F.extract(*args, train_ds, **kw) for _ in range(views)])
-        val_ds = D.ImageDataset(split.val, D.eval_transform(pre), short_side, cache, cfg.max_pixels)
+        val_ds = D.ImageDataset(local.val, D.eval_transform(pre), short_side, cache, cfg.max_pixels)
         val_feats = F.extract(*args, val_ds, **kw)
-        F.save(key, train_feats, val_feats, [list(x) for x in split.skipped[skipped_before:]])
+        if world.distributed:
+            train_feats = _gather_rows([s.path for s in split.train], [s.path for s in local.train], train_feats, 1)
+            val_feats = _gather_rows([s.path for s in split.val], [s.path for s in local.val], val_feats, 0)
+        if world.main:
+            F.save(key, train_feats, val_feats, [list(x) for x in split.skipped[skipped_before:]])
     labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
     return _FeatureEpochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
+
+
+def _gather_rows(order: list[str], mine: list[str], feats, dim: int):
+    """Every rank's rows of feats (one per path in mine, along dim), gathered and put in order."""
+    import torch
+
+    paths, parts = [], []
+    for p, f in dist.all_gather((mine, feats)):
+        paths += p
+        parts.append(f)
+    at = {p: i for i, p in enumerate(paths)}
+    return torch.cat(parts, dim).index_select(dim, torch.tensor([at[p] for p in order], dtype=torch.long))
 
 
 def overfit_config(cfg: TrainConfig) -> TrainConfig:
@@ -619,45 +724,59 @@ def prepare(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[
     from finetune import features as F
 
     validate(cfg)
-    device = resolve_device(cfg.device)
+    world = dist.init(cfg.device)
+    emit = emit if world.main else _silent
+    device = dist.device(cfg.device)
+    _check_world(cfg, world, device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
 
-    split = D.find_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
+    # Scanned once, by rank 0; every rank gets the same split.
+    split = dist.on_main(lambda: D.find_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold))
     if cfg.overfit:
         split = overfit_split(split, cfg.overfit, cfg.seed)
+    if len(split.train) < world.size:
+        raise dist.echoed(FinetuneError(f"{cfg.data}: {len(split.train)} training images for {world.size} processes; "
+                                        "use fewer processes", exit_code=3))
+    # This rank's share of the images: it decodes, caches and trains on these only.
+    local = dataclasses.replace(split, train=dist.shard(split.train), val=dist.shard(split.val)) \
+        if world.distributed else split
     if resume is not None and resume["classes"] != split.classes:
         raise FinetuneError(f"{cfg.data}: classes {split.classes} differ from the resumed run's "
                             f"{resume['classes']}; resume on the same data or start a new run", exit_code=3)
     choice = M.resolve_weights(cfg.model, cfg.weights)
     pre = choice.preprocessing
-    emit("dataset", split=split, device=str(device), weights=choice.label)
+    emit("dataset", split=split, device=str(device), weights=choice.label, processes=world.size)
     if split.skipped:
         emit("skipped", files=list(split.skipped), root=split.root)
 
-    # A resumed run gets its weights from the state; no download needed.
-    state = M.load_pretrained_state(choice) if resume is None else None
+    # A resumed run gets its weights from the state; no download needed. Rank 0 downloads, then the others read.
+    state = dist.main_first(lambda: M.load_pretrained_state(choice)) if resume is None else None
     model, head = M.build_model(cfg.model, len(split.classes), cfg.dropout, state)
+    if cfg.sync_bn and world.distributed:  # BatchNorm statistics over the global batch (same state_dict keys)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if resume is not None:
         model.load_state_dict(resume["model"])
     workers = D.default_workers() if cfg.workers < 0 else cfg.workers
     if cfg.mode == "feature-extract":
         M.freeze_backbone(model, head)
     use_features = cfg.mode == "feature-extract" and F.head_gives_logits(model, head, pre["crop_size"])
-    trainer = _Trainer(cfg, model, head, device, emit)
+    # Feature-extract mode trains the head on every rank alike, one batch per step; images split over ranks.
+    trainer = _Trainer(cfg, model, head, device, emit, 1 if use_features else world.size)
     trainer.stop = stop
     trainer.num_classes = len(split.classes)
     trainer.checked_initial_loss = resume is not None
     trainer.balance([s.label for s in split.train])
     train_size = train_crop(cfg, pre, model)
     if use_features:
-        epochs = _feature_epochs(trainer, split, choice, pre, workers, emit, train_size)
+        epochs = _feature_epochs(trainer, split, local, choice, pre, workers, emit, train_size)
     else:
-        cache = _decode(split, pre["resize_size"], workers, cfg, emit)
+        cache = _decode(split, local, pre["resize_size"], workers, cfg, emit)
         # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
-        epochs = _ImageEpochs(trainer, split, pre, cache, 0 if cache is not None else workers, train_size)
+        epochs = _ImageEpochs(trainer, local, pre, cache, 0 if cache is not None else workers, train_size,
+                              [s.path for s in split.val])
 
     return Prepared(device, split, choice, pre, model, head, trainer, epochs, train_size)
 
@@ -675,29 +794,27 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     p = prepare(cfg, emit, stop, resume)
     device, split, choice, pre, model, head, trainer, epochs = (p.device, p.split, p.choice, p.pre, p.model, p.head,
                                                                 p.trainer, p.epochs)
-
-    run_dir = new_run_dir(cfg)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResourceError(f"{run_dir}: cannot create the run folder ({e.strerror}); choose another with -o") \
-            from None
-    prune_stale_temp_files(run_dir)
+    world = dist.current()
+    main = world.main  # under several processes, rank 0 alone reports and writes files
+    emit = emit if main else _silent
+    run_dir = dist.on_main(lambda: _make_run_dir(cfg))
     model_path = run_dir / "best.pt"
-    config = cfg.to_dict() | {"lr_used": cfg.base_lr(), "train_size_used": p.train_size, "classes": split.classes,
+    config = cfg.to_dict() | {"lr_used": trainer.lr, "train_size_used": p.train_size, "classes": split.classes,
                               "layout": split.layout, "train_images": len(split.train), "val_images": len(split.val),
-                              "device": str(device), "base_weights": choice.label, "preprocessing": pre}
+                              "device": str(device), "base_weights": choice.label, "preprocessing": pre,
+                              "processes": world.size}
     history: list[dict] = []
     # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
     best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": M.first_conv_weight(model)}
     first = 1
     if resume is not None:
         trainer.load_state(resume)
-        set_rng_state(epochs, resume["rng"])
+        if not world.distributed:  # several processes seed each epoch from (seed, rank, epoch) instead
+            set_rng_state(epochs, resume["rng"])
         history, best, first = list(resume["history"]), dict(resume["best"]), resume["epoch"] + 1
-    else:
+    elif main:
         write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
-    emit("start", run_dir=run_dir, epochs=cfg.epochs, batches=epochs.batches, lr=cfg.base_lr(), first=first,
+    emit("start", run_dir=run_dir, epochs=cfg.epochs, batches=epochs.batches, lr=trainer.lr, first=first,
          sizes=(p.train_size, pre["crop_size"]))
 
     try:
@@ -709,7 +826,7 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
                    "update_ratio_head": trainer.update_ratios["head"],
                    "update_ratio_backbone": trainer.update_ratios["backbone"]}
             # Judged only while the schedule has not decayed the lr much: late cosine epochs are meant to be tiny.
-            for group in ("head", "backbone") if lr_used >= 0.5 * cfg.base_lr() else ():
+            for group in ("head", "backbone") if lr_used >= 0.5 * trainer.lr else ():
                 ratio = row[f"update_ratio_{group}"]
                 if ratio is not None and not UPDATE_RATIO_BAND[0] <= ratio <= UPDATE_RATIO_BAND[1]:
                     advice = "lower --lr" if ratio > UPDATE_RATIO_BAND[1] else "raise --lr"
@@ -722,6 +839,7 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
             if improved:
                 best |= {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"],
                          "filters": M.first_conv_weight(model), "val_logits": epochs.val_logits}
+            if improved and main:
                 save_model_file(
                     model_path, arch=cfg.model, head=head, dropout=cfg.dropout,
                     state_dict=M.plain_state_dict(model, head), classes=split.classes, base_weights=choice.label,
@@ -731,8 +849,9 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
                     config=config,
                 )
                 _point_latest(run_dir, model_path)
-            _write_metrics(run_dir, history)
-            save_state(run_dir, epoch, model, trainer, epochs, history, best, cfg, split.classes)
+            if main:
+                _write_metrics(run_dir, history)
+                save_state(run_dir, epoch, model, trainer, epochs, history, best, cfg, split.classes)
             emit("epoch_end", row=row, improved=improved)
             if cfg.patience and epoch - best["epoch"] >= cfg.patience:
                 emit("early_stop", epoch=epoch, best_epoch=best["epoch"], patience=cfg.patience)
@@ -748,6 +867,8 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     result = RunResult(run_dir=run_dir, model_path=model_path, best_epoch=best["epoch"], best_val_acc=best["val_acc"],
                        best_val_loss=best["val_loss"], history=history, seconds=seconds, classes=split.classes,
                        device=str(device))
+    if not main:
+        return result
     summary = {"best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
                "best_val_loss": result.best_val_loss, "seconds": seconds, "model": str(model_path),
                "skipped": [{"path": p, "reason": r} for p, r in split.skipped]}
@@ -762,6 +883,21 @@ def run_training(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Call
     write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2))
     _pictures(run_dir, split, best, history, config, summary, emit)
     return result
+
+
+def _make_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = new_run_dir(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResourceError(f"{run_dir}: cannot create the run folder ({e.strerror}); choose another with -o") \
+            from None
+    prune_stale_temp_files(run_dir)
+    return run_dir
+
+
+def _silent(*args, **kwargs) -> None:
+    """The emit of ranks other than 0: they train, rank 0 reports."""
 
 
 def _calibration(cfg: TrainConfig, logits, labels: list[int], model_path: Path, emit: Emit) -> dict:
