@@ -60,11 +60,14 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FinetuneError as e:
-            if getattr(e, "echo", False):  # raised by every process of a distributed run; rank 0 printed it
-                raise typer.Exit(e.exit_code) from None
-            if _state["debug"]:
-                err.print_exception()
-            err.print(f"[bold red]error:[/] {_rank_prefix()}{esc(str(e))}", highlight=False)
+            if not getattr(e, "echo", False):  # raised by every process of a distributed run: rank 0 prints it
+                if _state["debug"]:
+                    err.print_exception()
+                err.print(f"[bold red]error:[/] {_rank_prefix()}{esc(str(e))}", highlight=False)
+            if getattr(e, "collective", False):
+                from finetune.distributed import leave_together
+
+                leave_together()
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -285,7 +288,7 @@ def train(
         raise typer.Exit(_launch(ctx, gpus, device))
 
     from finetune.config import TrainConfig
-    from finetune.resume import STATE_FILE, Interrupted, resume_config
+    from finetune.resume import Interrupted, resume_config
     from finetune.train import run_training
 
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, dropout=dropout, optimizer=optimizer,
@@ -332,17 +335,10 @@ def train(
             with _TrainView(quiet) as view:
                 return run_training(cfg, view, stop=lambda: requested["signal"], resume=state)
         except Interrupted as e:
-            if not world.main:
-                raise typer.Exit(e.exit_code) from None
-            run = e.run_dir
-            if run is not None and (run / STATE_FILE).is_file():
-                err.print("[yellow]interrupted[/]: " + esc(f"best model so far in {run / 'best.pt'}; resume with: "
-                          f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
-                          + (f" --model {model}" if model != "resnet18" else "")
-                          + (" (with --gpus N or under torchrun again, any number of processes)"
-                             if world.distributed else "")), highlight=False)
-            else:
-                err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
+            if world.main:
+                _interrupted(e.run_dir, data, model, world.distributed)
+            if getattr(e, "collective", False):  # all ranks stopped at the same step; rank 0 said how to resume
+                distributed.leave_together()
             raise typer.Exit(e.exit_code) from None
         finally:
             for sig, handler in previous.items():
@@ -382,6 +378,20 @@ def train(
                       "trained on. Usually: labels that do not match the images, broken preprocessing, a learning "
                       "rate far too low or high, or too few --epochs; try more epochs or another --lr first")
     out.print(str(result.model_path), highlight=False, soft_wrap=True)
+
+
+def _interrupted(run: Path | None, data: str, model: str, distributed: bool) -> None:
+    """How to go on after Ctrl-C / SIGTERM: the best model so far and the resume command."""
+    from finetune.resume import STATE_FILE
+
+    if run is not None and (run / STATE_FILE).is_file():
+        err.print("[yellow]interrupted[/]: " + esc(f"best model so far in {run / 'best.pt'}; resume with: "
+                  f"finetune train {shlex.quote(data)} --resume {shlex.quote(str(run))}"
+                  + (f" --model {model}" if model != "resnet18" else "")
+                  + (" (with --gpus N or under torchrun again, any number of processes)" if distributed else "")),
+                  highlight=False)
+    else:
+        err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
 
 
 def _cross_validate(cfg, run_one, quiet: bool, main: bool) -> None:

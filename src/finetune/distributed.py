@@ -159,9 +159,19 @@ def main_first(fn: Callable[[], T]) -> T:
 
 
 def echoed(e: FinetuneError) -> FinetuneError:
-    """Mark an error every rank raises together: only rank 0 prints it."""
+    """Mark an error every rank raises together: only rank 0 prints it (see leave_together)."""
+    e.collective = True
     e.echo = not _world.main
     return e
+
+
+def leave_together() -> None:
+    """After an error all ranks raised: wait until every rank got here (rank 0 has printed it) before exiting,
+    so that torchrun, which stops the others when one exits with an error, cannot cut rank 0's message off."""
+    import torch.distributed as dist
+
+    if _world.distributed and dist.is_initialized():
+        dist.barrier()
 
 
 def all_sum(values: Sequence[float]) -> list[float]:
@@ -230,9 +240,9 @@ def launch(args: list[str], nproc: int) -> int:
     try:
         run(parsed)
     except ChildFailedError as e:
-        first = min(e.failures)  # the lowest rank that failed
-        code = e.failures[first].exitcode
-        return 128 - code if code < 0 else code  # killed by signal n: -n -> 128 + n, as a shell reports it
+        # The first worker that exited with an error; workers torchrun then stopped by a signal come after.
+        first = min(e.failures.values(), key=lambda f: (f.exitcode < 0, f.timestamp))
+        return 128 - first.exitcode if first.exitcode < 0 else first.exitcode  # signal n: 128 + n, as shells say
     except SignalException as e:  # Ctrl-C or SIGTERM: torchrun passed it on; the workers stopped after their step
         return 128 + int(e.sigval)
     return 0
