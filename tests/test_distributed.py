@@ -22,9 +22,9 @@ from finetune.predict import Predictor
 HERE = Path(__file__).resolve().parent
 
 
-def _finetune(*args, timeout=600):
+def _finetune(*args, timeout=600, env=None):
     """`finetune ARGS` in a fresh process (torchrun's workers must start from a clean interpreter)."""
-    env = os.environ | {"OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})  # two processes on a 2-core machine
     return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -117,10 +117,11 @@ def test_distributed_run_resumes_at_the_right_epoch_with_any_number_of_processes
         assert state["epoch"] == 2
         state["config"]["epochs"] = 4  # the 2-epoch run, as if it had been stopped half-way through 4
         torch.save(state, run / R.STATE_FILE)
-        if processes == 2:
-            r = _finetune("train", tiny_data, "--resume", run, "--gpus", 2, "--device", "cpu")
+        if processes == 2:  # and streaming images from disk each epoch, as a dataset larger than RAM would
+            r = _finetune("train", tiny_data, "--resume", run, "--gpus", 2, "--device", "cpu",
+                          env={"FINETUNE_RAM_CACHE_GB": "0"})
             assert r.returncode == 0, r.stderr[-3000:]
-            assert "resuming at epoch 3" in r.stderr
+            assert "resuming at epoch 3" in r.stderr and "streaming images from disk" in r.stderr
         else:
             cfg, st = R.resume_config(run, str(tiny_data), "resnet18")
             run_training(cfg, resume=st)

@@ -66,6 +66,17 @@ def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, m
     assert result.model_path.is_file() and len(result.history) == 1
 
 
+def test_ram_cache_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FINETUNE_RAM_CACHE_GB", "0.5")
+    assert T._cache_budget() == 512 * 1024**2
+    monkeypatch.setenv("FINETUNE_RAM_CACHE_GB", "lots")
+    with pytest.raises(FinetuneError, match="FINETUNE_RAM_CACHE_GB='lots': must be a number of GiB") as e:
+        T._cache_budget()
+    assert e.value.exit_code == 2
+    monkeypatch.delenv("FINETUNE_RAM_CACHE_GB")
+    assert T._cache_budget() == T.CACHE_BUDGET_BYTES
+
+
 def test_initial_loss_check():
     from math import log
 

@@ -142,7 +142,10 @@ class _TrainView:
             self.log(f"[yellow]warning:[/] imbalanced classes: the largest has {max(train) / min(train):.1f}x the "
                      "images of the smallest; consider --balance weighted-loss or sampler")
 
-    def on_decode_start(self, total, keep):
+    def on_decode_start(self, total, keep, budget_gb=None):
+        if not keep:
+            self.log(f"[bold]streaming[/] images from disk each epoch: decoded, they would not fit the "
+                     f"{budget_gb:g} GiB RAM budget (FINETUNE_RAM_CACHE_GB)")
         self.decode_task = self.progress.add_task("decoding" if keep else "checking", total=total, info="")
 
     def on_decode_advance(self, n):

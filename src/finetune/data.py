@@ -565,6 +565,6 @@ def estimate_cache_bytes(n_images: int, short_side: int) -> int:
     return n_images * short_side * int(short_side * 4 / 3) * 3
 
 
-def default_workers() -> int:
-    """Leave one core for the training loop."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(processes: int = 1) -> int:
+    """Loader workers per training process: its share of the cores, less one for its training loop, at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) // processes - 1))

@@ -25,7 +25,8 @@ Emit = Callable[..., None]  # emit(event_name, **fields): the CLI renders, the l
 
 RUNS_ROOT = Path("runs")
 LATEST_POINTER = RUNS_ROOT / "latest.json"
-CACHE_BUDGET_BYTES = 4 * 1024**3  # decoded images kept in RAM up to this; beyond it, stream from disk
+CACHE_BUDGET_BYTES = 4 * 1024**3  # decoded images kept in RAM up to this per machine; beyond it, stream from disk
+CACHE_BUDGET_ENV = "FINETUNE_RAM_CACHE_GB"  # overrides it (GiB; 0 = always stream)
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "update_ratio_head",
                  "update_ratio_backbone", "seconds")
 # A healthy step changes weights by about 1e-3 of their norm; far outside this band, the lr is suspect.
@@ -550,9 +551,9 @@ def _decode(split: D.DatasetSplit, local: D.DatasetSplit, short_side: int, worke
     """
     world = dist.current()
     paths = [s.path for s in local.train + local.val]
-    budget = CACHE_BUDGET_BYTES // world.local_size  # the processes of one machine share its memory
+    budget = _cache_budget() // world.local_size  # the processes of one machine share its memory
     fits = D.estimate_cache_bytes(len(paths), short_side) <= budget
-    emit("decode_start", total=len(paths), keep=fits)
+    emit("decode_start", total=len(paths), keep=fits, budget_gb=budget * world.local_size / 1024**3)
     # Checking at 1/8 scale is enough to catch truncation; the real decode happens in the loader.
     # Nothing else runs yet: decode on every core unless -j says otherwise.
     threads = max(1, (os.cpu_count() or 1) // world.local_size) if cfg.workers < 0 else max(1, workers)
@@ -565,6 +566,21 @@ def _decode(split: D.DatasetSplit, local: D.DatasetSplit, short_side: int, worke
         local.val = [s for s in local.val if s.path not in bad]
     _drop(split, failed, emit, cfg.strict)
     return cache if fits else None
+
+
+def _cache_budget() -> int:
+    """Bytes of decoded images one machine may keep in RAM: $FINETUNE_RAM_CACHE_GB, else 4 GiB."""
+    text = os.environ.get(CACHE_BUDGET_ENV)
+    if text is None:
+        return CACHE_BUDGET_BYTES
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not (gb >= 0 and math.isfinite(gb)):
+        raise dist.echoed(FinetuneError(f"{CACHE_BUDGET_ENV}={text!r}: must be a number of GiB, e.g. 8 (0 = always "
+                                        "stream images from disk)", exit_code=2))
+    return int(gb * 1024**3)
 
 
 def _drop(split: D.DatasetSplit, failed: list, emit: Emit, strict: bool) -> None:
@@ -759,7 +775,7 @@ def prepare(cfg: TrainConfig, emit: Emit = lambda *a, **k: None, stop: Callable[
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if resume is not None:
         model.load_state_dict(resume["model"])
-    workers = D.default_workers() if cfg.workers < 0 else cfg.workers
+    workers = D.default_workers(world.local_size) if cfg.workers < 0 else cfg.workers
     if cfg.mode == "feature-extract":
         M.freeze_backbone(model, head)
     use_features = cfg.mode == "feature-extract" and F.head_gives_logits(model, head, pre["crop_size"])
