@@ -170,3 +170,15 @@ def test_gpus_relaunches_the_same_command(tiny_data, monkeypatch):
     pairs = {(args[i], args[i + 1]) for i in range(len(args) - 1)}
     assert {("--device", "cpu"), ("--epochs", "5"), ("--output", "out dir"), ("--lr", "0.01")} <= pairs
     assert "--no-amp" in args and "--quiet" in args and "--model" not in args  # defaults are not repeated
+
+
+def test_sync_batchnorm_keeps_the_model_file_keys():
+    """--sync-bn swaps BatchNorm for SyncBatchNorm inside the processes; the saved state_dict must not change."""
+    from finetune import models as M
+
+    model, head = M.build_model("resnet18", 2, 0.0, None)
+    before = M.plain_state_dict(model, head)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == 20  # resnet18's BatchNorms
+    synced = M.plain_state_dict(converted, head)
+    assert synced.keys() == before.keys() and all(torch.equal(synced[k], before[k]) for k in before)

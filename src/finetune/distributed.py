@@ -86,7 +86,7 @@ def init(device_spec: str = "auto") -> World:
         _comm_device = torch.device("cuda", world.local_rank)
     else:
         _comm_device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=_comm_device if use_cuda else None)
     atexit.register(close)
     _world = world
     return world
