@@ -1,6 +1,8 @@
-"""Started by test_distributed.py under torchrun (2 CPU processes, gloo): what each rank trains and evaluates on.
+"""Started by test_distributed.py under torchrun (2 CPU processes, gloo).
 
-Writes OUT/rank<N>.json with the training batches of epochs 1 and 2 (as image paths) and the val images.
+    dist_worker.py shares DATA OUT    OUT/rank<N>.json: each rank's training batches (epochs 1, 2) and val images
+    dist_worker.py failing DATA OUT   train 3 epochs, streaming; rank 0 breaks one of rank 1's images after
+                                      epoch 1; OUT/rank0.json: the files rank 0 reported as skipped
 """
 
 import json
@@ -9,17 +11,33 @@ from pathlib import Path
 
 from finetune import distributed as dist
 from finetune.config import TrainConfig
-from finetune.train import prepare
+from finetune.train import prepare, run_training
 
-data, out = sys.argv[1], Path(sys.argv[2])
-p = prepare(TrainConfig(data=data, weights="none", epochs=2, batch_size=4, workers=0, device="cpu"))
-loader = p.epochs.train_loader
-batches = {}
-for epoch in (1, 2):
-    loader.batch_sampler.set_epoch(epoch)
-    batches[epoch] = [[loader.dataset.samples[i].path for i in batch] for batch in loader.batch_sampler]
-rank = dist.current().rank
-(out / f"rank{rank}.json").write_text(json.dumps({
-    "world": dist.current().size, "steps": p.epochs.batches, "batches": batches,
-    "val": [s.path for s in p.epochs.val_loader.dataset.samples], "split_train": [s.path for s in p.split.train],
-}))
+mode, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+if mode == "shares":
+    p = prepare(TrainConfig(data=data, weights="none", epochs=2, batch_size=4, workers=0, device="cpu"))
+    loader = p.epochs.train_loader
+    batches = {}
+    for epoch in (1, 2):
+        loader.batch_sampler.set_epoch(epoch)
+        batches[epoch] = [[loader.dataset.samples[i].path for i in batch] for batch in loader.batch_sampler]
+    rank = dist.current().rank
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "world": dist.current().size, "steps": p.epochs.batches, "batches": batches,
+        "val": [s.path for s in p.epochs.val_loader.dataset.samples], "split_train": [s.path for s in p.split.train],
+    }))
+elif mode == "failing":
+    victim = Path(sys.argv[4])
+    reported = []
+
+    def emit(event, **kw):  # called on rank 0 only
+        if event == "epoch_end" and kw["row"]["epoch"] == 1:
+            victim.write_bytes(b"garbage")
+        if event == "skipped":
+            reported.extend(kw["files"])
+
+    cfg = TrainConfig(data=data, weights="none", epochs=3, batch_size=4, workers=0, device="cpu", augment="none",
+                      output=str(out / "run"))
+    result = run_training(cfg, emit)
+    if dist.current().main:
+        (out / "rank0.json").write_text(json.dumps({"reported": reported, "epochs": len(result.history)}))

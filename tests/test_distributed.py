@@ -51,11 +51,17 @@ def test_even_batches_same_steps_every_epoch_reshuffled():
     assert sum(list(weighted), []) == [0] * 6
 
 
-def test_ranks_train_on_disjoint_shares_whose_union_is_the_training_set(tiny_data, tmp_path):
+def _torchrun_worker(*args, env=None):
+    """tests/dist_worker.py ARGS in 2 processes under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(HERE / "dist_worker.py"), str(tiny_data), str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+           str(HERE / "dist_worker.py"), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ranks_train_on_disjoint_shares_whose_union_is_the_training_set(tiny_data, tmp_path):
+    _torchrun_worker("shares", tiny_data, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     train = {s.path for s in find_dataset(tiny_data).train}
     val = {s.path for s in find_dataset(tiny_data).val}
@@ -182,3 +188,22 @@ def test_sync_batchnorm_keeps_the_model_file_keys():
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == 20  # resnet18's BatchNorms
     synced = M.plain_state_dict(converted, head)
     assert synced.keys() == before.keys() and all(torch.equal(synced[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("command", ["tune", "lr-find"])
+def test_one_process_commands_refuse_torchrun(command, tiny_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = CliRunner().invoke(app, [command, str(tiny_data), "--weights", "none", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and f"finetune {command} runs in one process" in r.output, r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_image_failing_mid_run_in_another_process_is_reported_once_by_rank_0(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train = [s.path for s in find_dataset(data).train]  # the split every rank gets
+    victim = dist.shard(train, dist.World(rank=1, size=2))[0]  # rank 1 trains on it, rank 0 never opens it
+    _torchrun_worker("failing", data, tmp_path, victim, env={"FINETUNE_RAM_CACHE_GB": "0"})
+    out = json.loads((tmp_path / "rank0.json").read_text())
+    assert [path for path, _ in out["reported"]] == [victim]  # named once over epochs 2 and 3
+    assert "not an image" in out["reported"][0][1] and out["epochs"] == 3

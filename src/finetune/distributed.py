@@ -111,6 +111,13 @@ def close() -> None:
     _world = World()
 
 
+def single_process(command: str) -> None:
+    """Refuse to run a one-process job under torchrun (every process would repeat it and write the same files)."""
+    if from_env().distributed:
+        raise FinetuneError(f"finetune {command} runs in one process; start it without torchrun (only `finetune "
+                            "train` trains with several processes)", exit_code=2)
+
+
 def shard(items: Sequence[T], world: World | None = None) -> list[T]:
     """This rank's share: every size-th item from position rank. Shares are disjoint, cover all items, and
     differ in length by at most one."""

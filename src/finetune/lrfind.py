@@ -41,6 +41,9 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
         raise FinetuneError(f"--start-lr {start_lr} / --end-lr {end_lr}: need 0 < start < end", exit_code=2)
     if steps < 2:
         raise FinetuneError(f"--steps {steps}: need at least 2", exit_code=2)
+    from finetune.distributed import single_process
+
+    single_process("lr-find")
     p = prepare(cfg, emit)
     trainer = p.trainer
     trainer.checked_initial_loss = True

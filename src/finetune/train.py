@@ -421,6 +421,7 @@ class _ImageEpochs:
         self.batches = len(self.train_loader)
         self.generator = self.train_loader.generator  # the shuffle order; saved for an exact resume
         self.reported: set[str] = set()
+        self.pending: list = []  # files failed in this rank since the last report (several processes)
 
     def endless_batches(self):
         """Endless training batches on the device, for the lr range test: (inputs, labels, module to call)."""
@@ -433,11 +434,24 @@ class _ImageEpochs:
                     yield (*_to_device(x, y, t.device, t.memory_format), t.model)
 
     def _failed(self, failed: list) -> None:
-        """Name a file that fails mid-run (changed after the scan) once; it stays out of every batch."""
+        """Name a file that fails mid-run (changed after the scan) once; it stays out of every batch.
+
+        Under several processes the names are collected and rank 0 reports every rank's at the epoch's end.
+        """
         new = [f for f in failed if f[0] not in self.reported]
         if new:
             self.reported.update(p for p, _ in new)
-            self.t.emit("skipped", files=new, root=self.root)
+            if self.world.distributed:
+                self.pending += new
+            else:
+                self.t.emit("skipped", files=new, root=self.root)
+
+    def _report_failed(self) -> None:
+        if self.world.distributed:
+            new = [f for part in dist.all_gather(self.pending) for f in part]
+            self.pending = []
+            if new:
+                self.t.emit("skipped", files=new, root=self.root)
 
     def __call__(self, epoch: int) -> dict:
         import torch
@@ -468,6 +482,7 @@ class _ImageEpochs:
         val_totals = evaluate(t.model, self.val_loader, t.device, t.criterion, t.autocast, t.memory_format,
                               self._failed, batches)
         val_loss_sum, val_correct, val_total = dist.all_sum(val_totals)
+        self._report_failed()
         self.val_logits = self._gather(torch.cat(batches) if batches else torch.zeros(0, t.num_classes))
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss_sum / max(val_total, 1),
                 "val_acc": val_correct / max(val_total, 1)}

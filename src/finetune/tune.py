@@ -113,8 +113,10 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
     run(cfg) trains one trial (default: finetune.train.run_training, silent); budget is in seconds:
     no new trial starts after it is spent.
     """
+    from finetune.distributed import single_process
     from finetune.train import run_training, validate
 
+    single_process("tune")
     if trials < 1:
         raise FinetuneError(f"--trials {trials}: must be at least 1", exit_code=2)
     if coarse_epochs < 1 or fine_epochs < 1:
