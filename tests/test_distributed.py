@@ -148,11 +148,16 @@ def test_feature_extract_mode_with_two_processes(tiny_data, tmp_path):
     assert results["val_metrics"]["confusion_matrix"] == single["confusion_matrix"]
 
 
-def test_errors_are_printed_once_with_one_exit_code(tiny_data):
-    r = _finetune("train", tiny_data, "--gpus", 2, "--device", "cpu", "--weights", "none", "--sync-bn")
-    assert r.returncode == 2
-    assert r.stderr.count("--sync-bn: torch's SyncBatchNorm runs on GPUs only") == 1, r.stderr
-    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+@pytest.mark.parametrize("case", ["sync-bn on CPU", "no such folder (found by rank 0)"])
+def test_errors_are_printed_once_with_one_exit_code(case, tiny_data, tmp_path):
+    if case == "sync-bn on CPU":
+        args, code, message = (tiny_data, "--sync-bn"), 2, "--sync-bn: torch's SyncBatchNorm runs on GPUs only"
+    else:
+        args, code, message = (tmp_path / "missing",), 3, "missing: no such folder"
+    r = _finetune("train", *args, "--gpus", 2, "--device", "cpu", "--weights", "none")
+    assert r.returncode == code
+    assert r.stderr.count(message) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr and "rank 1" not in r.stderr
 
 
 def test_gpus_option_checks(tiny_data, monkeypatch):

@@ -129,40 +129,34 @@ def on_main(fn: Callable[[], T]) -> T:
     """fn() run on rank 0 only; its result (or its FinetuneError) reaches every rank."""
     if not _world.distributed:
         return fn()
-    import torch.distributed as dist
-
-    box: list = [None]
-    if _world.main:
-        try:
-            box[0] = ("ok", fn())
-        except FinetuneError as e:
-            box[0] = ("error", str(e), e.exit_code)
-    dist.broadcast_object_list(box, src=0, device=_comm_device)
-    if box[0][0] == "error":
-        raise echoed(FinetuneError(box[0][1], exit_code=box[0][2]))
-    return box[0][1]
+    return _run_on_main(fn, share=True)
 
 
 def main_first(fn: Callable[[], T]) -> T:
     """fn() on rank 0, then (if it succeeded) on every other rank: a download or cache fill happens once."""
     if not _world.distributed:
         return fn()
+    result = _run_on_main(fn, share=False)
+    return result if _world.main else fn()
+
+
+def _run_on_main(fn: Callable[[], T], share: bool):
+    """fn() on rank 0; every rank learns whether it failed (and raises its error), and with share its result."""
     import torch.distributed as dist
 
-    result = None
     box: list = [None]
+    value, error = None, None
     if _world.main:
         try:
-            result = fn()
-            box[0] = ("ok",)
+            value = fn()
+            box[0] = ("ok", value if share else None)
         except FinetuneError as e:
+            error = e
             box[0] = ("error", str(e), e.exit_code)
     dist.broadcast_object_list(box, src=0, device=_comm_device)
     if box[0][0] == "error":
-        if _world.main:
-            raise FinetuneError(box[0][1], exit_code=box[0][2])
-        raise echoed(FinetuneError(box[0][1], exit_code=box[0][2]))
-    return result if _world.main else fn()
+        raise echoed(error if error is not None else FinetuneError(box[0][1], exit_code=box[0][2]))
+    return value if _world.main else box[0][1]
 
 
 def echoed(e: FinetuneError) -> FinetuneError:
