@@ -58,9 +58,11 @@ def test_split_keeps_duplicates_together_through_the_index(flat_data, tmp_path):
     ants = sorted((root / "ants").iterdir())
     for i in range(3):  # three copies of one ant photo under other names
         shutil.copy(ants[0], root / "ants" / f"copy{i}.jpg")
+    copies = {str(ants[0])} | {str(root / "ants" / f"copy{i}.jpg") for i in range(3)}
     for _ in range(2):  # the second run reads the groups from the index
         split = D.find_dataset(root, val_fraction=1 / 3, seed=3)
-        copies = {str(ants[0])} | {str(root / "ants" / f"copy{i}.jpg") for i in range(3)}
+        groups = D.content_groups(root, split.train + split.val)
+        assert set(groups) == copies and len(set(groups.values())) == 1
         in_train = {s.path for s in split.train} & copies
         assert in_train in (set(), copies)
 
