@@ -3,6 +3,8 @@
     dist_worker.py shares DATA OUT    OUT/rank<N>.json: each rank's training batches (epochs 1, 2) and val images
     dist_worker.py failing DATA OUT   train 3 epochs, streaming; rank 0 breaks one of rank 1's images after
                                       epoch 1; OUT/rank0.json: the files rank 0 reported as skipped
+    dist_worker.py freeze DATA OUT    2 epochs with --freeze-epochs 1; OUT/rank0.json: every rank's parameter
+                                      checksums after each epoch
 """
 
 import json
@@ -41,3 +43,13 @@ elif mode == "failing":
     result = run_training(cfg, emit)
     if dist.current().main:
         (out / "rank0.json").write_text(json.dumps({"reported": reported, "epochs": len(result.history)}))
+elif mode == "freeze":
+    p = prepare(TrainConfig(data=data, weights="none", epochs=2, batch_size=4, workers=0, device="cpu",
+                            freeze_epochs=1))
+    sums = []
+    for epoch in (1, 2):
+        p.epochs(epoch)
+        sums.append({n: float(t.double().sum()) for n, t in p.model.named_parameters()})
+    every = dist.all_gather(sums)
+    if dist.current().main:
+        (out / "rank0.json").write_text(json.dumps({"ranks": every, "head": p.head}))

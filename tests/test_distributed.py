@@ -212,3 +212,13 @@ def test_image_failing_mid_run_in_another_process_is_reported_once_by_rank_0(tin
     out = json.loads((tmp_path / "rank0.json").read_text())
     assert [path for path, _ in out["reported"]] == [victim]  # named once over epochs 2 and 3
     assert "not an image" in out["reported"][0][1] and out["epochs"] == 3
+
+
+def test_unfreezing_the_backbone_keeps_every_rank_identical(tiny_data, tmp_path):
+    """--freeze-epochs: DDP is rebuilt when the backbone joins, so its gradients are averaged too."""
+    _torchrun_worker("freeze", tiny_data, tmp_path)
+    out = json.loads((tmp_path / "rank0.json").read_text())
+    rank0, rank1 = out["ranks"]
+    assert rank0 == rank1  # identical parameters after each epoch
+    backbone = [n for n in rank0[0] if not n.startswith(out["head"] + ".")]
+    assert any(rank0[0][n] != rank0[1][n] for n in backbone)  # epoch 2 trained the backbone
