@@ -1,7 +1,7 @@
 """The dataset doctor: what training would see in a folder, before training.
 
 Counts per class and split, imbalance, every file that would be skipped and why, image modes and
-sizes, EXIF-rotated files, and exact duplicates (by content hash) within a class, across classes
+sizes, EXIF-rotated files, and exact duplicates (by content) within a class, across classes
 (conflicting labels) and across train and val (leakage).
 """
 
@@ -12,17 +12,17 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from finetune import data as D
 
 
 def _inspect(path: str, max_pixels: int) -> dict:
-    """Hash, header facts, and whether the image decodes (at reduced size: enough to catch truncation)."""
+    """Header facts, and whether the image decodes (at reduced size: enough to catch truncation)."""
     from PIL import Image
 
     info = {"path": path}
     try:
-        info["sha256"] = D.file_hash(path)
         with Image.open(path) as img:
             info["mode"], info["size"], info["format"] = img.mode, list(img.size), img.format
             orientation = img.getexif().get(0x0112, 1)
@@ -53,9 +53,11 @@ def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: 
     skipped += [{"path": rel(i["path"]), "reason": i["error"]} for i in infos if "error" in i]
     usable = [(part, s, i) for (part, s), i in zip(samples, infos) if "error" not in i]
 
+    # The split's own duplicate finder (fingerprints from the folder's index): only size-matched files are read.
+    twins = D.content_groups(Path(root), [s for _, s, _ in usable])
     by_hash = defaultdict(list)
     for part, s, i in usable:
-        by_hash[i["sha256"]].append((part, split.classes[s.label], rel(s.path)))
+        by_hash[twins.get(s.path, s.path)].append((part, split.classes[s.label], rel(s.path)))
     within, across_classes, leakage = [], [], []
     for members in by_hash.values():
         if len(members) < 2:
