@@ -89,9 +89,14 @@ def _handle_errors(fn):
 
 
 def _rank_prefix() -> str:
-    """'rank N: ' in the processes of a distributed run other than rank 0 (without importing torch)."""
-    rank = os.environ.get("RANK", "0")
-    return f"rank {esc(rank)}: " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""
+    """'rank N: ' in the processes of a distributed run other than rank 0 (read from torchrun's environment)."""
+    from finetune.distributed import from_env
+
+    try:
+        world = from_env()
+    except FinetuneError:  # a malformed environment: its own error says so
+        return ""
+    return f"rank {world.rank}: " if world.distributed and not world.main else ""
 
 
 def _fmt_pct(x: float) -> str:
