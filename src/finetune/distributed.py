@@ -177,25 +177,22 @@ def leave_together() -> None:
 
 def all_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum over all ranks (float64)."""
-    if not _world.distributed:
-        return list(values)
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(values, "SUM")
 
 
 def all_max(values: Sequence[float]) -> list[float]:
     """Element-wise maximum over all ranks."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: Sequence[float], op: str) -> list[float]:
     if not _world.distributed:
         return list(values)
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
 
 
