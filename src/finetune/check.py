@@ -14,7 +14,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from finetune import data as D
+from finetune.config import IMBALANCE_WARNING, MAX_PIXELS
+from finetune.dataset import content_groups, find_dataset
+from finetune.images import decode_to_tensor, failure_reason
 
 
 def _inspect(path: str, max_pixels: int) -> dict:
@@ -23,21 +25,21 @@ def _inspect(path: str, max_pixels: int) -> dict:
 
     info = {"path": path}
     try:
+        decode_to_tensor(path, 32, max_pixels)  # refuses what is not a regular image file before opening it
         with Image.open(path) as img:
             info["mode"], info["size"], info["format"] = img.mode, list(img.size), img.format
             orientation = img.getexif().get(0x0112, 1)
             info["exif_rotated"] = orientation not in (0, 1)
-        D.decode_to_tensor(path, 32, max_pixels)
     except Exception as e:  # noqa: BLE001 - every failure is a finding, not a crash
-        info["error"] = D.failure_reason(path, e)
+        info["error"] = failure_reason(path, e)
     return info
 
 
 def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: int = 2,
-                  max_pixels: int = D.DEFAULT_MAX_PIXELS,
+                  max_pixels: int = MAX_PIXELS,
                   on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Inspect every file of a dataset folder; returns a JSON-ready report."""
-    split = D.find_dataset(data, val_fraction, seed)
+    split = find_dataset(data, val_fraction, seed)
     root = split.root
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731
     samples = [("train", s) for s in split.train] + [("val", s) for s in split.val]
@@ -54,7 +56,7 @@ def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: 
     usable = [(part, s, i) for (part, s), i in zip(samples, infos) if "error" not in i]
 
     # The split's own duplicate finder (fingerprints from the folder's index): only size-matched files are read.
-    twins = D.content_groups(Path(root), [s for _, s, _ in usable])
+    twins = content_groups(Path(root), [s for _, s, _ in usable])
     by_hash = defaultdict(list)
     for part, s, i in usable:
         by_hash[twins.get(s.path, s.path)].append((part, split.classes[s.label], rel(s.path)))
@@ -83,6 +85,7 @@ def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: 
         "images": len(samples),
         "usable": len(usable),
         "imbalance": per_split_imbalance,  # largest class / smallest class
+        "imbalance_warning": IMBALANCE_WARNING,
         "skipped": skipped,
         "modes": dict(Counter(i["mode"] for _, _, i in usable)),
         "formats": dict(Counter(i["format"] for _, _, i in usable)),

@@ -1,21 +1,24 @@
-"""One self-describing model file: save (atomic) and load (safe, weights_only=True)."""
+"""The model file: one self-describing file per model (plain types and tensors only), written atomically and
+read with weights_only=True. Its .pt and .safetensors exports carry the same description and read back here."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import errno
+import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetune.errors import FinetuneError, ModelFileError, ResourceError
+from finetune import __version__
+from finetune.errors import ModelFileError
+from finetune.files import atomic_write
+from finetune.models import Network, build_network
+from finetune.preprocessing import Preprocessing
 
 FORMAT = "finetune-model"
 FORMAT_VERSION = 1
-TEMP_PREFIX = ".finetune-tmp-"  # recognisable, so stale temp files can be found and removed
+EXPORT_FORMAT = "finetune-export"  # the .pt and .safetensors exports (export.py)
+_PREPROCESSING_KEYS = ("resize_size", "crop_size", "mean", "std", "interpolation")
 
 
 def versions() -> dict:
@@ -23,151 +26,147 @@ def versions() -> dict:
     import torch
     import torchvision
 
-    from finetune import __version__
-
     return {"finetune": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write via write(tmp_path) to a temp file beside path, fsync, then os.replace: never a half file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise ResourceError(f"{path}: could not write ({e.strerror or e}); check the folder and its permissions") \
-            from None
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if e.errno == errno.ENOSPC:
-            raise ResourceError(_disk_full(path)) from None
-        raise ResourceError(f"{path}: could not write ({e.strerror or e}); check free space and permissions") from None
-    except RuntimeError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        # torch.save reports a full disk as "PytorchStreamWriter failed writing ... unexpected pos".
-        if "unexpected pos" in str(e) or "failed writing" in str(e):
-            raise ResourceError(_disk_full(path)) from None
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+@dataclass
+class ModelFile:
+    """What a model file holds. state_dict uses torchvision's key names (see Network.plain_state_dict)."""
+
+    arch: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    state_dict: dict
+    head: str = ""
+    dropout: float = 0.0
+    base_weights: str | None = None
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    temperature: float = 1.0  # probabilities = softmax(logits / temperature); 1.0 = uncalibrated
+    members: list[dict] | None = None  # an exported ensemble: each member's arch, temperature, metrics
+    source: str = ""  # the path it was read from
+
+    def payload(self) -> dict:
+        """The dict torch.save writes: plain types and tensors only, so weights_only=True can read it."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": self.arch, "head": self.head,
+                "dropout": float(self.dropout), "classes": list(self.classes), "base_weights": self.base_weights,
+                "preprocessing": self.preprocessing.to_dict(), "metrics": self.metrics, "config": self.config,
+                "temperature": float(self.temperature), "versions": versions(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "state_dict": self.state_dict}
+
+    def describe(self) -> str:
+        """One line for users: arch, classes, val accuracy."""
+        acc = self.metrics.get("val_acc")
+        what = f"ensemble of {len(self.members)}" if self.members else self.arch
+        return f"{what}, {len(self.classes)} classes" + (f", val accuracy {acc:.1%}" if acc is not None else "")
 
 
-def _disk_full(path: Path) -> str:
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
-    except OSError:
-        free = "free space unknown"
-    return f"{path}: could not write: the disk is full ({free}); free some space or write elsewhere (-o)"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Atomic text file write."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return atomic_write(path, write)
-
-
-def save_model_file(path: str | os.PathLike, *, arch: str, head: str, dropout: float, state_dict: dict,
-                    classes: list[str], base_weights: str, preprocessing: dict, metrics: dict, config: dict,
-                    temperature: float = 1.0) -> Path:
-    """Write a finetune model file: plain types and tensors only, so weights_only=True can load it."""
+def save_model_file(path: str | os.PathLike, model: ModelFile) -> Path:
+    """Write a finetune model file atomically."""
     import torch
 
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": arch,
-        "head": head,
-        "dropout": float(dropout),
-        "classes": list(classes),
-        "base_weights": base_weights,
-        "preprocessing": dict(preprocessing),
-        "metrics": metrics,
-        "config": config,
-        "temperature": float(temperature),  # probabilities = softmax(logits / temperature); 1.0 = uncalibrated
-        "versions": versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "state_dict": state_dict,
-    }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: torch.save(model.payload(), tmp), "choose another run folder with -o")
 
 
 def update_model_file(path: str | os.PathLike, **fields) -> Path:
-    """Rewrite a model file (atomically) with some top-level fields replaced, e.g. a fitted temperature."""
+    """Rewrite a model file (atomically) with some fields replaced, e.g. a fitted temperature."""
+    return save_model_file(path, replace(load_model_file(path), **fields))
+
+
+def _read(p: Path) -> dict:
     import torch
 
-    payload = load_model_file(path) | fields
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    if p.suffix.lower() == ".safetensors":
+        return _read_safetensors(p)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's advice (weights_only=False) must never reach users
+        raise ModelFileError(f"{p}: not a finetune model file (truncated, corrupt, not PyTorch, or it holds Python "
+                             f"objects that could run code: {type(e).__name__}); refused") from None
+    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, EXPORT_FORMAT):
+        raise ModelFileError(f"{p}: a PyTorch file, but not a finetune model file (no '{FORMAT}' header); "
+                             "use `--weights PATH` to start training from a plain state_dict")
+    return obj
 
 
-def load_model_file(path: str | os.PathLike) -> dict:
-    """Load and validate a finetune model file without unpickling code."""
-    import torch
+def _read_safetensors(p: Path) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
+    try:
+        with safe_open(str(p), "pt") as f:
+            info = json.loads((f.metadata() or {})["finetune"])
+        return info | {"state_dict": load_file(str(p))}
+    except (KeyError, ValueError, TypeError):
+        raise ModelFileError(f"{p}: a safetensors file without finetune's metadata; use `--weights PATH` to start "
+                             "training from it") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ModelFileError(f"{p}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def load_model_file(path: str | os.PathLike) -> ModelFile:
+    """Load and validate a finetune model file (or its .pt / .safetensors export) without unpickling code."""
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"{p}: no such model file; train one with `finetune train DATA` or pass --model PATH")
     if p.stat().st_size == 0:
         raise ModelFileError(f"{p}: the model file is empty (0 bytes)")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch's advice (weights_only=False) must never reach users
-        raise ModelFileError(
-            f"{p}: not a finetune model file (truncated, corrupt, not PyTorch, or it holds Python objects "
-            f"that could run code: {type(e).__name__}); refused"
-        ) from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ModelFileError(f"{p}: a PyTorch file, but not a finetune model file (no '{FORMAT}' header); "
-                             "use `--weights PATH` to start training from a plain state_dict")
+    obj = _read(p)
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise ModelFileError(f"{p}: written by a newer finetune (format {obj['format_version']}); upgrade finetune")
-    return obj
+    return validated_description(obj, p, with_state=True)
 
 
-def model_from_file(path: str | os.PathLike):
-    """(eval-mode model, metadata) from a finetune model file."""
-    from finetune.models import build_model, load_plain_state
+def validated_description(obj: dict, p: Path, with_state: bool = False) -> ModelFile:
+    """A ModelFile from a loaded dict (or an exported program's metadata), refusing one whose description is
+    missing or malformed; with_state, its state_dict of tensors too."""
+    import torch
 
-    meta = load_model_file(path)
-    model, head = build_model(meta["arch"], len(meta["classes"]), meta.get("dropout", 0.0))
+    def bad(what: str):
+        raise ModelFileError(f"{p}: a damaged finetune model file ({what}); train or export it again")
+
+    state = obj.get("state_dict", {}) if with_state else {}
+    if with_state and (not isinstance(state, dict) or not state
+                       or not all(isinstance(v, torch.Tensor) for v in state.values())):
+        bad("no state_dict of tensors")
+    classes = obj.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        bad("no list of class names")
+    if not isinstance(obj.get("arch"), str):
+        bad("no architecture name")
+    pre = obj.get("preprocessing")
+    if not isinstance(pre, dict) or any(k not in pre for k in _PREPROCESSING_KEYS):
+        bad("no preprocessing")
     try:
-        load_plain_state(model, head, meta["state_dict"], meta.get("dropout", 0.0))
+        return ModelFile(arch=obj["arch"], classes=classes, preprocessing=Preprocessing.from_dict(pre),
+                         state_dict=state, head=str(obj.get("head") or ""), dropout=float(obj.get("dropout") or 0.0),
+                         base_weights=obj.get("base_weights"), metrics=dict(obj.get("metrics") or {}),
+                         config=dict(obj.get("config") or {}), temperature=float(obj.get("temperature", 1.0)),
+                         members=obj.get("members"), source=str(p))
+    except (TypeError, ValueError):
+        bad("malformed fields")
+
+
+def network_from_file(path: str | os.PathLike) -> tuple[Network, ModelFile]:
+    """(eval-mode Network, its ModelFile) from a single-model file; its weights must fit its architecture."""
+    mf = load_model_file(path)
+    if mf.members:
+        raise ModelFileError(f"{path}: an exported ensemble; load it with finetune.ensemble.load_members")
+    return network_from(mf, mf.arch, mf.state_dict, mf.dropout), mf
+
+
+def network_from(mf: ModelFile, arch: str, state: dict, dropout: float) -> Network:
+    """Build arch for mf's classes and load state (torchvision key names) into it."""
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelFileError(f"{mf.source}: names architecture {arch!r}, which this torchvision "
+                             f"({torchvision.__version__}) does not have; upgrade torchvision or re-export the model")
+    net = build_network(arch, len(mf.classes), dropout)
+    try:
+        net.load_plain_state(state)
     except RuntimeError as e:
-        raise ModelFileError(f"{path}: weights do not match {meta['arch']} ({str(e).splitlines()[0][:160]})") from None
-    return model.eval(), meta
-
-
-def check_ensemble(paths: list, metas: list[dict], same_preprocessing: bool = False) -> None:
-    """Models can form an ensemble: the same classes in the same order (and, for one exported file that
-    takes one input, the same preprocessing). Exit 2 naming the first file that differs."""
-    first = metas[0]
-    for path, meta in zip(paths[1:], metas[1:]):
-        if meta["classes"] != first["classes"]:
-            raise FinetuneError(f"{path}: its classes {meta['classes']} are not those of {paths[0]} "
-                                f"{first['classes']}; an ensemble needs models of the same classes, in the same "
-                                "order", exit_code=2)
-        if same_preprocessing and meta["preprocessing"] != first["preprocessing"]:
-            raise FinetuneError(f"{path}: its preprocessing {meta['preprocessing']} differs from {paths[0]}'s "
-                                f"{first['preprocessing']}; one exported file takes one input, so export models "
-                                "with the same preprocessing (or predict with several -m instead)", exit_code=2)
+        raise ModelFileError(f"{mf.source}: weights do not match {arch} ({str(e).splitlines()[0][:160]})") from None
+    net.module.eval()
+    return net

@@ -1,9 +1,33 @@
-"""TrainConfig: every training default listed once, with why."""
+"""TrainConfig: every training setting, its default and its choices, declared once, with why; validate().
+
+The CLI reads its defaults and choice lists from here; config files and `finetune tune` go through the
+same validate(), so an option is refused the same way wherever it comes from (UsageError, exit 2).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import UsageError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "step", "plateau", "none")
+MODES = ("finetune", "feature-extract")
+BALANCE = ("none", "weighted-loss", "sampler")
+AUGMENTATIONS = ("none", "light", "standard")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# Pillow's own decompression-bomb error threshold (2 x 89.5 MP): larger images are refused from the header.
+MAX_PIXELS = 178_956_970
+# Largest over smallest class at which train and check warn about imbalance.
+IMBALANCE_WARNING = 1.5
+# Default learning rate per training image in a step (linear scaling rule), from the tutorial's SGD
+# setting (batch 4, lr 1e-3) and AdamW's usual 1e-4 at batch 32.
+LR_PER_IMAGE = {"sgd": 1e-3 / 4, "adamw": 1e-4 / 32}
 
 
 @dataclass(frozen=True)
@@ -14,33 +38,34 @@ class TrainConfig:
     mode: str = "finetune"  # finetune | feature-extract
     dropout: float = 0.0  # before the new head; 0 disables
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
-    lr: float | None = None  # None: per-optimizer default scaled to the batch size
-    momentum: float = 0.9
+    lr: float | None = None  # None: LR_PER_IMAGE x the images in a step
+    momentum: float = 0.9  # SGD's; the torchvision reference recipe's value
     weight_decay: float = 1e-4  # L2; the torchvision reference recipe's value
-    scheduler: str = "cosine"  # step | plateau | cosine | none
+    scheduler: str = "cosine"  # cosine | step | plateau | none
     epochs: int = 10  # enough for a pretrained backbone on a small dataset
     batch_size: int = 32  # larger than the tutorial's 4: fewer, better-utilised steps
     workers: int = -1  # -1: min(4, cpu count - 1)
     augment: str = "standard"  # none | light | standard
-    train_size: int = 0  # training crop in pixels; 0: 80 % of the eval crop in finetune mode (see train_crop)
+    train_size: int = 0  # training crop in pixels; 0: 80 % of the eval crop in finetune mode (training.setup)
     val_fraction: float = 0.2  # used only when DATA has no val folder
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # bf16/fp16 autocast on CUDA only
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # measured faster on CUDA and on CPU
     output: str | None = None  # run folder; default runs/<timestamp>-<model>
+    overwrite: bool = False  # -o names a folder an earlier run wrote: remove that run's files first
     strict: bool = False  # any unusable file stops the run before epoch 1 instead of being skipped
-    max_pixels: int = 178_956_970  # refuse larger images from the header (Pillow's bomb threshold)
+    max_pixels: int = MAX_PIXELS
     balance: str = "none"  # none | weighted-loss | sampler: counter class imbalance
     freeze_epochs: int = 0  # train the head alone this many epochs first, then everything
     backbone_lr_mult: float | None = None  # backbone lr = lr x this; None: 0.1 with --freeze-epochs, else 1
     overfit: int = 0  # sanity check: train and evaluate on this many training images; 0 = a normal run
     patience: int = 0  # early stopping: end after this many epochs without a better val accuracy; 0 = off
-    folds: int = 0  # k-fold cross-validation: 0 = off; else this run trains fold `fold` (0-based) of k
-    fold: int = 0
+    folds: int = 0  # k-fold cross-validation: 0 = off
+    fold: int = 0  # with folds: 0 = every fold in turn; 1..folds = only that fold
     calibrate: bool = False  # fit a softmax temperature on the val set after training (stored in the model)
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
-    sync_bn: bool = False  # several GPU processes: BatchNorm statistics over the global batch, not each GPU's share
+    sync_bn: bool = False  # several GPU processes: BatchNorm statistics over the global batch
 
     def to_dict(self) -> dict:
         """Plain-types view, safe to store inside a model file."""
@@ -52,11 +77,84 @@ class TrainConfig:
             return self.backbone_lr_mult
         return 0.1 if self.freeze_epochs else 1.0
 
-    def base_lr(self, processes: int = 1) -> float:
-        """The learning rate actually used: explicit, or a default linearly scaled to the batch size summed
-        over the processes (each of which takes batch_size images per step)."""
+    def base_lr(self, images_per_step: int) -> float:
+        """The learning rate used: --lr, else LR_PER_IMAGE x the images a step really takes (the batch summed
+        over processes, but never more than the training set holds)."""
         if self.lr is not None:
             return self.lr
-        # Linear scaling rule from the tutorial's (batch 4, lr 1e-3) SGD setting.
-        per_sample = {"sgd": 1e-3 / 4, "adamw": 1e-4 / 32}[self.optimizer]
-        return per_sample * self.batch_size * processes
+        return LR_PER_IMAGE[self.optimizer] * images_per_step
+
+
+def defaults() -> dict:
+    """Every setting's default (what the CLI shows and uses)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+_RULES = (  # (setting, test of its value, what it must be)
+    ("epochs", lambda v: v >= 1, "must be at least 1"),
+    ("batch_size", lambda v: v >= 1, "must be at least 1"),
+    ("lr", lambda v: v is None or (v > 0 and math.isfinite(v)), "must be a positive number, e.g. 0.001"),
+    ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.9"),
+    ("weight_decay", lambda v: v >= 0 and math.isfinite(v), "must be 0 or more"),
+    ("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("freeze_epochs", lambda v: v >= 0, "must be 0 or more"),
+    ("backbone_lr_mult", lambda v: v is None or v >= 0, "must be 0 or more"),
+    ("overfit", lambda v: v >= 0, "must be a number of images, e.g. 50"),
+    ("patience", lambda v: v >= 0, "must be 0 (off) or more"),
+    ("train_size", lambda v: v == 0 or v >= 32, "must be 0 (automatic) or at least 32 pixels, e.g. 224"),
+    ("folds", lambda v: v == 0 or v >= 2, "must be 0 (off) or at least 2, e.g. 5"),
+    ("max_pixels", lambda v: v >= 1, "must be at least 1"),
+    ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
+    ("workers", lambda v: v >= -1, "must be -1 (automatic) or 0 or more"),
+)
+_CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
+            "balance": BALANCE}
+
+
+def option(setting: str) -> str:
+    """The command-line spelling of a setting: batch_size -> --batch-size."""
+    return "--" + setting.replace("_", "-")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Refuse bad settings before any work (UsageError, exit 2); returns cfg."""
+    for name, ok, must in _RULES:
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise UsageError(f"{option(name)} {value}: {must}")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise UsageError(f"{option(name)} {getattr(cfg, name)}: choose one of {', '.join(choices)}")
+    if cfg.folds and not 0 <= cfg.fold <= cfg.folds:
+        raise UsageError(f"--fold {cfg.fold}: must be between 1 and --folds {cfg.folds} (0 = every fold)")
+    if cfg.fold and not cfg.folds:
+        raise UsageError(f"--fold {cfg.fold}: needs --folds K")
+    return cfg
+
+
+def check_names(names, known, what: str) -> None:
+    """Refuse unknown setting names, naming the closest known one."""
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
+            raise UsageError(f"{what}: unknown setting {name!r}{hint}")
+
+
+def load_config(path: str | Path) -> dict:
+    """Settings from a config file: best.json from `finetune tune`, or a flat JSON mapping of settings."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--config {p}: cannot read it ({e.strerror})") from None
+    except ValueError:
+        raise UsageError(f"--config {p}: not JSON; pass a best.json written by `finetune tune` or a JSON object "
+                         "of settings") from None
+    settings = obj.get("settings", obj) if isinstance(obj, dict) else None
+    if not isinstance(settings, dict):
+        raise UsageError(f"--config {p}: not an object of settings; pass a best.json written by `finetune tune`")
+    check_names(settings, set(SETTINGS) - {"data", "output"}, f"--config {p}")
+    return settings

@@ -1,10 +1,9 @@
-"""Pick the torch device from --device."""
+"""The torch device from --device, and the precision a device computes in (--amp)."""
 
 from __future__ import annotations
 
-from finetune.errors import FinetuneError
-
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+from finetune.config import DEVICES
+from finetune.errors import UsageError
 
 
 def resolve_device(spec: str):
@@ -22,15 +21,27 @@ def resolve_device(spec: str):
         return torch.device("cpu")
     if spec == "mps":
         if not torch.backends.mps.is_available():
-            raise FinetuneError("--device mps: MPS is not available on this machine; use --device cpu", exit_code=2)
+            raise UsageError("--device mps: MPS is not available on this machine; use --device cpu")
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise FinetuneError(f"--device {spec}: no CUDA GPU is available here; use --device cpu or auto",
-                                exit_code=2)
+            raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu or auto")
         index = spec.partition(":")[2]
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise FinetuneError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                                f"numbered from 0", exit_code=2)
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             "numbered from 0")
         return torch.device(spec)
-    raise FinetuneError(f"--device {spec}: unknown device; use one of {DEVICE_CHOICES}", exit_code=2)
+    raise UsageError(f"--device {spec}: unknown device; use one of {', '.join(DEVICES)}")
+
+
+def autocast_dtype(device, amp: bool) -> tuple[object | None, str]:
+    """(dtype for torch.autocast or None for float32, why): bf16 where the GPU has it, else fp16 on CUDA."""
+    import torch
+
+    if not amp:
+        return None, "float32 (--no-amp)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bfloat16 autocast (the GPU computes bf16 natively)"
+        return torch.float16, "float16 autocast with loss scaling (no bf16 on this GPU)"
+    return None, f"float32 (mixed precision is not used on {device.type})"

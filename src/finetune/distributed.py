@@ -9,12 +9,15 @@ error handed to every rank. Without those variables everything here is a no-op f
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from finetune.errors import FinetuneError
+from finetune.devices import resolve_device
+from finetune.errors import FinetuneError, UsageError
 
 T = TypeVar("T")
 
@@ -44,8 +47,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
     except ValueError:
-        raise FinetuneError(f"{name}={os.environ[name]!r} in the environment is not a number; launch with torchrun",
-                            exit_code=2) from None
+        raise UsageError(f"{name}={os.environ[name]!r} in the environment is not a number; launch with torchrun") \
+            from None
 
 
 def from_env() -> World:
@@ -65,23 +68,19 @@ def init(device_spec: str = "auto") -> World:
     world = from_env()
     if not world.distributed or _world.distributed:
         return _world if _world.distributed else world
-    import atexit
-
     import torch
     import torch.distributed as dist
 
     spec = device_spec.strip().lower()
     if spec == "mps" or spec.startswith("mps:"):
-        raise FinetuneError("--device mps: distributed training runs on CUDA GPUs or CPUs; use --device cuda or cpu",
-                            exit_code=2)
+        raise UsageError("--device mps: distributed training runs on CUDA GPUs or CPUs; use --device cuda or cpu")
     use_cuda = spec != "cpu" and torch.cuda.is_available()
     if spec.startswith("cuda") and not use_cuda:
-        raise FinetuneError(f"--device {spec}: no CUDA GPU is available here; use --device cpu", exit_code=2)
+        raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
     if use_cuda:
         if world.local_rank >= torch.cuda.device_count():
-            raise FinetuneError(f"local rank {world.local_rank}: this machine has {torch.cuda.device_count()} CUDA "
-                                "device(s); start at most that many processes per node (--nproc-per-node)",
-                                exit_code=2)
+            raise UsageError(f"local rank {world.local_rank}: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s); start at most that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(world.local_rank)
         _comm_device = torch.device("cuda", world.local_rank)
     else:
@@ -94,8 +93,6 @@ def init(device_spec: str = "auto") -> World:
 
 def device(spec: str):
     """The torch device of this process: its own GPU (cuda:LOCAL_RANK) when distributed on GPUs."""
-    from finetune.devices import resolve_device
-
     if not _world.distributed:
         return resolve_device(spec)
     return _comm_device
@@ -114,8 +111,8 @@ def close() -> None:
 def single_process(command: str) -> None:
     """Refuse to run a one-process job under torchrun (every process would repeat it and write the same files)."""
     if from_env().distributed:
-        raise FinetuneError(f"finetune {command} runs in one process; start it without torchrun (only `finetune "
-                            "train` trains with several processes)", exit_code=2)
+        raise UsageError(f"finetune {command} runs in one process; start it without torchrun (only `finetune "
+                         "train` trains with several processes)")
 
 
 def shard(items: Sequence[T], world: World | None = None) -> list[T]:
@@ -155,7 +152,10 @@ def _run_on_main(fn: Callable[[], T], share: bool):
             box[0] = ("error", str(e), e.exit_code)
     dist.broadcast_object_list(box, src=0, device=_comm_device)
     if box[0][0] == "error":
-        raise echoed(error if error is not None else FinetuneError(box[0][1], exit_code=box[0][2]))
+        if error is None:  # another rank's error: the same message and exit code here
+            error = FinetuneError(box[0][1])
+            error.exit_code = box[0][2]
+        raise echoed(error)
     return value if _world.main else box[0][1]
 
 
@@ -223,8 +223,6 @@ def launch(args: list[str], nproc: int) -> int:
     A worker that fails has already printed its one-line error; torch's own failure report (a traceback
     summary) is kept out of the way, and the worker's exit code is returned.
     """
-    import logging
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.checkpoint import write_text_atomic
-from finetune.features import cache_dir
+from finetune.files import cache_dir, write_text_atomic
 
 FORMAT = "finetune-index"
 FORMAT_VERSION = 1
@@ -53,23 +53,43 @@ def save(root: str | os.PathLike, files: dict) -> None:
 
 
 def quick_fingerprint(path: str, size: int) -> str:
-    """SHA-256 of the first and last EDGE_BYTES of a file (the whole file when it is smaller than both)."""
+    """SHA-256 of the first and last EDGE_BYTES of a file (the whole file when it is smaller than both).
+
+    Never reads past size: a file that grew, or a special file posing as one, cannot make it read forever.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        h.update(f.read(EDGE_BYTES))
+        h.update(f.read(min(EDGE_BYTES, size)))
         if size > 2 * EDGE_BYTES:
             f.seek(size - EDGE_BYTES)
-        h.update(f.read())
+        h.update(f.read(max(0, min(EDGE_BYTES, size - EDGE_BYTES))))
     return h.hexdigest()
 
 
-def full_hash(path: str) -> str:
-    """SHA-256 of a file's bytes."""
+def full_hash(path: str, size: int | None = None) -> str:
+    """SHA-256 of a file's first size bytes (default: its size now); never reads more."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        left = os.fstat(f.fileno()).st_size if size is None else size
+        while left > 0:
+            chunk = f.read(min(1 << 20, left))
+            if not chunk:
+                break
             h.update(chunk)
+            left -= len(chunk)
     return h.hexdigest()
+
+
+def _regular_stats(paths: Sequence[str]) -> dict[str, os.stat_result]:
+    out = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[p] = st
+    return out
 
 
 def content_groups(paths: Sequence[str], root: str | os.PathLike | None = None) -> dict[str, str]:
@@ -80,9 +100,9 @@ def content_groups(paths: Sequence[str], root: str | os.PathLike | None = None) 
     known = load(root) if root is not None else {}
     prefix = os.path.join(os.fspath(root), "") if root is not None else ""
     rel = lambda p: p[len(prefix):] if prefix and p.startswith(prefix) else p  # noqa: E731 - relpath is 10x slower
-    stats = {p: os.stat(p) for p in paths}
+    stats = _regular_stats(paths)  # a file gone or replaced since the scan has no twin; decoding names it
     by_size: dict[int, list[str]] = {}
-    for p in paths:
+    for p in stats:
         by_size.setdefault(stats[p].st_size, []).append(p)
     entries: dict[str, list] = {}  # what the index will hold: every file that needed a fingerprint
 
@@ -96,7 +116,10 @@ def content_groups(paths: Sequence[str], root: str | os.PathLike | None = None) 
         # One file after another: on this project's 2-core machine, 2-8 threads made 100k small reads 2-3x slower.
         for p in items:
             if entry(p)[slot] is None:
-                entries[p][slot] = fn(p)
+                try:
+                    entries[p][slot] = fn(p)
+                except OSError:  # unreadable now: unique, so never grouped with another file
+                    entries[p][slot] = f"unreadable:{p}"
 
     candidates = [p for same in by_size.values() if len(same) > 1 for p in same]
     fill(candidates, 2, lambda p: quick_fingerprint(p, stats[p].st_size))
@@ -104,7 +127,7 @@ def content_groups(paths: Sequence[str], root: str | os.PathLike | None = None) 
     for p in candidates:
         by_quick.setdefault((stats[p].st_size, entries[p][2]), []).append(p)
     suspects = [p for same in by_quick.values() if len(same) > 1 for p in same]
-    fill(suspects, 3, full_hash)
+    fill(suspects, 3, lambda p: full_hash(p, stats[p].st_size))
     out, first_by_hash = {}, {}
     for p in suspects:
         out[p] = first_by_hash.setdefault(entries[p][3], p)

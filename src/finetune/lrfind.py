@@ -7,10 +7,15 @@ the point of the lowest (smoothed) loss. A suggestion, not an oracle: the plot t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from finetune.config import TrainConfig
-from finetune.errors import DivergedError, FinetuneError
+from finetune.distributed import single_process
+from finetune.errors import DivergedError, UsageError
+from finetune.files import write_json_atomic
+from finetune.pictures import lr_plot
+from finetune.training.setup import prepare, silent
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single batches are too noisy to read
 STOP_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of the best seen
@@ -27,22 +32,18 @@ class LrFindResult:
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     """(suggested lr, lr of the lowest loss): one tenth of the lr where the smoothed loss bottomed out."""
     if not lrs:
-        raise FinetuneError("the lr range test recorded no step; use more images or a smaller --batch-size")
+        raise UsageError("the lr range test recorded no step; use more images or a smaller --batch-size")
     best = min(range(len(losses)), key=losses.__getitem__)
     return lrs[best] / 10, lrs[best]
 
 
 def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
-            emit=lambda *a, **k: None) -> LrFindResult:
+            emit=silent) -> LrFindResult:
     """Run the range test with cfg's model, data, optimiser and augmentation; the model is thrown away after."""
-    from finetune.train import prepare
-
     if not 0 < start_lr < end_lr:
-        raise FinetuneError(f"--start-lr {start_lr} / --end-lr {end_lr}: need 0 < start < end", exit_code=2)
+        raise UsageError(f"--start-lr {start_lr} / --end-lr {end_lr}: need 0 < start < end")
     if steps < 2:
-        raise FinetuneError(f"--steps {steps}: need at least 2", exit_code=2)
-    from finetune.distributed import single_process
-
+        raise UsageError(f"--steps {steps}: need at least 2")
     single_process("lr-find")
     p = prepare(cfg, emit)
     trainer = p.trainer
@@ -72,3 +73,9 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
             break
     suggestion, at_min = suggest(lrs, smoothed)
     return LrFindResult(lrs, smoothed, suggestion, at_min)
+
+
+def write_result(folder: Path, result: LrFindResult) -> dict[str, Path]:
+    """lr_find.png (loss against lr, the suggestion marked) and lr_find.json in folder."""
+    plot = lr_plot(folder / "lr_find.png", result.lrs, result.losses, result.suggestion, result.min_loss_lr)
+    return {"plot": plot, "json": write_json_atomic(folder / "lr_find.json", asdict(result))}

@@ -9,7 +9,6 @@ file that `finetune train DATA --config best.json` reproduces.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -17,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.checkpoint import write_text_atomic
-from finetune.config import TrainConfig
-from finetune.errors import DivergedError, FinetuneError
+from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
+from finetune.distributed import single_process
+from finetune.errors import DivergedError, UsageError
+from finetune.files import write_csv_atomic, write_json_atomic
+from finetune.training import run_training
 
 # The searched settings and their stage-1 ranges. lr is per optimizer (AdamW wants ~10x lower rates).
 LR_RANGE = {"sgd": (1e-4, 1e-1), "adamw": (1e-5, 1e-2)}
@@ -27,10 +28,7 @@ WEIGHT_DECAY_RANGE = (1e-6, 1e-2)
 DROPOUT_RANGE = (0.0, 0.5)
 BATCH_SIZES = (16, 32, 64)
 AUGMENTS = ("light", "standard")
-OPTIMIZERS = ("sgd", "adamw")
-MODES = ("finetune", "feature-extract")
 TOP = 3  # stage 2 narrows around this many best stage-1 trials
-SEARCHED = ("lr", "weight_decay", "dropout", "batch_size", "augment", "optimizer", "mode")
 
 
 @dataclass
@@ -113,14 +111,11 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
     run(cfg) trains one trial (default: finetune.train.run_training, silent); budget is in seconds:
     no new trial starts after it is spent.
     """
-    from finetune.distributed import single_process
-    from finetune.train import run_training, validate
-
     single_process("tune")
     if trials < 1:
-        raise FinetuneError(f"--trials {trials}: must be at least 1", exit_code=2)
+        raise UsageError(f"--trials {trials}: must be at least 1")
     if coarse_epochs < 1 or fine_epochs < 1:
-        raise FinetuneError("--coarse-epochs and --fine-epochs must be at least 1", exit_code=2)
+        raise UsageError("--coarse-epochs and --fine-epochs must be at least 1")
     validate(base)
     run = run or (lambda cfg: run_training(cfg))
     space = space or Space()
@@ -163,41 +158,12 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
         settings = dataclasses.replace(base, **best.params, epochs=best.epochs, output=None).to_dict()
         settings.pop("data")
         settings.pop("output")
-        best_config = write_text_atomic(root / "best.json", json.dumps(
-            {"format": "finetune-config", "trial": best.number, "val_acc": best.val_acc, "settings": settings},
-            indent=2))
+        best_config = write_json_atomic(root / "best.json", {"format": "finetune-config", "trial": best.number,
+                                                            "val_acc": best.val_acc, "settings": settings})
     return TuneResult(root, done, best, best_config, stopped)
 
 
 def _write_trials(root: Path, trials: list[Trial]) -> None:
-    import csv
-    import io
-
     rows = [t.row() for t in trials]
-    write_text_atomic(root / "trials.json", json.dumps(rows, indent=2))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(root / "trials.csv", buf.getvalue())
-
-
-def load_config(path: str | Path) -> dict:
-    """Settings from a config file written by `finetune tune` (best.json), checked against TrainConfig."""
-    p = Path(path)
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FinetuneError(f"--config {p}: cannot read it ({e.strerror})", exit_code=2) from None
-    except ValueError:
-        raise FinetuneError(f"--config {p}: not JSON; pass a best.json written by `finetune tune`", exit_code=2) \
-            from None
-    settings = obj.get("settings") if isinstance(obj, dict) else None
-    if not isinstance(settings, dict):
-        raise FinetuneError(f"--config {p}: no \"settings\" object; pass a best.json written by `finetune tune`",
-                            exit_code=2)
-    known = set(TrainConfig.__dataclass_fields__) - {"data", "output"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise FinetuneError(f"--config {p}: unknown setting(s) {', '.join(unknown)}", exit_code=2)
-    return settings
+    write_json_atomic(root / "trials.json", rows)
+    write_csv_atomic(root / "trials.csv", list(rows[0]), rows)

@@ -1,0 +1,181 @@
+"""`finetune predict`, `evaluate` and `export`: a trained model (or several) put to use."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Column, Table
+
+from finetune.cli import options as o
+from finetune.cli.app import command
+from finetune.cli.render import LazyProgress, err, esc, out, pct, warn
+from finetune.config import MAX_PIXELS
+from finetune.errors import UsageError
+from finetune.evaluate import evaluate_folder
+from finetune.export import ATOL, FORMATS, RTOL, export_model
+from finetune.files import dumps_json, latest_model
+from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
+
+
+def model_paths(models: list[str] | None) -> list[str]:
+    """-m given once or more (an ensemble), else the latest run's best model."""
+    return list(models) if models else [str(latest_model())]
+
+
+def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> None:
+    """One line on stderr: which model (path, arch, classes, val accuracy), and why when it was not given."""
+    if not quiet:
+        why = "" if given else "; the latest run's, from runs/latest.json (-m chooses another)"
+        err.print(f"[bold]model[/] {esc(', '.join(paths))} ({esc(description)}){why}", highlight=False)
+
+
+@command(epilog="Example: finetune predict photo.jpg ./more_photos 'shots/*.png' -k 2 --json")
+def predict(
+    paths: Annotated[list[str], typer.Argument(metavar="IMAGES", show_default=False, help=(
+        "Image files, folders (searched recursively) or globs."))],
+    model: o.Models = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", metavar="K", help="Classes to show per image.")] = 3,
+    tta: o.Tta = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
+    sort_into_dir: Annotated[str | None, typer.Option("--sort-into", metavar="FOLDER", help=(
+        "Also copy each image into FOLDER/<predicted class>/ (never moves or overwrites; an identical copy "
+        "already there is kept), logged in FOLDER/sorted.csv."))] = None,
+    min_confidence: Annotated[float, typer.Option(metavar="P", help=(
+        "With --sort-into: images whose top probability is below this go to unsure/."))] = 0.0,
+    batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
+    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
+) -> None:
+    """Classify images with a trained model: top-k classes with probabilities."""
+    if not 0 <= min_confidence <= 1:
+        raise UsageError(f"--min-confidence {min_confidence}: must be between 0 and 1")
+    if as_json and as_csv:
+        raise UsageError("--json and --csv: choose one")
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be at least 1")
+    files, unusable = expand_inputs(paths)
+    check_inputs(files, unusable)
+    chosen = model_paths(model)
+    predictor = load_predictor(chosen, device, tta, max_pixels)
+    name_model(chosen, predictor.info.describe(), bool(model), quiet)
+    with LazyProgress("predicting", quiet) as bar:
+        bar.start(len(files))
+        results = list(predictor.predict(files, top_k, batch_size, workers, bar.advance))
+    good = [r for r in results if not isinstance(r, Failure)]
+    bad = unusable + [r for r in results if isinstance(r, Failure)]
+    for f in bad:
+        warn(f"skipped {esc(f.path)}: {esc(f.reason)}")
+    _print_predictions(good, as_json, as_csv, min(top_k, len(predictor.classes)))
+    if sort_into_dir and good:
+        done = sort_into(good, sort_into_dir, min_confidence)
+        counts = ", ".join(f"{esc(k)} {v}" for k, v in done["folders"].items())
+        err.print(f"sorted {len(good)} image(s) into {esc(sort_into_dir)}/ ({counts}; {done['copied']} copied now, "
+                  f"the rest already there); log: {esc(str(done['log']))}", highlight=False)
+    if bad:
+        err.print(f"[yellow]{len(bad)} of {len(good) + len(bad)} input(s) skipped[/]")
+    if not good:
+        raise typer.Exit(1)
+
+
+def _print_predictions(good: list, as_json: bool, as_csv: bool, k: int) -> None:
+    if as_json:
+        payload = [{"path": r.path, "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top]}
+                   for r in good]
+        sys.stdout.write(dumps_json(payload) + "\n")
+    elif as_csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["path"] + [f"{x}{i}" for i in range(1, k + 1) for x in ("class", "probability")])
+        for r in good:
+            w.writerow([r.path] + [v for c, p in r.top for v in (c, f"{p:.6f}")])
+    else:
+        table = Table(Column("image", overflow="fold"), *[f"#{i}" for i in range(1, k + 1)])
+        for r in good:
+            table.add_row(esc(r.path), *[f"{esc(c)} {p * 100:.1f}%" for c, p in r.top])
+        out.print(table)
+
+
+@command(epilog="Example: finetune export model.onnx --model runs/20261123-101500-resnet18/best.pt")
+def export(
+    out_path: Annotated[str, typer.Argument(metavar="OUT", show_default=False, help=(
+        f"Output file, by suffix: {', '.join(FORMATS)} (.pt: torchvision state_dict + metadata; .pt2: "
+        "torch.export program)."))],
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
+        "Model file; repeat to export an ensemble as one file (same classes and preprocessing). Default: the "
+        "latest run's best model."))] = None,
+    check_images: Annotated[str | None, typer.Option(metavar="IMAGES", help=(
+        "Images to verify the export on. Default: the run's val images."))] = None,
+    quiet: o.InferQuiet = False,
+) -> None:
+    """Write a model that loads without finetune, checked against PyTorch on real images."""
+    chosen = model_paths(model)
+    with err.status(f"exporting {esc(out_path)}"):
+        report = export_model(chosen, out_path, check_images)
+    err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max logit difference "
+              f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
+              f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
+    out.print(str(report.path), highlight=False, soft_wrap=True)
+
+
+@command(epilog="Example: finetune evaluate ./images --model runs/20261123-101500-resnet18/best.pt --json")
+def evaluate(
+    data: Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
+        "Labelled folder: its val/ when it has train/ and val/, else every image of its class folders."))],
+    model: o.Models = None, as_json: o.AsJson = False,
+    wrong: Annotated[int, typer.Option(metavar="N", help="How many of the most confidently wrong images to list.")
+                     ] = 10,
+    tta: o.Tta = False, batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
+    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
+) -> None:
+    """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes."""
+    chosen = model_paths(model)
+    with LazyProgress("evaluating", quiet) as bar:
+        r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance)
+    name_model(chosen, r["model_description"], bool(model), quiet)
+    if as_json:
+        sys.stdout.write(dumps_json(r) + "\n")
+    _render_evaluation(r)
+
+
+def _render_evaluation(r: dict) -> None:
+    low, high = r["accuracy_ci95"]
+    err.print(f"[bold]accuracy[/] {pct(r['accuracy'])} ({r['correct']}/{r['images']}), 95 % CI {pct(low)}-{pct(high)} "
+              f"(Wilson)   on {esc(r['data'])}", highlight=False)
+    table = Table("class", "precision", "recall", "F1", "support", title="per class", title_justify="left")
+    for name, m in r["per_class"].items():
+        table.add_row(esc(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    macro = r["macro"]
+    table.add_row("macro avg", f"{macro['precision']:.3f}", f"{macro['recall']:.3f}", f"{macro['f1']:.3f}",
+                  str(r["images"]), style="bold")
+    err.print(table)
+    if len(r["classes"]) <= 20:
+        cm = Table("true \\ predicted", *map(esc, r["classes"]), title="confusion matrix", title_justify="left")
+        for name, row in zip(r["classes"], r["confusion_matrix"]):
+            cm.add_row(esc(name), *map(str, row))
+        err.print(cm)
+    if "members" in r:
+        _render_members(r)
+    cal = r["calibration"]
+    after = (f"; {cal['ece_after']:.3f} with the model's temperature {cal['temperature']:.3g}" if cal["fitted"]
+             else " (of the averaged probabilities, each model with its own temperature)" if "members" in r
+             else " (no temperature fitted: train with --calibrate)")
+    err.print(f"[bold]calibration[/] expected calibration error {cal['ece_before']:.3f} raw{after}", highlight=False)
+    if r["most_confident_wrong"]:
+        w = Table("image", "true", "predicted", "probability", title="most confidently wrong", title_justify="left")
+        for m in r["most_confident_wrong"]:
+            w.add_row(esc(m["path"]), esc(m["true"]), esc(m["predicted"]), f"{m['probability']:.3f}")
+        err.print(w)
+    for s in r["skipped"]:
+        warn(f"skipped {esc(s['path'])}: {esc(s['reason'])}")
+
+
+def _render_members(r: dict) -> None:
+    t = Table("model", "accuracy", "95 % CI", "macro F1", "ECE", title="ensemble and its members", title_justify="left")
+    for m in r["members"]:
+        t.add_row(esc(m["model"]), pct(m["accuracy"]), "-".join(map(pct, m["accuracy_ci95"])), f"{m['macro_f1']:.3f}",
+                  f"{m['ece']:.3f}")
+    t.add_row(f"ensemble of {len(r['members'])}", pct(r["accuracy"]), "-".join(map(pct, r["accuracy_ci95"])),
+              f"{r['macro']['f1']:.3f}", f"{r['calibration']['ece_before']:.3f}", style="bold")
+    err.print(t)

@@ -1,0 +1,124 @@
+"""Every command-line option, declared once, its default and choices read from finetune.config; commands
+that share an option (train, lr-find, tune) share its declaration."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from finetune.config import (AUGMENTATIONS, BALANCE, DEVICES, LR_PER_IMAGE, MODES, OPTIMIZERS, SCHEDULERS,
+                             defaults)
+
+D = defaults()
+DATA, MODEL, OPTIM, CHECKS, OUTPUT, PERF = "Data", "Model", "Optimisation", "Checks", "Output", "Performance"
+
+
+def one_of(choices) -> str:
+    return ", ".join(choices)
+
+
+Data = Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
+    "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside."))]
+OptionalData = Annotated[str | None, typer.Argument(metavar="DATA", show_default=False, help=(
+    "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside. "
+    "Not needed with --resume."))]
+Model = Annotated[str, typer.Option("--model", "-m", metavar="NAME", rich_help_panel=MODEL, help=(
+    "Any torchvision classification model: resnet18, resnet50, wide_resnet50_2, resnext50_32x4d, alexnet, "
+    "mobilenet_v2, ..."))]
+Weights = Annotated[str, typer.Option(metavar="WEIGHTS", rich_help_panel=MODEL, help=(
+    "DEFAULT (ImageNet, downloaded once), an enum name such as IMAGENET1K_V2, none (random init), or a path to a "
+    "state_dict file."))]
+Mode = Annotated[str, typer.Option(metavar="MODE", rich_help_panel=MODEL, help=(
+    f"{one_of(MODES)}: train everything, or a frozen backbone and the head only."))]
+Dropout = Annotated[float, typer.Option(metavar="P", rich_help_panel=MODEL, help="Dropout before the new head "
+                                        "(0 = none).")]
+FreezeEpochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=MODEL, help=(
+    "Train only the head for this many epochs, then unfreeze the backbone."))]
+BackboneLrMult = Annotated[float | None, typer.Option(metavar="X", rich_help_panel=MODEL, help=(
+    "Backbone learning rate = --lr x this. Default: 0.1 with --freeze-epochs, else 1."))]
+
+Epochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=OPTIM, help="Passes over the training images.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", rich_help_panel=OPTIM,
+                                        help="Images per step (per process with --gpus).")]
+Lr = Annotated[float | None, typer.Option(metavar="LR", rich_help_panel=OPTIM, help=(
+    f"Learning rate. Default: {4 * LR_PER_IMAGE['sgd']:g} per 4 images in a step for SGD ({32 * LR_PER_IMAGE['sgd']:g} "
+    f"at -b 32), {32 * LR_PER_IMAGE['adamw']:g} per 32 images for AdamW."))]
+Optimizer = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, help=(
+    f"{one_of(OPTIMIZERS)} (SGD with Nesterov momentum)."))]
+Momentum = Annotated[float, typer.Option(metavar="M", rich_help_panel=OPTIM, help="SGD momentum.")]
+WeightDecay = Annotated[float, typer.Option(metavar="WD", rich_help_panel=OPTIM, help="L2 weight decay.")]
+Scheduler = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, help=(
+    f"Learning-rate schedule: {one_of(SCHEDULERS)}."))]
+Augment = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, help=(
+    f"Training augmentation, {one_of(AUGMENTATIONS)}: light = crop 35-100 % + flip; standard = crop 8-100 %, "
+    "flip, rotation up to 10 deg."))]
+TrainSize = Annotated[int, typer.Option(metavar="PX", rich_help_panel=OPTIM, help=(
+    "Training crop in pixels. 0 = automatic: 80 % of the eval crop in finetune mode (176 for 224), which matches "
+    "the apparent object size of random crops and trains faster; else the eval crop."))]
+Balance = Annotated[str, typer.Option(metavar="HOW", rich_help_panel=OPTIM, help=(
+    f"Class imbalance, {one_of(BALANCE)}: rarer classes weigh more in the loss, or are drawn as often."))]
+Patience = Annotated[int, typer.Option(metavar="N", rich_help_panel=OPTIM, help=(
+    "Early stopping: stop after this many epochs without a better val accuracy (0 = off)."))]
+Calibrate = Annotated[bool, typer.Option("--calibrate", rich_help_panel=OPTIM, help=(
+    "After training, fit a softmax temperature on the val images so probabilities match accuracy; stored in "
+    "the model."))]
+
+ValFraction = Annotated[float, typer.Option(metavar="F", rich_help_panel=DATA, help=(
+    "Share of each class held out for validation when DATA has no val/ folder (stratified)."))]
+Seed = Annotated[int, typer.Option(metavar="N", rich_help_panel=DATA, help="Seed for the split, initialisation "
+                                   "and shuffling.")]
+Strict = Annotated[bool, typer.Option("--strict", rich_help_panel=DATA, help=(
+    "Stop (exit 3) before training if any file cannot be used, instead of skipping it with a warning."))]
+MaxPixels = Annotated[int, typer.Option(metavar="N", rich_help_panel=DATA, help=(
+    "Refuse images with more pixels than this (decompression bombs), read from the header."))]
+Folds = Annotated[int, typer.Option(metavar="K", rich_help_panel=DATA, help=(
+    "k-fold cross-validation: one model per stratified fold (train/ and val/ pooled); mean ± sd val accuracy. "
+    "0 = off."))]
+Fold = Annotated[int, typer.Option(metavar="N", rich_help_panel=DATA, help=(
+    "With --folds K: train only fold N (1..K), e.g. to spread folds over machines. 0 = every fold."))]
+
+Overfit = Annotated[int, typer.Option(metavar="N", rich_help_panel=CHECKS, help=(
+    "Sanity check: train on N training images (e.g. 50) with no augmentation or regularisation; it should reach "
+    "100 % on them."))]
+Deterministic = Annotated[bool, typer.Option("--deterministic", rich_help_panel=CHECKS, help=(
+    "Deterministic kernels: bit-for-bit repeatable runs (slower on GPU)."))]
+
+Device = Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PERF, help=(
+    f"{one_of(DEVICES)}; auto = CUDA, then MPS, then CPU."))]
+Workers = Annotated[int, typer.Option("--workers", "-j", metavar="N", rich_help_panel=PERF, help=(
+    "Decoding threads / loader workers; -1 = automatic."))]
+Amp = Annotated[bool, typer.Option(rich_help_panel=PERF, help="Mixed precision where the device computes it "
+                                   "faster (bf16/fp16 on CUDA).")]
+ChannelsLast = Annotated[bool, typer.Option(rich_help_panel=PERF, help="channels_last memory format (faster "
+                                            "convolutions on CUDA and CPU).")]
+Gpus = Annotated[int, typer.Option(metavar="N", rich_help_panel=PERF, help=(
+    "Train on N GPUs of this machine (DistributedDataParallel through torchrun); -b is per GPU. With --device "
+    "cpu: N CPU processes. Several machines: see docs/distributed.md."))]
+SyncBn = Annotated[bool, typer.Option("--sync-bn", rich_help_panel=PERF, help=(
+    "With several GPUs: BatchNorm statistics over all GPUs' images (SyncBatchNorm)."))]
+
+Output = Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", rich_help_panel=OUTPUT, help=(
+    "Run folder. Default: runs/<date>-<time>-<model>. An existing folder must be empty (see --overwrite)."))]
+Overwrite = Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT, help=(
+    "-o names a folder an earlier run wrote: remove that run's files first."))]
+Resume = Annotated[str | None, typer.Option(metavar="RUN", rich_help_panel=OUTPUT, help=(
+    "Continue a run folder from its last completed epoch, with that run's settings (a larger --epochs trains "
+    "it further)."))]
+Config = Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=OUTPUT, help=(
+    "Settings from a JSON file (a best.json from `finetune tune`); options on the command line override them."))]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress output.")]
+
+# Inference commands.
+Models = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
+    "Model file (best.pt, or an export: .pt, .safetensors, .pt2, .onnx); repeat for an ensemble. Default: the "
+    "latest run's best model (runs/latest.json)."))]
+Tta = Annotated[bool, typer.Option("--tta", help=(
+    "Test-time augmentation: average the logits of each image and its mirror image (two forward passes)."))]
+InferBatch = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", help="Images per forward pass.")]
+InferWorkers = Annotated[int, typer.Option("--workers", "-j", metavar="N", help="Decoding threads.")]
+InferDevice = Annotated[str, typer.Option(metavar="DEVICE", help=f"{one_of(DEVICES)}.")]
+InferMaxPixels = Annotated[int, typer.Option(metavar="N", help=(
+    "Refuse images with more pixels than this (decompression bombs), read from the header."))]
+AsJson = Annotated[bool, typer.Option("--json", help="The full result as JSON on stdout.")]
+InferQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no model line on stderr.")]

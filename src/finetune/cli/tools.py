@@ -1,0 +1,189 @@
+"""`finetune check`, `lr-find` and `tune`: looking at the data and searching settings before a real run."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.progress import Progress
+from rich.table import Table
+
+from finetune.check import check_dataset
+from finetune.cli import options as o
+from finetune.cli.app import command
+from finetune.cli.render import err, esc, out, pct
+from finetune.cli.train import command_line
+from finetune.cli.views import TrainView
+from finetune.config import MODES, TrainConfig
+from finetune.errors import DivergedError, UsageError
+from finetune.files import dumps_json, timestamped_dir
+from finetune.lrfind import lr_find as run_lr_find
+from finetune.lrfind import write_result
+from finetune.tune import Space, run_search
+
+D = o.D
+
+
+@command(epilog="Example: finetune check ./images --json > report.json")
+def check(
+    data: o.Data, as_json: o.AsJson = False, val_fraction: o.ValFraction = D["val_fraction"], seed: o.Seed = D["seed"],
+    max_pixels: o.MaxPixels = D["max_pixels"],
+    workers: Annotated[int, typer.Option("--workers", "-j", metavar="N", help="Reading threads.")] = 2,
+) -> None:
+    """Inspect a dataset before training: counts, unusable files, duplicates and train/val leakage."""
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("checking", total=None)
+        report = check_dataset(data, val_fraction, seed, workers, max_pixels,
+                               on_progress=lambda i, n: progress.update(task, completed=i, total=n))
+    if as_json:
+        sys.stdout.write(dumps_json(report) + "\n")
+    _render_check(report)
+
+
+def _render_check(r: dict) -> None:
+    files = r["usable"] + len(r["skipped"])
+    err.print(f"[bold]{esc(r['root'])}[/]: {len(r['classes'])} classes, {files} files: {r['usable']} usable images, "
+              f"{len(r['skipped'])} skipped ({r['layout']})", highlight=False)
+    table = Table("class", "train", "val", title="images per class", title_justify="left")
+    for c in r["classes"]:
+        table.add_row(esc(c), str(r["counts"]["train"][c]), str(r["counts"]["val"][c]))
+    err.print(table)
+    for part, ratio in r["imbalance"].items():
+        if ratio and ratio >= r["imbalance_warning"]:
+            err.print(f"[yellow]imbalance:[/] {part} largest class is {ratio:.1f}x the smallest")
+    sizes = r["sizes"]
+    if sizes["min"]:
+        err.print(f"sizes: min {sizes['min'][0]}x{sizes['min'][1]}, median {sizes['median'][0]:g}x"
+                  f"{sizes['median'][1]:g}, max {sizes['max'][0]}x{sizes['max'][1]}; modes "
+                  + ", ".join(f"{m} {n}" for m, n in r["modes"].items()), highlight=False)
+    if r["exif_rotated"]:
+        err.print(f"{len(r['exif_rotated'])} photo(s) carry an EXIF rotation (applied when loading)")
+    findings = [("skipped", [f"{s['path']}: {s['reason']}" for s in r["skipped"]])]
+    dup = r["duplicates"]
+    for key, label in (("train_val_leakage", "identical files in train and val (leakage)"),
+                       ("across_classes", "identical files under different classes (conflicting labels)"),
+                       ("within_class", "identical files within a class")):
+        findings.append((label, [" = ".join(f"{m['split']}/{m['class']}: {m['path']}" for m in g) for g in dup[key]]))
+    for label, items in findings:
+        if items:
+            err.print(f"[yellow]{len(items)} {label}:[/]")
+            for item in items:
+                err.print(f"  {esc(item)}", highlight=False)
+    if not any(items for _, items in findings):
+        err.print("[green]no unusable files, no duplicates[/]")
+
+
+@command("lr-find", epilog="Example: finetune lr-find ./images --model resnet50")
+def lr_find(
+    ctx: typer.Context, data: o.Data, model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    mode: o.Mode = D["mode"], optimizer: o.Optimizer = D["optimizer"], batch_size: o.BatchSize = D["batch_size"],
+    augment: o.Augment = D["augment"], seed: o.Seed = D["seed"], device: o.Device = D["device"],
+    workers: o.Workers = D["workers"],
+    start_lr: Annotated[float, typer.Option(metavar="LR", help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(metavar="LR", help=(
+        "Last learning rate (the test stops earlier once the loss explodes)."))] = 10.0,
+    steps: Annotated[int, typer.Option(metavar="N", help="Steps from --start-lr to --end-lr.")] = 100,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", help=(
+        "Folder for lr_find.png and lr_find.json. Default: runs/lr-find-<date>-<time>-<model>."))] = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Learning-rate range test: plot loss against an exponentially rising lr and suggest a rate."""
+    cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, optimizer=optimizer, batch_size=batch_size,
+                      augment=augment, seed=seed, device=device, workers=workers)
+    with TrainView(quiet) as view:
+        result = run_lr_find(cfg, start_lr, end_lr, steps, view)
+    files = write_result(Path(output) if output else timestamped_dir("lr-find", model), result)
+    again = command_line(ctx, skip={"start_lr", "end_lr", "steps", "output", "quiet"})
+    err.print(esc(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: "
+                  f"{files['plot']}; train with: finetune train {shlex.join(again)} --lr {result.suggestion:.2g}"),
+              highlight=False)
+    out.print(f"{result.suggestion:.3g}")
+
+
+def _seconds(text: str | None) -> float | None:
+    """A time budget: 900, 900s, 15m or 2h."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise UsageError(f"--budget {text}: give seconds or a number with s, m or h, e.g. 30m") from None
+    if value <= 0:
+        raise UsageError(f"--budget {text}: must be positive")
+    return value
+
+
+def _trials_table(rows: list, title: str) -> Table:
+    t = Table("#", "stage", "mode", "optimizer", "lr", "wd", "dropout", "batch", "augment", "epochs", "val acc", "s",
+              title=title, title_justify="left")
+    best = max((r.val_acc for r in rows if r.status == "ok"), default=None)
+    for r in rows:
+        p = r.params
+        acc = pct(r.val_acc) if r.status == "ok" else ("..." if r.status == "running" else r.status)
+        t.add_row(str(r.number), str(r.stage), p["mode"], p["optimizer"], f"{p['lr']:.2g}", f"{p['weight_decay']:.1g}",
+                  f"{p['dropout']:.2f}", str(p["batch_size"]), p["augment"], str(r.epochs), acc, f"{r.seconds:.0f}",
+                  style="bold green" if r.status == "ok" and r.val_acc == best else None)
+    return t
+
+
+@command(epilog="Example: finetune tune ./images --trials 30 --budget 1h --mode feature-extract")
+def tune(
+    data: o.Data, model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    trials: Annotated[int, typer.Option(metavar="N", help=(
+        "Trials in all: about 70 % coarse (wide ranges, --coarse-epochs), then fine (ranges narrowed around the "
+        "best 3, --fine-epochs)."))] = 20,
+    coarse_epochs: Annotated[int, typer.Option(metavar="N", help="Epochs per stage-1 trial.")] = 3,
+    fine_epochs: Annotated[int, typer.Option(metavar="N", help="Epochs per stage-2 trial.")] = 10,
+    budget: Annotated[str | None, typer.Option(metavar="TIME", help=(
+        "Time budget (900, 15m, 2h): no trial starts after it."))] = None,
+    mode: Annotated[str, typer.Option(metavar="MODE", help=(
+        "Modes to search: both, finetune or feature-extract (fast: backbone features computed once, cached)."))
+                    ] = "both",
+    seed: o.Seed = D["seed"], val_fraction: o.ValFraction = D["val_fraction"], device: o.Device = D["device"],
+    workers: o.Workers = D["workers"],
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", help=(
+        "Search folder. Default: runs/tune-<date>-<time>-<model>."))] = None,
+) -> None:
+    """Random hyper-parameter search, coarse then fine; writes every trial and the best settings (best.json)."""
+    if mode not in ("both", *MODES):
+        raise UsageError(f"--mode {mode}: choose both, {', '.join(MODES)}")
+    root = Path(output) if output else timestamped_dir("tune", model)
+    base = TrainConfig(data=data, model=model, weights=weights, seed=seed, val_fraction=val_fraction, device=device,
+                       workers=workers)
+    rows: list = []
+    title = f"finetune tune: {esc(str(root))}"
+    with Live(_trials_table(rows, title), console=err, refresh_per_second=4, transient=False) as live:
+        def view(event: str, **kw) -> None:
+            if event == "trial_start":
+                rows.append(kw["trial"])
+            if event == "stage":
+                around = ", ".join(map(str, kw["around"])) or "none (no trial succeeded)"
+                live.console.print(f"[bold]stage 2[/]: ranges narrowed around trials {around}")
+            live.update(_trials_table(rows, title))
+
+        space = Space(mode=MODES if mode == "both" else (mode,))
+        result = run_search(base, root, trials, coarse_epochs, fine_epochs, _seconds(budget), seed, space, view)
+    if not err.is_terminal:
+        err.print()  # Live leaves its last frame without a line end when stderr is a file or pipe
+    _tune_outcome(result, trials, data, root)
+
+
+def _tune_outcome(result, trials: int, data: str, root: Path) -> None:
+    if result.stopped_by_budget:
+        err.print(f"[yellow]time budget spent[/]: {len(result.trials)} of {trials} trials ran")
+    failed = sum(t.status != "ok" for t in result.trials)
+    if failed:
+        err.print(f"[yellow]{failed} trial(s) diverged[/] (loss NaN/inf: learning rate too high for them)")
+    if result.best is None:
+        raise DivergedError("no trial finished: every one diverged; lower the learning rates (they are searched "
+                            "log-uniformly) or check the data with `finetune check`")
+    err.print(esc(f"best: trial {result.best.number}, val accuracy {pct(result.best.val_acc)}; all trials in "
+                  f"{root / 'trials.csv'}; reproduce with: finetune train {shlex.quote(data)} --config "
+                  f"{result.best_config}"), highlight=False)
+    out.print(str(result.best_config), highlight=False, soft_wrap=True)

@@ -1,0 +1,205 @@
+"""`finetune train`: options -> a frozen TrainConfig -> the library -> rendered results."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import typer
+from rich.table import Table
+
+from finetune import distributed
+from finetune.cli import options as o
+from finetune.cli.app import command, state
+from finetune.cli.render import err, esc, out, pct
+from finetune.cli.views import TrainView
+from finetune.config import SETTINGS, TrainConfig, load_config
+from finetune.errors import Interrupted, UsageError
+from finetune.training import run_training
+from finetune.training.folds import cross_validate
+from finetune.training.resume import STATE_FILE, resume_config
+from finetune.training.sanity import overfit_config, overfit_verdict
+
+D = o.D
+NOT_SETTINGS = {"gpus", "resume", "config", "quiet"}
+
+
+@command(epilog="Example: finetune train ./images --model resnet50 --epochs 15")
+def train(
+    ctx: typer.Context, data: o.OptionalData = None, val_fraction: o.ValFraction = D["val_fraction"],
+    seed: o.Seed = D["seed"], strict: o.Strict = D["strict"], max_pixels: o.MaxPixels = D["max_pixels"],
+    folds: o.Folds = D["folds"], fold: o.Fold = D["fold"], model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    mode: o.Mode = D["mode"], dropout: o.Dropout = D["dropout"], freeze_epochs: o.FreezeEpochs = D["freeze_epochs"],
+    backbone_lr_mult: o.BackboneLrMult = D["backbone_lr_mult"], epochs: o.Epochs = D["epochs"],
+    batch_size: o.BatchSize = D["batch_size"], lr: o.Lr = D["lr"], optimizer: o.Optimizer = D["optimizer"],
+    momentum: o.Momentum = D["momentum"], weight_decay: o.WeightDecay = D["weight_decay"],
+    scheduler: o.Scheduler = D["scheduler"], augment: o.Augment = D["augment"], train_size: o.TrainSize = D["train_size"],
+    balance: o.Balance = D["balance"], patience: o.Patience = D["patience"], calibrate: o.Calibrate = D["calibrate"],
+    overfit: o.Overfit = D["overfit"], deterministic: o.Deterministic = D["deterministic"],
+    device: o.Device = D["device"], workers: o.Workers = D["workers"], amp: o.Amp = D["amp"],
+    channels_last: o.ChannelsLast = D["channels_last"], gpus: o.Gpus = 1, sync_bn: o.SyncBn = D["sync_bn"],
+    output: o.Output = D["output"], overwrite: o.Overwrite = D["overwrite"], resume: o.Resume = None,
+    config: o.Config = None, quiet: o.Quiet = False,
+) -> None:
+    """Fine-tune a pretrained torchvision model on a folder of photos."""
+    if gpus != 1:
+        raise typer.Exit(_launch(ctx, gpus, device))
+    world = distributed.init(device)
+    quiet = quiet or not world.main
+    cfg, resume_state = _config(ctx, data, config, resume)
+    if cfg.folds and not cfg.fold and resume_state is None:
+        _cross_validate(cfg, quiet, world.main)
+        return
+    result = _run(cfg, resume_state, quiet, world.distributed)
+    if world.main:
+        _summary(result, cfg, quiet)
+        out.print(str(result.model_path), highlight=False, soft_wrap=True)
+
+
+def given_settings(ctx: typer.Context) -> dict:
+    """The settings typed on the command line (not defaults), by name."""
+    return {name: value for name, value in ctx.params.items() if name in SETTINGS and _typed(ctx, name)}
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _config(ctx: typer.Context, data: str | None, config: str | None, resume: str | None):
+    """The run's TrainConfig: defaults < --config file < options typed; or, resuming, the run's own settings."""
+    given = given_settings(ctx)
+    if resume:  # read by rank 0 (other machines may not share its disk) and handed to all
+        if config:
+            raise UsageError("--resume and --config: a resumed run keeps its own settings; give one of them")
+        return distributed.on_main(lambda: resume_config(resume, given))
+    if data is None:
+        raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
+    settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
+    if config:
+        settings |= {k: v for k, v in load_config(config).items() if k not in given}
+    cfg = TrainConfig(**settings)
+    return (overfit_config(cfg) if cfg.overfit else cfg), None
+
+
+def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool):
+    """One run, stopped cleanly by a first Ctrl-C/SIGTERM (after the step), with how to go on."""
+    requested = {"signal": 0}
+
+    def soft_stop(signum: int) -> None:
+        requested["signal"] = signum
+        if distributed.current().main:
+            err.print("[yellow]stopping after this step (again to stop at once)[/]")
+
+    state["soft_stop"] = soft_stop
+    try:
+        with TrainView(quiet) as view:
+            return run_training(cfg, view, stop=lambda: requested["signal"], resume=resume_state)
+    except Interrupted as e:
+        if distributed.current().main:
+            _interrupted(e.run_dir, several)
+        if e.collective:  # all ranks stopped at the same step; rank 0 said how to resume
+            distributed.leave_together()
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        state["soft_stop"] = None
+
+
+def _interrupted(run, several: bool) -> None:
+    """How to go on after Ctrl-C / SIGTERM: the best model so far and the resume command."""
+    if run is not None and (run / STATE_FILE).is_file():
+        err.print("[yellow]interrupted[/]: " + esc(
+            f"best model so far in {run / 'best.pt'}; resume with: finetune train --resume {shlex.quote(str(run))}"
+            + (" (with --gpus N or under torchrun again, any number of processes)" if several else "")),
+            highlight=False)
+    else:
+        err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
+
+
+def _summary(result, cfg: TrainConfig, quiet: bool) -> None:
+    if not quiet:
+        table = Table(title="finetune train", show_header=False, title_justify="left")
+        best = next(r for r in result.history if r["epoch"] == result.best_epoch)
+        metrics = result.summary.get("val_metrics") or {}
+        low, high = metrics.get("accuracy_ci95", (None, None))
+        interval = f" (95 % interval {pct(low)}-{pct(high)})" if low is not None else ""
+        for key, value in (("best epoch", f"{result.best_epoch} of {len(result.history)}"),
+                           ("val accuracy", pct(result.best_val_acc) + interval),
+                           ("val loss", f"{result.best_val_loss:.4f}"), ("train accuracy", pct(best["train_acc"])),
+                           ("classes", ", ".join(result.classes[:20]) + (" ..." if len(result.classes) > 20 else "")),
+                           ("device", result.device), ("time", f"{result.seconds:.1f} s"),
+                           ("model", str(result.model_path))):
+            table.add_row(key, esc(value))
+        err.print(table)
+    if cfg.overfit:
+        v = overfit_verdict(result.history, cfg.overfit)
+        if v["passed"]:
+            err.print(f"[green]sanity check passed[/]: 100 % on the {v['images']} images by epoch {v['epoch']}; "
+                      "the model, labels and preprocessing can learn")
+        else:
+            err.print(f"[yellow]sanity check failed[/]: {pct(v['best_acc'])} at best on the images it trained on. "
+                      "Usually: labels that do not match the images, broken preprocessing, a learning rate far too "
+                      "low or high, or too few --epochs; try more epochs or another --lr first")
+
+
+def _cross_validate(cfg: TrainConfig, quiet: bool, main: bool) -> None:
+    """--folds K: one run per fold, then the mean and spread of the folds' val accuracy."""
+    def on_fold(i: int, n: int, fold_cfg: TrainConfig) -> None:
+        if main:
+            err.print(f"[bold]fold {i} of {n}[/] " + esc(str(fold_cfg.output)), highlight=False)
+
+    summary = cross_validate(cfg, lambda c: _run(c, None, quiet, distributed.current().distributed), on_fold)
+    if not main:
+        return
+    if not quiet:
+        table = Table("fold", "val images", "best epoch", "val accuracy", "model",
+                      title=f"{len(summary['folds'])}-fold cross-validation", title_justify="left")
+        for f in summary["folds"]:
+            table.add_row(str(f["fold"]), str(f["val_images"]), str(f["best_epoch"]), pct(f["val_acc"]),
+                          esc(f["model"]))
+        table.add_row("mean ± sd", str(summary["images"]), "", f"{pct(summary['mean_val_acc'])} ± "
+                      f"{100 * summary['sd_val_acc']:.1f}", esc(summary["path"]), style="bold")
+        err.print(table)
+        models = " ".join(f"-m {shlex.quote(f['model'])}" for f in summary["folds"])
+        err.print(esc(f"the fold models form an ensemble: finetune predict PHOTOS {models}"), highlight=False)
+    out.print(summary["path"], highlight=False, soft_wrap=True)
+
+
+def _launch(ctx: typer.Context, gpus: int, device: str) -> int:
+    """--gpus N: this same command in N processes under torchrun (standalone, this machine); its exit code."""
+    import torch
+
+    if gpus < 1:
+        raise UsageError(f"--gpus {gpus}: must be at least 1")
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--gpus: already running under torchrun; leave --gpus out (torchrun's --nproc-per-node "
+                         "sets the number of processes)")
+    if device.strip().lower() != "cpu" and torch.cuda.device_count() < gpus:
+        raise UsageError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most "
+                         f"that many (or --device cpu for {gpus} CPU processes)")
+    return distributed.launch([*(["--debug"] if state["debug"] else []), "train",
+                               *command_line(ctx, skip={"gpus"})], gpus)
+
+
+def command_line(ctx: typer.Context, skip: set[str] = frozenset(), extra: dict | None = None) -> list[str]:
+    """The options and arguments typed for this command (except those in skip), as a command line; extra
+    adds or replaces options by parameter name."""
+    extra = extra or {}
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.name in skip or not (param.name in extra or _typed(ctx, param.name)):
+            continue
+        args += _spell(param, extra.get(param.name, ctx.params.get(param.name)))
+    return args
+
+
+def _spell(param, value) -> list[str]:
+    if param.param_type_name == "argument":
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if param.is_flag and param.secondary_opts:
+        return [param.opts[0] if value else param.secondary_opts[0]]
+    if param.is_flag:
+        return [param.opts[0]] if value else []
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in (param.opts[0], str(v))]
+    return [param.opts[0], str(value)]

@@ -1,0 +1,139 @@
+"""Renders the library's training events on stderr: progress bars with live loss, one line per epoch,
+warnings, and the run header (data, device, precision, weights, crop sizes)."""
+
+from __future__ import annotations
+
+import os
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from finetune.cli.render import err, esc, pct
+from finetune.config import IMBALANCE_WARNING
+
+
+class TrainView:
+    """emit(event, **fields) -> on_<event>(**fields); unknown events are ignored."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
+                                 disable=quiet)
+        self.epoch_task = self.batch_task = self.decode_task = self.lr_task = None
+        self.epochs = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(msg, highlight=False, soft_wrap=True)
+
+    def warn(self, msg: str) -> None:
+        self.log(f"[yellow]warning:[/] {msg}")
+
+    def __call__(self, event: str, **kw) -> None:
+        getattr(self, "on_" + event, lambda **_: None)(**kw)
+
+    def _drop_task(self, name: str) -> None:
+        task = getattr(self, name)
+        if task is not None:
+            self.progress.remove_task(task)
+            setattr(self, name, None)
+
+    def on_dataset(self, split, device, weights, processes=1):
+        counts = split.counts()
+        per_class = ", ".join(f"{esc(c)} {counts['train'][c]}/{counts['val'][c]}" for c in split.classes[:12])
+        more = f", ... ({len(split.classes)} classes)" if len(split.classes) > 12 else ""
+        self.log(f"[bold]data[/] {esc(split.root)}: {len(split.classes)} classes, {len(split.train)} train / "
+                 f"{len(split.val)} val images ({esc(split.layout)}); per class train/val: {per_class}{more}")
+        ddp = f" x {processes} processes (DistributedDataParallel)" if processes > 1 else ""
+        self.log(f"[bold]device[/] {device}{ddp}   [bold]weights[/] {esc(weights)}")
+        if split.imbalance() >= IMBALANCE_WARNING:
+            self.warn(f"imbalanced classes: the largest has {split.imbalance():.1f}x the images of the smallest; "
+                      "consider --balance weighted-loss or sampler")
+
+    def on_precision(self, precision):
+        self.log(f"[bold]precision[/] {esc(precision)}")
+
+    def on_decode_start(self, total, keep, budget_gb=None):
+        if not keep:
+            self.log(f"[bold]streaming[/] images from disk each epoch: decoded, they would not fit the "
+                     f"{budget_gb:g} GiB RAM budget (FINETUNE_RAM_CACHE_GB)")
+        self.decode_task = self.progress.add_task("decoding" if keep else "checking", total=total, info="")
+
+    def on_decode_advance(self, n):
+        self.progress.advance(self.decode_task, n)
+
+    def on_skipped(self, files, root):
+        for path, reason in files[:20]:
+            self.warn(f"skipped {esc(os.path.relpath(path, root))}: {esc(reason)}")
+        more = f" ({len(files) - 20} more in results.json)" if len(files) > 20 else ""
+        self.log(f"[yellow]{len(files)} file(s) skipped[/]{more} (--strict makes this an error)")
+
+    def on_features(self, cached, views):
+        self._drop_task("decode_task")
+        what = "reused from cache" if cached else f"computing once ({views} view(s) per training image)"
+        self.log(f"[bold]features[/] frozen backbone: {what}")
+
+    def on_start(self, run_dir, epochs, batches, lr, first, sizes, resumed_from=None):
+        self._drop_task("decode_task")
+        self.epochs = epochs
+        self.log(f"[bold]run[/] {esc(str(run_dir))}   lr {lr:.3g}, {batches} batches/epoch, "
+                 f"train crop {sizes[0]} / eval crop {sizes[1]} px")
+        if first > 1:
+            grown = f"; --epochs {epochs} extends the {resumed_from}-epoch run: the lr schedule now spans " \
+                    f"{epochs} epochs and continues from epoch {first - 1}" if resumed_from and epochs > resumed_from \
+                else ""
+            self.log(f"[bold]resuming[/] at epoch {first} of {epochs}{grown}")
+        self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first - 1, info="")
+        self.batch_task = self.progress.add_task("batches", total=batches, info="")
+
+    def on_epoch_start(self, epoch):
+        self.progress.reset(self.batch_task)
+        self.progress.update(self.epoch_task, info=f"epoch {epoch}")
+
+    def on_batch(self, step, loss, size):
+        if self.batch_task is not None:
+            self.progress.update(self.batch_task, completed=step, info=f"loss {loss:.4f}")
+
+    def on_initial_loss(self, loss, expected, suspicious):
+        if suspicious:
+            self.warn(f"initial loss {loss:.3f} is far from ln(classes) = {expected:.3f}, what a fresh classifier "
+                      "head should give: check the labels and the preprocessing (or the weights)")
+
+    def on_early_stop(self, epoch, best_epoch, patience):
+        self.log(f"early stop: no better val accuracy for {patience} epoch(s) since epoch {best_epoch}")
+
+    def on_calibrated(self, temperature, ece_before, ece_cross_fitted, images):
+        self.log(f"[bold]calibrated[/] temperature {temperature:.3g} fitted on {images} val images: expected "
+                 f"calibration error {ece_before:.3f} raw -> {ece_cross_fitted:.3f} calibrated (measured on the "
+                 "half of val that each fit did not see)")
+
+    def on_report(self, paths):
+        self.log(f"[bold]report[/] {esc(str(paths['report']))}")
+
+    def on_report_failed(self, reason):
+        self.warn(f"could not draw the run's pictures ({esc(reason)}); the model and results.json are saved")
+
+    def on_epoch_end(self, row, improved):
+        self.progress.advance(self.epoch_task)
+        mark = " [green]*best[/]" if improved else ""
+        w = len(str(self.epochs))
+        self.log(f"epoch {row['epoch']:>{w}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
+                 f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}"
+                 f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s{mark}")
+
+    def on_update_ratio(self, group, ratio, advice):
+        self.warn(f"{group} update/weight ratio {ratio:.1e} is far from ~1e-3: {advice}")
+
+    def on_lr_find_start(self, steps):
+        self._drop_task("decode_task")
+        self.lr_task = self.progress.add_task("lr range test", total=steps, info="")
+
+    def on_lr_find_step(self, step, lr, loss):
+        self.progress.update(self.lr_task, completed=step, info=f"lr {lr:.2e}  loss {loss:.4f}")

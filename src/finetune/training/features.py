@@ -1,0 +1,173 @@
+"""Backbone features computed once for feature-extract mode, kept on disk so a second run reuses them.
+
+A frozen backbone in eval mode maps a given image view to the same feature vector every epoch, so
+recomputing it each epoch (as the classic recipe does) is pure waste. With augmentation on, a few
+random views of each training image are extracted and one is drawn per epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from finetune import __version__
+from finetune import distributed as dist
+from finetune.config import TrainConfig
+from finetune.dataset import DatasetSplit
+from finetune.errors import ResourceError
+from finetune.files import atomic_write, cache_dir
+from finetune.images import ImageDataset, collate
+from finetune.training.cache import decode_for_training, drop_failed
+from finetune.training.epochs import FeatureEpochs, inference_batch
+from finetune.training.trainer import Trainer
+from finetune.weights import WeightsChoice
+
+# Augmented views per training image: enough variety for a linear head at a fraction of the epochs' cost.
+# Measured on ants/bees (MobileNetV2 ImageNet weights, 25 epochs, seeds 0/1): best val accuracy 0.961/0.967
+# with 1 view, 0.967/0.974 with 2, 0.967/0.967 with 4, at 1x/1.7x/3x the extraction time.
+FEATURE_VIEWS = 2
+
+
+def feature_key(cfg: TrainConfig, choice: WeightsChoice, train_size: int, views: int, paths: list[str]) -> str:
+    """Hash of everything the features depend on, file sizes and times included (an edited photo misses)."""
+    files = []
+    for p in paths:
+        st = os.stat(p)
+        files.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+    wfile = None
+    if choice.path:
+        st = os.stat(choice.path)
+        wfile = (os.path.abspath(choice.path), st.st_size, st.st_mtime_ns)
+    pre = choice.preprocessing.to_dict() | {"train_size": train_size}
+    blob = json.dumps([__version__, cfg.model, choice.label, wfile, pre, cfg.augment, views, cfg.seed, files])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def extract(trainer: Trainer, dataset: ImageDataset, batch_size: int) -> tuple[list[str], object, list]:
+    """Inputs of the head for each item of dataset -> (paths extracted, float32 [N, D] on CPU, failures).
+
+    An image that fails now (changed after the scan) is left out and named, as in the image path.
+    """
+    import torch
+
+    net, feats, paths, failures = trainer.net, [], [], []
+    handle = net.head_module().register_forward_hook(lambda m, i, o: feats.append(i[0].float().cpu()))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
+                                         collate_fn=collate)
+    order = iter(s.path for s in dataset.samples)
+    try:
+        net.module.eval()
+        with torch.inference_mode():
+            for x, y, failed in loader:
+                bad = {p for p, _ in failed}
+                failures += failed
+                paths += [p for p in (next(order) for _ in range(len(y) + len(failed))) if p not in bad]
+                if x is not None:
+                    with trainer.autocast():
+                        net.module(trainer.to_device(x, y)[0])
+    finally:
+        handle.remove()
+    return paths, torch.cat(feats).flatten(1) if feats else torch.zeros(0), failures
+
+
+def load(key: str) -> dict | None:
+    """Cached {train: [V, N, D], val: [M, D]} tensors and metadata, or None."""
+    from safetensors import safe_open
+
+    path = cache_dir() / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["finetune"])
+            return {"train": f.get_tensor("train"), "val": f.get_tensor("val"), **meta}
+    except Exception:  # noqa: BLE001 - a broken cache entry is recomputed, never trusted
+        return None
+
+
+def save(key: str, train, val, skipped: list) -> None:
+    """Store features atomically; a cache that cannot be written only costs time next run."""
+    from safetensors.torch import save_file
+
+    meta = {"finetune": json.dumps({"skipped": skipped})}
+    try:
+        atomic_write(cache_dir() / f"{key}.safetensors",
+                     lambda tmp: save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp, metadata=meta))
+    except ResourceError:
+        pass
+
+
+def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, choice: WeightsChoice, workers: int,
+                   emit, train_size: int) -> FeatureEpochs:
+    """Backbone features from the disk cache, or computed now (a few augmented views when augmenting).
+
+    Under several processes each rank extracts its share (local) and all ranks gather the whole set; the
+    head then trains identically on every rank (it is tiny next to the backbone pass).
+    """
+    import torch
+
+    cfg = trainer.cfg
+    views = 1 if cfg.augment == "none" else min(FEATURE_VIEWS, cfg.epochs)
+    key = feature_key(cfg, choice, train_size, views, [s.path for s in split.train + split.val])
+    hit = load(key)
+    if not dist.all_max([hit is None])[0]:  # every machine has the cache (else all compute it together)
+        drop_failed(split, [tuple(x) for x in hit["skipped"]], emit, cfg.strict)
+        emit("features", cached=True, views=views)
+        train_feats, val_feats = hit["train"], hit["val"]
+    else:
+        train_feats, val_feats = _compute(trainer, split, local, choice, workers, emit, train_size, views, key)
+    labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
+    return FeatureEpochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
+
+
+def _compute(trainer, split, local, choice, workers, emit, train_size, views, key):
+    import torch
+
+    cfg, world, pre = trainer.cfg, dist.current(), choice.preprocessing
+    skipped_before = len(split.skipped)
+    cache = decode_for_training(split, local, pre.resize_size, workers, cfg, emit)
+    emit("features", cached=False, views=views)
+    bs = inference_batch(trainer.device, cfg.batch_size)
+    torch.manual_seed(cfg.seed + world.rank)
+    train_ds = ImageDataset(local.train, pre.train_transform(cfg.augment, train_size), pre.resize_size, cache,
+                            cfg.max_pixels)
+    runs = [extract(trainer, train_ds, bs) for _ in range(views)]
+    val_paths, val_feats, val_failed = extract(trainer, ImageDataset(local.val, pre.eval_transform(), pre.resize_size,
+                                                                     cache, cfg.max_pixels), bs)
+    failed = {p: r for _, _, f in runs for p, r in f} | dict(val_failed)
+    if world.distributed:
+        failed = {p: r for part in dist.all_gather(failed) for p, r in part.items()}
+    if failed:  # changed since the scan: named and left out of train/val alike, every view aligned
+        for part in (split, local):
+            part.train = [s for s in part.train if s.path not in failed]
+            part.val = [s for s in part.val if s.path not in failed]
+        drop_failed(split, list(failed.items()), emit, cfg.strict)
+    train_feats = torch.stack([_rows(paths, feats, [s.path for s in local.train]) for paths, feats, _ in runs])
+    val_feats = _rows(val_paths, val_feats, [s.path for s in local.val])
+    if world.distributed:
+        train_feats = _gather_rows([s.path for s in split.train], [s.path for s in local.train], train_feats, 1)
+        val_feats = _gather_rows([s.path for s in split.val], [s.path for s in local.val], val_feats, 0)
+    if world.main:
+        save(key, train_feats, val_feats, [list(x) for x in split.skipped[skipped_before:]])
+    return train_feats, val_feats
+
+
+def _rows(paths: list[str], feats, keep: list[str]):
+    """The rows of feats (one per path) for the paths in keep, in keep's order."""
+    import torch
+
+    at = {p: i for i, p in enumerate(paths)}
+    return feats.index_select(0, torch.tensor([at[p] for p in keep], dtype=torch.long))
+
+
+def _gather_rows(order: list[str], mine: list[str], feats, dim: int):
+    """Every rank's rows of feats (one per path in mine, along dim), gathered and put in order."""
+    import torch
+
+    paths, parts = [], []
+    for p, f in dist.all_gather((mine, feats)):
+        paths += p
+        parts.append(f)
+    at = {p: i for i, p in enumerate(paths)}
+    return torch.cat(parts, dim).index_select(dim, torch.tensor([at[p] for p in order], dtype=torch.long))

@@ -1,0 +1,64 @@
+"""The field's sanity checks: the first loss against ln(classes), the update-to-weight ratio, and whether
+the model can overfit a few images (`--overfit N`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+from finetune.config import TrainConfig
+from finetune.dataset import DatasetSplit, Sample
+
+# A healthy step changes weights by about 1e-3 of their norm; far outside this band, the lr is suspect.
+UPDATE_RATIO_BAND = (1e-4, 1e-2)
+
+
+def initial_loss_check(loss: float, num_classes: int) -> dict:
+    """The first batch's loss against ln(classes), what a fresh head should give; far off means broken labels,
+    broken preprocessing or an exploding start."""
+    expected = math.log(num_classes)
+    return {"loss": loss, "expected": expected, "suspicious": not 0.5 * expected <= loss <= 2.0 * expected + 0.5}
+
+
+def update_ratio_warnings(ratios: dict, lr_now: float, lr_base: float) -> list[dict]:
+    """The groups whose update/weight ratio is far outside the band, with advice; judged only while the
+    schedule has not decayed the lr much (late cosine epochs are meant to be tiny)."""
+    if lr_now < 0.5 * lr_base:
+        return []
+    out = []
+    for group in ("head", "backbone"):
+        ratio = ratios.get(group)
+        if ratio is not None and not UPDATE_RATIO_BAND[0] <= ratio <= UPDATE_RATIO_BAND[1]:
+            out.append({"group": group, "ratio": ratio,
+                        "advice": "lower --lr" if ratio > UPDATE_RATIO_BAND[1] else "raise --lr"})
+    return out
+
+
+def overfit_config(cfg: TrainConfig) -> TrainConfig:
+    """The sanity check's settings: no augmentation, no regularisation, so memorising is possible."""
+    return dataclasses.replace(cfg, augment="none", weight_decay=0.0, dropout=0.0, balance="none", patience=0)
+
+
+def overfit_split(split: DatasetSplit, n: int, seed: int) -> DatasetSplit:
+    """n training images (spread over the classes) that are also the val set: can the model memorise them?"""
+    by_class: dict[int, list[Sample]] = {}
+    for s in split.train:
+        by_class.setdefault(s.label, []).append(s)
+    rng = random.Random(seed)
+    for items in by_class.values():
+        rng.shuffle(items)
+    chosen: list[Sample] = []
+    while len(chosen) < n and any(by_class.values()):  # round-robin over classes
+        for label in sorted(by_class):
+            if by_class[label] and len(chosen) < n:
+                chosen.append(by_class[label].pop())
+    chosen.sort(key=lambda s: s.path)
+    return dataclasses.replace(split, train=chosen, val=list(chosen), layout=f"overfit check on {len(chosen)} images")
+
+
+def overfit_verdict(history: list[dict], images: int) -> dict:
+    """Did the model reach 100 % on the images it trained on (train mode as it learns, or the eval pass)?"""
+    reached = [r["epoch"] for r in history if r["train_acc"] == 1.0 or r["val_acc"] == 1.0]
+    best = max((max(r["train_acc"], r["val_acc"]) for r in history), default=0.0)
+    return {"passed": bool(reached), "epoch": reached[0] if reached else None, "best_acc": best, "images": images}
