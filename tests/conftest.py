@@ -37,7 +37,7 @@ def flat_data(tmp_path_factory, tiny_data) -> Path:
 def trained_model(tmp_path_factory, tiny_data) -> Path:
     """A resnet18 model file trained for one epoch from random init on tiny_data."""
     from finetune.config import TrainConfig
-    from finetune.train import run_training
+    from finetune.training import run_training
 
     out = tmp_path_factory.mktemp("run") / "run"
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=8, output=str(out), workers=1)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from finetune import distributed as dist
 from finetune.config import TrainConfig
-from finetune.train import prepare, run_training
+from finetune.training import run_training
+from finetune.training.setup import prepare
 
 mode, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 if mode == "shares":
@@ -49,7 +50,7 @@ elif mode == "freeze":
     sums = []
     for epoch in (1, 2):
         p.epochs(epoch)
-        sums.append({n: float(t.double().sum()) for n, t in p.model.named_parameters()})
+        sums.append({n: float(t.double().sum()) for n, t in p.net.module.named_parameters()})
     every = dist.all_gather(sums)
     if dist.current().main:
-        (out / "rank0.json").write_text(json.dumps({"ranks": every, "head": p.head}))
+        (out / "rank0.json").write_text(json.dumps({"ranks": every, "head": p.net.head}))

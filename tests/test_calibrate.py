@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finetune import calibrate as C
-from finetune import train as T
+from finetune.training import run_training
 from finetune.checkpoint import load_model_file
 from finetune.config import TrainConfig
 
@@ -47,38 +47,41 @@ def test_temperature_of_a_calibrated_model_stays_near_one():
 def test_train_calibrate_stores_temperature_used_by_predict_and_evaluate(tiny_data, tmp_path):
     from finetune.evaluate import evaluate_folder
     from finetune.export import metadata
-    from finetune.predict import Predictor
+    from finetune.predict import load_predictor
 
     events = []
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=2, batch_size=4, calibrate=True,
                       output=str(tmp_path / "r"), workers=1)
-    result = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    result = run_training(cfg, lambda e, **k: events.append((e, k)))
     meta = load_model_file(result.model_path)
     summary = json.loads((tmp_path / "r" / "results.json").read_text())["calibration"]
-    assert summary["fitted"] and meta["temperature"] == pytest.approx(summary["temperature"])
-    assert meta["temperature"] != 1.0
+    assert summary["fitted"] and meta.temperature == pytest.approx(summary["temperature"])
+    assert meta.temperature != 1.0
     assert summary["nll_after"] <= summary["nll_before"] + 1e-9  # T = 1 is among the candidates
     assert [k["temperature"] for e, k in events if e == "calibrated"] == [summary["temperature"]]
+    # the calibrated ECE the user is shown is measured on val images the temperature was not fitted on
+    assert 0 <= summary["ece_cross_fitted"] <= 1
+    assert [k["ece_cross_fitted"] for e, k in events if e == "calibrated"] == [summary["ece_cross_fitted"]]
     assert (tmp_path / "r" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Calibration (reliability)" in (tmp_path / "r" / "report.html").read_text()
-    assert metadata(meta)["temperature"] == meta["temperature"]  # every export format carries it
+    assert metadata(meta)["temperature"] == meta.temperature  # every export format carries it
 
-    predictor = Predictor(result.model_path, "cpu")
+    predictor = load_predictor([result.model_path], "cpu")
     image = sorted((tiny_data / "val" / "ants").iterdir())[0]
     (pred,) = predictor.predict([str(image)], top_k=2)
-    expected = (torch.tensor(pred.logits) / meta["temperature"]).softmax(0)
+    expected = (torch.tensor(pred.logits) / meta.temperature).softmax(0)
     assert pred.top[0][1] == pytest.approx(float(expected.max()), abs=1e-6)
 
     report = evaluate_folder(str(result.model_path), str(tiny_data), "cpu")
     cal = report["calibration"]
-    assert cal["fitted"] and cal["temperature"] == pytest.approx(meta["temperature"])
+    assert cal["fitted"] and cal["temperature"] == pytest.approx(meta.temperature)
     assert 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece_after"] <= 1
 
 
 def test_uncalibrated_runs_still_report_ece_and_keep_temperature_one(trained_model, tiny_data):
     from finetune.evaluate import evaluate_folder
 
-    assert load_model_file(trained_model)["temperature"] == 1.0
+    assert load_model_file(trained_model).temperature == 1.0
     cal = evaluate_folder(str(trained_model), str(tiny_data), "cpu")["calibration"]
     assert not cal["fitted"] and cal["ece_before"] == pytest.approx(cal["ece_after"])
 
@@ -94,7 +97,20 @@ def test_cli_calibrate_flag_and_evaluate_line(tiny_data, tmp_path):
                             "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "calibrated" in r.stderr and "temperature" in r.stderr
-    t = load_model_file(out / "best.pt")["temperature"]
+    t = load_model_file(out / "best.pt").temperature
     r = runner.invoke(app, ["evaluate", str(tiny_data), "-m", str(out / "best.pt")])
     assert r.exit_code == 0, r.output
     assert "expected calibration error" in r.stderr and f"{t:.3g}" in r.stderr
+
+
+def test_cross_fitted_ece_fits_on_one_half_and_measures_on_the_other(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(40, 3) * 4
+    labels = torch.randint(0, 3, (40,))
+    fits = []
+    real = C.fit_temperature
+    monkeypatch.setattr(C, "fit_temperature", lambda z, y: fits.append(len(y)) or real(z, y))
+    value = C.cross_fitted_ece(logits, labels)
+    assert fits == [20, 20]  # two fits, each on half of the images
+    in_sample = C.expected_calibration_error((logits / real(logits, labels)).softmax(1), labels)
+    assert 0 <= value <= 1 and value != pytest.approx(in_sample)

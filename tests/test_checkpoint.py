@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from finetune import checkpoint as C
+from finetune import files as F
 from finetune.errors import ModelFileError, ResourceError
 
 
@@ -23,10 +24,10 @@ def test_model_file_is_self_describing_and_weights_only(trained_model):
 
 
 def test_model_from_file_round_trip(trained_model):
-    model, meta = C.model_from_file(trained_model)
-    assert not model.training
+    net, mf = C.network_from_file(trained_model)
+    assert not net.module.training and mf.classes == ["ants", "bees"] and mf.arch == "resnet18"
     with torch.inference_mode():
-        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+        assert net.module(torch.randn(1, 3, 64, 64)).shape == (1, 2)
 
 
 class _Payload:
@@ -76,14 +77,14 @@ def test_truncated_model_file_refused(trained_model, tmp_path):
 
 def test_atomic_write_keeps_old_file_and_leaves_no_temp_on_failure(tmp_path):
     target = tmp_path / "f.txt"
-    C.write_text_atomic(target, "old")
+    F.write_text_atomic(target, "old")
 
     def failing(tmp):
         Path(tmp).write_text("half")
         raise RuntimeError("disk exploded")
 
     with pytest.raises(RuntimeError):
-        C.atomic_write(target, failing)
+        F.atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
     mask = os.umask(0)
@@ -95,20 +96,44 @@ def test_unwritable_destination_is_a_resource_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ResourceError, match="could not write"):
-        C.write_text_atomic(blocker / "sub" / "f.txt", "data")
+        F.write_text_atomic(blocker / "sub" / "f.txt", "data")
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7 vs 9"),
                                      OSError(28, "No space left on device")])
 def test_disk_full_is_a_clear_resource_error_and_keeps_the_old_file(tmp_path, failure):
     target = tmp_path / "best.pt"
-    C.write_text_atomic(target, "old")
+    F.write_text_atomic(target, "old")
 
     def full(tmp):
         Path(tmp).write_text("partial")
         raise failure
 
     with pytest.raises(ResourceError, match="the disk is full") as e:
-        C.atomic_write(target, full)
+        F.atomic_write(target, full)
     assert e.value.exit_code == 5
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda o: o.pop("state_dict"), "no state_dict of tensors"),
+    (lambda o: o.update(state_dict={}), "no state_dict of tensors"),
+    (lambda o: o.update(classes="ants"), "no list of class names"),
+    (lambda o: o.pop("preprocessing"), "no preprocessing"),
+    (lambda o: o.update(arch=7), "no architecture name"),
+])
+def test_damaged_model_files_are_exit_4_not_internal_errors(trained_model, tmp_path, damage, match):
+    obj = torch.load(trained_model, weights_only=True)
+    damage(obj)
+    torch.save(obj, tmp_path / "d.pt")
+    with pytest.raises(ModelFileError, match=match) as e:
+        C.load_model_file(tmp_path / "d.pt")
+    assert e.value.exit_code == 4
+
+
+def test_model_file_naming_an_unknown_architecture_is_exit_4(trained_model, tmp_path):
+    obj = torch.load(trained_model, weights_only=True)
+    torch.save(obj | {"arch": "os.system"}, tmp_path / "x.pt")
+    with pytest.raises(ModelFileError, match="names architecture 'os.system'") as e:
+        C.network_from_file(tmp_path / "x.pt")
+    assert e.value.exit_code == 4

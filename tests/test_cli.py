@@ -31,9 +31,9 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
     assert r.stdout.strip() == str((run / "best.pt").relative_to(in_tmp))
     for line in ("epoch 1/2", "epoch 2/2", "val loss", "best epoch", "*best"):
         assert line in r.stderr
-    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "metrics.csv", "results.json", "state.pt",
-                                               "curves.png", "confusion.png", "wrong.png", "filters.png",
-                                               "reliability.png", "report.html"}
+    assert {p.name for p in run.iterdir()} == {"best.pt", "config.json", "split.json", "metrics.csv", "results.json",
+                                               "state.pt", "curves.png", "confusion.png", "wrong.png", "filters.png",
+                                               "reliability.png", "report.html", ".finetune.lock"}
     for png in run.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (run / "report.html").read_text()
@@ -90,10 +90,10 @@ def test_pretrained_default_weights_from_local_cache(tiny_data, in_tmp, monkeypa
     (home / "hub" / "checkpoints").mkdir(parents=True)
     weights = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    from finetune import models
-    from finetune.data import file_hash
+    from finetune import weights as W
+    from finetune.index import full_hash
 
-    monkeypatch.setitem(models.PINNED_SHA256, weights.name, file_hash(str(weights)))  # stands in for the real file
+    monkeypatch.setitem(W.PINNED_SHA256, weights.name, full_hash(str(weights)))  # stands in for the real file
     monkeypatch.setenv("TORCH_HOME", str(home))
     old = torch.hub.get_dir()
     torch.hub._hub_dir = None  # honour TORCH_HOME as a fresh process would
@@ -190,12 +190,12 @@ def test_cli_import_does_not_import_torch():
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tiny_data, in_tmp, monkeypatch):
-    import finetune.train
+    import finetune.cli.train
 
     def boom(*a, **k):
         raise ValueError("something broke\nsecond line")
 
-    monkeypatch.setattr(finetune.train, "run_training", boom)
+    monkeypatch.setattr(finetune.cli.train, "run_training", boom)
     r = invoke("train", tiny_data)
     assert r.exit_code == 1
     assert "internal error: ValueError: something broke" in r.stderr and "second line" not in r.stderr

@@ -1,5 +1,6 @@
 """Ensembles: several --model files, probabilities averaged; evaluate shows each member beside the ensemble."""
 
+import dataclasses
 import json
 import shutil
 
@@ -7,12 +8,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.checkpoint import update_model_file
+from finetune.checkpoint import load_model_file, update_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.evaluate import evaluate_folder
 from finetune.predict import Ensemble, Predictor, load_predictor
+from finetune.runtimes import load_runnable
+from finetune.training import run_training
+
+
+def _predictor(path, tta=False):
+    return load_predictor([path], "cpu", tta)
 
 runner = CliRunner()
 
@@ -20,8 +27,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory, tiny_data):
     """Another resnet18 on the same classes (other seed, so other weights), calibrated: temperature != 1."""
-    from finetune.train import run_training
-
     out = tmp_path_factory.mktemp("run2") / "run"
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=8, seed=1, calibrate=True,
                       output=str(out), workers=1)
@@ -35,7 +40,7 @@ def _probs(prediction, classes):
 
 def test_ensemble_probabilities_are_the_mean_of_the_members(trained_model, second_model, tiny_data):
     images = [str(p) for p in sorted((tiny_data / "val").rglob("*.jpg"))]
-    a, b = Predictor(trained_model, "cpu"), Predictor(second_model, "cpu")
+    a, b = _predictor(trained_model), _predictor(second_model)
     assert b.temperature != 1.0  # each member keeps its own temperature inside the ensemble
     ensemble = load_predictor([trained_model, second_model], "cpu")
     assert isinstance(ensemble, Ensemble) and isinstance(load_predictor([trained_model], "cpu"), Predictor)
@@ -53,7 +58,7 @@ def test_models_of_other_classes_are_refused(trained_model, tmp_path):
     shutil.copy(trained_model, other)
     update_model_file(other, classes=["ants", "wasps"])
     with pytest.raises(FinetuneError, match="wasps.pt: its classes .* an ensemble needs") as e:
-        Ensemble([trained_model, other], "cpu")
+        load_predictor([trained_model, other], "cpu")
     assert e.value.exit_code == 2
 
 
@@ -78,10 +83,9 @@ def test_cli_predict_and_evaluate_with_two_models(trained_model, second_model, t
 
 def test_tta_averages_the_logits_of_the_image_and_its_mirror(trained_model, tiny_data):
     image = str(sorted((tiny_data / "val" / "ants").iterdir())[0])
-    plain, tta = Predictor(trained_model, "cpu"), Predictor(trained_model, "cpu", tta=True)
+    plain, tta = _predictor(trained_model), _predictor(trained_model, tta=True)
     x = plain._load(image)[None]
-    with torch.inference_mode():
-        expected = (plain.model(x) + plain.model(x.flip(-1))) / 2
+    expected = (plain.model.forward(x) + plain.model.forward(x.flip(-1))) / 2
     (pred,) = tta.predict([image], 2)
     assert torch.allclose(torch.tensor(pred.logits), expected[0], atol=1e-5)
     (pred_plain,) = plain.predict([image], 2)
@@ -102,26 +106,25 @@ def test_ensemble_exports_as_one_file_that_gives_the_mean_probabilities(trained_
     assert out.is_file() and report.checked_images == 6 and report.max_abs_diff <= E.ATOL
     # What the file returns is checked against eager PyTorch inside export; here: eager is the members' mean.
     images = [str(p) for p in sorted((tiny_data / "val").rglob("*.jpg"))][:3]
-    a, b = Predictor(trained_model, "cpu"), Predictor(second_model, "cpu")
+    a, b = _predictor(trained_model), _predictor(second_model)
     x = torch.stack([a._load(p) for p in images])
     expected = ((a.logits(x) / a.temperature).softmax(1) + (b.logits(x) / b.temperature).softmax(1)) / 2
-    module, meta = E._load_ensemble([trained_model, second_model])
+    module, meta = E._load([trained_model, second_model])
     with torch.inference_mode():
         assert torch.allclose(module(x).softmax(1), expected, atol=1e-5)
-    got = {".pt": E._run_pt, ".safetensors": E._run_safetensors, ".pt2": E._run_pt2, ".onnx": E._run_onnx}[suffix](
-        out, x)
-    assert torch.allclose(torch.as_tensor(got).softmax(1), expected, atol=1e-4)
+    exported = load_runnable(out, "cpu")  # what predict and evaluate load
+    assert torch.allclose(exported.forward(x).softmax(1), expected, atol=1e-4)
+    assert exported.info.temperature == 1.0 and len(exported.info.members) == 2
     info = E.metadata(meta)
     assert [m["temperature"] for m in info["members"]] == [a.temperature, b.temperature]
 
 
 def test_ensemble_export_refuses_other_preprocessing(trained_model, tmp_path):
     from finetune import export as E
-    from finetune.checkpoint import load_model_file
 
     other = tmp_path / "other.pt"
     shutil.copy(trained_model, other)
-    pre = dict(load_model_file(other)["preprocessing"], resize_size=232)
+    pre = dataclasses.replace(load_model_file(other).preprocessing, resize_size=232)
     update_model_file(other, preprocessing=pre)
     with pytest.raises(FinetuneError, match="preprocessing .* differs") as e:
         E.export_model([trained_model, other], tmp_path / "e.pt")
@@ -130,14 +133,12 @@ def test_ensemble_export_refuses_other_preprocessing(trained_model, tmp_path):
 
 def test_members_with_other_preprocessing_each_decode_their_own_way(trained_model, second_model, tiny_data,
                                                                     tmp_path):
-    from finetune.checkpoint import load_model_file
-
     other = tmp_path / "resize232.pt"
     shutil.copy(second_model, other)
-    update_model_file(other, preprocessing=dict(load_model_file(other)["preprocessing"], resize_size=232))
+    update_model_file(other, preprocessing=dataclasses.replace(load_model_file(other).preprocessing, resize_size=232))
     images = [str(p) for p in sorted((tiny_data / "val").rglob("*.jpg"))]
-    a, b = Predictor(trained_model, "cpu"), Predictor(other, "cpu")
-    ensemble = Ensemble([trained_model, other], "cpu")
+    a, b = _predictor(trained_model), _predictor(other)
+    ensemble = load_predictor([trained_model, other], "cpu")
     for pa, pb, pe in zip(a.predict(images, 2), b.predict(images, 2), ensemble.predict(images, 2)):
         expected = (_probs(pa, ensemble.classes) + _probs(pb, ensemble.classes)) / 2
         assert torch.allclose(_probs(pe, ensemble.classes), expected, atol=1e-6)

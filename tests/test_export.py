@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from finetune import export as E
-from finetune.checkpoint import model_from_file
+from finetune.checkpoint import network_from_file
 from finetune.errors import FinetuneError
 
 
 def _eager_logits(model_path, images):
-    model, _ = model_from_file(model_path)
-    x, _ = E._check_inputs(torch.load(model_path, weights_only=True), str(images))
+    net, mf = network_from_file(model_path)
+    x, _ = E._check_batch(mf, str(images))
     with torch.inference_mode():
-        return model(x), x
+        return net.module(x), x
 
 
 def test_pt_export_loads_in_plain_pytorch_without_finetune(trained_model, tiny_data, tmp_path):
@@ -74,8 +74,7 @@ def test_other_formats_round_trip_with_metadata(trained_model, tmp_path, suffix)
 def test_mismatching_export_is_not_kept(trained_model, tmp_path, monkeypatch):
     out = tmp_path / "model.pt"
     out.write_bytes(b"previous export")
-    writer, _ = E._FORMATS[".pt"]
-    monkeypatch.setitem(E._FORMATS, ".pt", (writer, lambda path, x: torch.zeros(len(x), 2)))
+    monkeypatch.setattr(E, "_run", lambda path, fmt, x: torch.zeros(len(x), 2))
     with pytest.raises(FinetuneError, match="disagrees with PyTorch"):
         E.export_model(trained_model, out)
     assert out.read_bytes() == b"previous export"

@@ -11,12 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune import resume as R
-from finetune import train as T
-from finetune.checkpoint import TEMP_PREFIX, load_model_file
+from finetune.checkpoint import load_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Interrupted
+from finetune.files import TEMP_PREFIX
+from finetune.training import resume as R
+from finetune.training import run_training
 
 
 def _cfg(data, out, epochs=4, **kw):
@@ -25,21 +26,21 @@ def _cfg(data, out, epochs=4, **kw):
 
 
 def test_two_epochs_interrupt_resume_equals_four_straight(tiny_data, tmp_path):
-    straight = T.run_training(_cfg(tiny_data, tmp_path / "a"))
+    straight = run_training(_cfg(tiny_data, tmp_path / "a"))
     epochs_done = []
 
     def emit(event, **kw):
         if event == "epoch_end":
             epochs_done.append(kw["row"]["epoch"])
 
-    with pytest.raises(R.Interrupted) as e:
-        T.run_training(_cfg(tiny_data, tmp_path / "b"), emit, stop=lambda: signal.SIGINT if len(epochs_done) >= 2
+    with pytest.raises(Interrupted) as e:
+        run_training(_cfg(tiny_data, tmp_path / "b"), emit, stop=lambda: signal.SIGINT if len(epochs_done) >= 2
                        else 0)
     assert e.value.exit_code == 130 and e.value.run_dir == tmp_path / "b"
     assert epochs_done == [1, 2]
-    cfg, state = R.resume_config(tmp_path / "b", str(tiny_data), "resnet18")
+    cfg, state = R.resume_config(tmp_path / "b", {})
     assert state["epoch"] == 2
-    resumed = T.run_training(cfg, resume=state)
+    resumed = run_training(cfg, resume=state)
     assert [r["val_acc"] for r in resumed.history] == [r["val_acc"] for r in straight.history]
     a = torch.load(tmp_path / "a" / R.STATE_FILE, weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / R.STATE_FILE, weights_only=True)["model"]
@@ -47,21 +48,22 @@ def test_two_epochs_interrupt_resume_equals_four_straight(tiny_data, tmp_path):
 
 
 def test_resume_refuses_other_classes_or_architecture(tiny_data, tmp_path):
-    T.run_training(_cfg(tiny_data, tmp_path / "r", epochs=1))
-    with pytest.raises(FinetuneError, match="trains resnet18, not --model alexnet"):
-        R.resume_config(tmp_path / "r", str(tiny_data), "alexnet")
+    run_training(_cfg(tiny_data, tmp_path / "r", epochs=1))
+    with pytest.raises(FinetuneError, match="--model alexnet differs from that run's 'resnet18'") as e:
+        R.resume_config(tmp_path / "r", {"model": "alexnet"})
+    assert e.value.exit_code == 2
     other = tmp_path / "other"
     shutil.copytree(tiny_data, other)
     for split in ("train", "val"):
         (other / split / "bees").rename(other / split / "wasps")
-    cfg, state = R.resume_config(tmp_path / "r", str(other), "resnet18")
+    cfg, state = R.resume_config(tmp_path / "r", {"data": str(other)})
     with pytest.raises(FinetuneError, match=r"classes \['ants', 'wasps'\] differ"):
-        T.run_training(cfg, resume=state)
+        run_training(cfg, resume=state)
 
 
 def _spawn(data, out, *extra):
     cmd = [sys.executable, "-m", "finetune", "train", str(data), "--weights", "none", "--epochs", "200", "-b", "4",
-           "-o", str(out), "-j", "0", *extra]
+           "-o", str(out), "-j", "0", "--overwrite", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -95,14 +97,13 @@ def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
         time.sleep(rng.uniform(0.0, 1.5))  # somewhere in an epoch, maybe inside a save
         proc.kill()
         proc.wait()
-        meta = load_model_file(out / "best.pt")  # whole, or this raises
-        assert meta["arch"] == "resnet18"
+        assert load_model_file(out / "best.pt").arch == "resnet18"  # whole, or this raises
         assert R.load_resume_state(out)["format"] == "finetune-state"
         (out / R.STATE_FILE).unlink()  # next attempt waits for a fresh one
     # temp files a kill left behind are removed when the folder is used again
     (out / (TEMP_PREFIX + "stale.pt")).write_bytes(b"partial")
     r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--epochs", "1", "-b", "8", "-o",
-                                 str(out), "-q"])
+                                 str(out), "-q", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert not list(out.glob(TEMP_PREFIX + "*"))
 
@@ -132,9 +133,20 @@ def test_out_of_memory_is_exit_5_with_a_smaller_batch(tiny_data, in_tmp, monkeyp
     assert "out of CPU memory at batch size 8; try -b 4" in r.stderr
 
 
-def test_exported_program_is_not_loaded_as_a_model(trained_model, tiny_data, tmp_path):
+def test_exported_program_runs_in_predict_but_one_that_would_unpickle_is_refused(trained_model, tiny_data, tmp_path):
+    import zipfile
+
     from finetune.export import export_model
 
     export_model(trained_model, tmp_path / "m.pt2")
-    r = CliRunner().invoke(app, ["predict", str(tiny_data / "val"), "--model", str(tmp_path / "m.pt2")])
-    assert r.exit_code == 4 and "not a finetune model file" in r.stderr
+    r = CliRunner().invoke(app, ["predict", str(tiny_data / "val"), "--model", str(tmp_path / "m.pt2"), "--json"])
+    assert r.exit_code == 0, r.output
+    # The same archive with one weight marked as pickled: torch.export.load would unpickle it (weights_only=False).
+    with zipfile.ZipFile(tmp_path / "m.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("model_weights_config.json"):
+                data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+            dst.writestr(item, data)
+    r = CliRunner().invoke(app, ["predict", str(tiny_data / "val"), "--model", str(tmp_path / "evil.pt2")])
+    assert r.exit_code == 4 and "could run code" in r.stderr and "Traceback" not in r.output

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from finetune import data as D
+from finetune import dataset as D
 from finetune.cli import app
 from finetune.errors import DatasetError
 
@@ -30,7 +30,7 @@ def test_folds_are_disjoint_cover_everything_and_are_stratified():
 
 
 def test_find_dataset_fold_pools_train_and_val(tiny_data):
-    splits = [D.find_dataset(tiny_data, folds=3, fold=i) for i in range(3)]
+    splits = [D.find_dataset(tiny_data, folds=3, fold=i) for i in (1, 2, 3)]
     vals = [s.path for split in splits for s in split.val]
     assert len(vals) == len(set(vals)) == 18  # 6 + 3 per class, both classes, pooled
     for split in splits:
@@ -38,7 +38,7 @@ def test_find_dataset_fold_pools_train_and_val(tiny_data):
         assert not {s.path for s in split.train} & {s.path for s in split.val}
         assert len(split.train) == 12 and "fold" in split.layout
     with pytest.raises(DatasetError, match="too few for --folds 10") as e:
-        D.find_dataset(tiny_data, folds=10, fold=0)
+        D.find_dataset(tiny_data, folds=10, fold=1)
     assert e.value.exit_code == 3
 
 
@@ -55,7 +55,7 @@ def test_cli_folds_trains_one_model_per_fold(tiny_data, tmp_path):
     assert summary["images"] == 18
     for i in (1, 2):
         config = json.loads((out / f"fold-{i}" / "config.json").read_text())
-        assert config["fold"] == i - 1 and config["folds"] == 2 and (out / f"fold-{i}" / "best.pt").is_file()
+        assert config["fold"] == i and config["folds"] == 2 and (out / f"fold-{i}" / "best.pt").is_file()
     assert "2-fold cross-validation" in r.stderr and "mean ± sd" in r.stderr
     r = runner.invoke(app, ["train", str(tiny_data), "--weights", "none", "--folds", "1"])
     assert r.exit_code == 2 and "--folds 1" in r.stderr

@@ -2,7 +2,7 @@
 
 import os
 
-from finetune import data as D
+from finetune import dataset as D
 from finetune import index as I
 
 

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from finetune.checkpoint import model_from_file
-from finetune.predict import Failure, Prediction, Predictor, expand_inputs
+from finetune.checkpoint import network_from_file
+from finetune.predict import Failure, Prediction, expand_inputs, load_predictor
 
 
 def test_expand_inputs_files_folders_globs_and_missing(tiny_data, tmp_path):
@@ -15,6 +15,12 @@ def test_expand_inputs_files_folders_globs_and_missing(tiny_data, tmp_path):
     assert files[0] == ants[0]
     assert len(files) == 6  # named three ways, listed once
     assert [m.path for m in missing] == [str(tmp_path / "none.jpg")]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "anim.gif").write_bytes(b"GIF89a")
+    (tmp_path / "folder" / "IMG_1.HEIC").write_bytes(b"x")
+    files, unusable = expand_inputs([str(tmp_path / "folder")])  # a folder's other files are named, as in train
+    assert files == [] and {(u.path.rsplit("/", 1)[1], u.reason[:24]) for u in unusable} == {
+        ("anim.gif", "not a supported image ty"), ("IMG_1.HEIC", ".heic photos need the pi")}
 
 
 def test_predictions_match_model_and_keep_order_around_failures(trained_model, tiny_data, tmp_path):
@@ -22,36 +28,51 @@ def test_predictions_match_model_and_keep_order_around_failures(trained_model, t
     bad = tmp_path / "bad.png"
     bad.write_text("not a png")
     paths = [good[0], str(bad), good[1], good[2]]
-    results = list(Predictor(trained_model, "cpu").predict(paths, top_k=5, batch_size=2))
+    results = list(load_predictor([trained_model], "cpu").predict(paths, top_k=5, batch_size=2))
     assert [r.path for r in results] == paths
     assert [type(r) for r in results] == [Prediction, Failure, Prediction, Prediction]
     assert all(len(r.top) == 2 for r in results if isinstance(r, Prediction))  # top_k capped at class count
 
     # Probabilities equal a softmax over the model's own logits on the same preprocessing.
-    predictor = Predictor(trained_model, "cpu")
-    model, _ = model_from_file(trained_model)
+    predictor = load_predictor([trained_model], "cpu")
+    net, _ = network_from_file(trained_model)
     with torch.inference_mode():
-        p = torch.softmax(model(predictor._load(good[0])[None]), 1)[0]
+        p = torch.softmax(net.module(predictor._load(good[0])[None]), 1)[0]
     top = dict(results[0].top)
     assert top["ants"] == pytest.approx(p[0].item(), abs=1e-5)
     assert top["bees"] == pytest.approx(p[1].item(), abs=1e-5)
 
 
-def test_sort_into_copies_never_overwrites_and_logs(tiny_data, tmp_path):
+def test_a_gif_named_on_the_command_line_is_refused_like_in_training(trained_model, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "placeholder.gif")
+    (result,) = load_predictor([trained_model], "cpu").predict([str(tmp_path / "placeholder.gif")])
+    assert isinstance(result, Failure) and "not a supported image type (.gif)" in result.reason
+
+
+def test_sort_into_copies_never_overwrites_never_duplicates_and_logs(tiny_data, tmp_path):
     import csv
 
     from finetune.predict import sort_into
 
     src = sorted((tiny_data / "val" / "ants").iterdir())
+    other = tmp_path / "elsewhere" / src[0].name  # same name, other content
+    other.parent.mkdir()
+    other.write_bytes(src[2].read_bytes())
     preds = [Prediction(str(src[0]), [("ants", 0.9), ("bees", 0.1)]),
              Prediction(str(src[1]), [("bees", 0.6), ("ants", 0.4)]),
-             Prediction(str(src[0]), [("ants", 0.95), ("bees", 0.05)])]  # same name twice
+             Prediction(str(other), [("ants", 0.95), ("bees", 0.05)])]
     dest = tmp_path / "sorted"
-    log = sort_into(preds, dest, min_confidence=0.8)
+    done = sort_into(preds, dest, min_confidence=0.8)
+    assert done["folders"] == {"ants": 2, "unsure": 1} and done["copied"] == 3
     assert sorted(p.name for p in (dest / "ants").iterdir()) == sorted([src[0].name, src[0].stem + "-2.jpg"])
     assert [p.name for p in (dest / "unsure").iterdir()] == [src[1].name]
     assert all(p.exists() for p in src)  # originals untouched
-    rows = list(csv.DictReader(log.open()))
-    assert [r["predicted"] for r in rows] == ["ants", "bees", "ants"]
+    again = sort_into(preds, dest, min_confidence=0.8)  # sorting again copies nothing twice
+    assert again["copied"] == 0 and len(list((dest / "ants").iterdir())) == 2
+    assert sorted(p.name for p in dest.iterdir()) == ["ants", "sorted.csv", "unsure"]  # one log
+    rows = list(csv.DictReader(done["log"].open()))
+    assert [r["predicted"] for r in rows] == ["ants", "bees", "ants"] * 2
+    assert [r["action"] for r in rows] == ["copied"] * 3 + ["already there"] * 3
     assert rows[1]["copied_to"].endswith("unsure/" + src[1].name)
-    assert sort_into(preds[:1], dest).name == "sorted-2.csv"  # an earlier log is kept too

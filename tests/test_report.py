@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.metrics import classification_report
 from finetune.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,12 +34,14 @@ def _inputs(tmp_path: Path) -> dict:
     return {
         "history": history,
         "classes": CLASSES,
-        "confusion": [[5, 1, 0], [2, 6, 1], [0, 1, 4]],
         "wrong": wrong,
         "filters_before": torch.randn(8, 3, 3, 3),
         "filters_after": torch.randn(8, 3, 3, 3),
         "config": {"model": "resnet18", "data": "/photos", "epochs": 4, "lr": 0.01, "classes": CLASSES},
-        "summary": {"best_epoch": 3, "best_val_acc": 0.79, "best_val_loss": 0.38, "seconds": 12.3},
+        "summary": {"best_epoch": 3, "best_val_acc": 0.79, "best_val_loss": 0.38, "seconds": 12.3,
+                    "val_metrics": classification_report([0] * 6 + [1] * 9 + [2] * 5,
+                                                         [0] * 5 + [1] + [0] * 2 + [1] * 6 + [2] + [1] + [2] * 4,
+                                                         CLASSES)},
     }
 
 

@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune import data as D
-from finetune import train as T
+from finetune import dataset as DS
+from finetune import images as I
 from finetune.cli import app
 from finetune.config import TrainConfig
+from finetune.training import cache, run_training
 
 runner = CliRunner()
 
@@ -77,10 +78,10 @@ def test_unicode_spaces_and_emoji_names(tmp_path):
     for cls, name in (("café au lait", "photo 1.JPG"), ("🐝 bees", "ünïcode 🐝.jpeg")):
         for i in range(3):
             _photo(tmp_path / cls / f"{i} {name}", color=(i * 50, len(cls), 0))
-    split = D.find_dataset(tmp_path, val_fraction=1 / 3)
+    split = DS.find_dataset(tmp_path, val_fraction=1 / 3)
     assert split.classes == ["café au lait", "🐝 bees"]
     assert len(split.train) == 4 and len(split.val) == 2
-    cache, failed = D.decode_all([s.path for s in split.train], 32, 1)
+    cache, failed = I.decode_all([s.path for s in split.train], 32, 1)
     assert not failed and len(cache) == 4
 
 
@@ -89,7 +90,7 @@ def test_nfd_class_names_are_normalised(tmp_path):
 
     _photo(tmp_path / unicodedata.normalize("NFD", "café") / "a.jpg")
     _photo(tmp_path / "tea" / "b.jpg")
-    classes, _ = D._scan(tmp_path)
+    classes, _ = DS._scan(tmp_path)
     assert unicodedata.normalize("NFC", "café") in classes
 
 
@@ -98,39 +99,39 @@ def test_two_links_to_one_file_give_one_sample(tmp_path):
     (tmp_path / "a" / "link.jpg").symlink_to(real)
     _photo(tmp_path / "b" / "x.jpg")
     skipped = []
-    classes, samples = D._scan(tmp_path, skipped=skipped)
+    classes, samples = DS._scan(tmp_path, skipped=skipped)
     assert len(samples) == 2
     assert [Path(p).name for p, _ in skipped] == ["real.jpg"] or [Path(p).name for p, _ in skipped] == ["link.jpg"]
 
 
 def test_decompression_bomb_and_extreme_aspect_refused_from_header(tmp_path):
     _photo(tmp_path / "big.jpg", size=(400, 300))
-    with pytest.raises(D.ImageRejected, match="megapixels"):
-        D.load_image(tmp_path / "big.jpg", max_pixels=100_000)
+    with pytest.raises(I.ImageRejected, match="megapixels"):
+        I.load_image(tmp_path / "big.jpg", max_pixels=100_000)
     Image.new("L", (5000, 2), 0).save(tmp_path / "strip.png")
-    with pytest.raises(D.ImageRejected, match="more than 25:1"):
-        D.load_image(tmp_path / "strip.png")
+    with pytest.raises(I.ImageRejected, match="more than 25:1"):
+        I.load_image(tmp_path / "strip.png")
 
 
 def test_float_and_cmyk_and_animated_images(tmp_path):
     import numpy as np
 
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "F").save(tmp_path / "f.tif")
-    img = D.load_image(tmp_path / "f.tif")
+    img = I.load_image(tmp_path / "f.tif")
     assert img.mode == "RGB" and img.getpixel((0, 0))[0] == 0 and img.getpixel((7, 7))[0] == 255
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
-    r, g, b = D.load_image(tmp_path / "c.jpg").getpixel((4, 4))
+    r, g, b = I.load_image(tmp_path / "c.jpg").getpixel((4, 4))
     assert r > 200 and g < 60 and b < 60
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
-    assert D.load_image(tmp_path / "anim.webp").getpixel((4, 4)) == (255, 0, 0)
+    assert I.load_image(tmp_path / "anim.webp").getpixel((4, 4)) == (255, 0, 0)
 
 
 def test_file_failing_mid_run_is_dropped_and_named_not_substituted(tiny_data, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     victim = sorted((data / "train" / "bees").iterdir())[0]
-    monkeypatch.setattr(T, "CACHE_BUDGET_BYTES", 1)  # stream from disk, so the change is seen
+    monkeypatch.setattr(cache, "CACHE_BUDGET_BYTES", 1)  # stream from disk, so the change is seen
     events = []
 
     def emit(event, **kw):
@@ -140,7 +141,7 @@ def test_file_failing_mid_run_is_dropped_and_named_not_substituted(tiny_data, tm
 
     cfg = TrainConfig(data=str(data), weights="none", epochs=2, batch_size=4, output=str(tmp_path / "r"), workers=0,
                       augment="none")
-    result = T.run_training(cfg, emit)
+    result = run_training(cfg, emit)
     reported = [f for e, kw in events if e == "skipped" for f in kw["files"]]
     assert [p for p, _ in reported] == [str(victim)]  # named once, over two epochs
     assert "not an image" in reported[0][1]

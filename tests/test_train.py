@@ -3,21 +3,26 @@
 import pytest
 import torch
 
-from finetune import train as T
-from finetune.checkpoint import model_from_file
-from finetune.config import TrainConfig
-from finetune.data import eval_transform, find_dataset, decode_to_tensor
+from finetune.checkpoint import network_from_file
+from finetune.config import TrainConfig, validate
+from finetune.dataset import find_dataset
 from finetune.errors import DivergedError, FinetuneError
+from finetune.images import decode_to_tensor
+from finetune.models import Network
+from finetune.training import cache, run_training
+from finetune.training.sanity import initial_loss_check, overfit_config, overfit_split
+from finetune.training.setup import prepare, train_crop
+from finetune.training.trainer import Trainer, class_weights
 
 
 def _val_accuracy_of_saved_model(model_path, data):
-    model, meta = model_from_file(model_path)
+    net, mf = network_from_file(model_path)
     split = find_dataset(data)
-    tf = eval_transform(meta["preprocessing"])
-    x = torch.stack([tf(decode_to_tensor(s.path, meta["preprocessing"]["resize_size"])) for s in split.val])
+    tf = mf.preprocessing.eval_transform()
+    x = torch.stack([tf(decode_to_tensor(s.path, mf.preprocessing.resize_size)) for s in split.val])
     y = torch.tensor([s.label for s in split.val])
     with torch.inference_mode():
-        return (model(x).argmax(1) == y).float().mean().item()
+        return (net.module(x).argmax(1) == y).float().mean().item()
 
 
 def test_feature_extract_uses_cached_features_and_saves_a_consistent_model(tiny_data, tmp_path, monkeypatch):
@@ -25,7 +30,7 @@ def test_feature_extract_uses_cached_features_and_saves_a_consistent_model(tiny_
     events = []
     cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", epochs=3, batch_size=4,
                       output=str(tmp_path / "a"), workers=1)
-    first = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    first = run_training(cfg, lambda e, **k: events.append((e, k)))
     assert [k["cached"] for e, k in events if e == "features"] == [False]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
@@ -40,7 +45,7 @@ def test_feature_extract_uses_cached_features_and_saves_a_consistent_model(tiny_
     assert torch.equal(state["layer4.1.bn2.running_var"], fresh.state_dict()["layer4.1.bn2.running_var"])
 
     events.clear()
-    second = T.run_training(cfg.__class__(**{**cfg.to_dict(), "output": str(tmp_path / "b")}),
+    second = run_training(cfg.__class__(**{**cfg.to_dict(), "output": str(tmp_path / "b")}),
                             lambda e, **k: events.append((e, k)))
     assert [k["cached"] for e, k in events if e == "features"] == [True]
     assert not [e for e, _ in events if e == "decode_start"]  # nothing decoded on a cache hit
@@ -51,45 +56,45 @@ def test_nan_loss_stops_with_epoch_step_and_lower_lr(tiny_data, tmp_path):
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, lr=1e30, output=str(tmp_path / "r"),
                       workers=1, scheduler="none")
     with pytest.raises(DivergedError, match=r"at epoch 1, step \d+ .*try --lr 1e\+29") as e:
-        T.run_training(cfg)
+        run_training(cfg)
     assert e.value.exit_code == 6
     assert not (tmp_path / "r" / "best.pt").exists()
 
 
 def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "CACHE_BUDGET_BYTES", 1)
+    monkeypatch.setattr(cache, "CACHE_BUDGET_BYTES", 1)
     events = []
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, output=str(tmp_path / "r"),
                       workers=1)
-    result = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    result = run_training(cfg, lambda e, **k: events.append((e, k)))
     assert [k["keep"] for e, k in events if e == "decode_start"] == [False]  # checked, not kept in RAM
     assert result.model_path.is_file() and len(result.history) == 1
 
 
 def test_ram_cache_budget_from_the_environment(monkeypatch):
     monkeypatch.setenv("FINETUNE_RAM_CACHE_GB", "0.5")
-    assert T._cache_budget() == 512 * 1024**2
+    assert cache.cache_budget() == 512 * 1024**2
     monkeypatch.setenv("FINETUNE_RAM_CACHE_GB", "lots")
     with pytest.raises(FinetuneError, match="FINETUNE_RAM_CACHE_GB='lots': must be a number of GiB") as e:
-        T._cache_budget()
+        cache.cache_budget()
     assert e.value.exit_code == 2
     monkeypatch.delenv("FINETUNE_RAM_CACHE_GB")
-    assert T._cache_budget() == T.CACHE_BUDGET_BYTES
+    assert cache.cache_budget() == cache.CACHE_BUDGET_BYTES
 
 
 def test_initial_loss_check():
     from math import log
 
-    assert T.initial_loss_check(0.7, 2) == {"loss": 0.7, "expected": pytest.approx(log(2)), "suspicious": False}
-    assert T.initial_loss_check(5.4, 2)["suspicious"]  # e.g. unnormalised inputs blowing up the logits
-    assert T.initial_loss_check(0.01, 10)["suspicious"]  # labels leaking into the inputs?
+    assert initial_loss_check(0.7, 2) == {"loss": 0.7, "expected": pytest.approx(log(2)), "suspicious": False}
+    assert initial_loss_check(5.4, 2)["suspicious"]  # e.g. unnormalised inputs blowing up the logits
+    assert initial_loss_check(0.01, 10)["suspicious"]  # labels leaking into the inputs?
 
 
 def test_update_ratios_logged_and_early_stop(tiny_data, tmp_path):
     events = []
     cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", epochs=6, batch_size=4,
                       lr=1e-30, patience=2, augment="none", output=str(tmp_path / "r"), workers=1)
-    result = T.run_training(cfg, lambda e, **k: events.append((e, k)))
+    result = run_training(cfg, lambda e, **k: events.append((e, k)))
     # with a vanishing lr nothing improves after epoch 1: stopped 2 epochs later
     assert len(result.history) == 3 and result.best_epoch == 1
     assert [k["best_epoch"] for e, k in events if e == "early_stop"] == [1]
@@ -103,8 +108,8 @@ def test_update_ratios_logged_and_early_stop(tiny_data, tmp_path):
 
 
 def test_class_weights_hand_computed():
-    assert T.class_weights([0, 0, 0, 1], 2).tolist() == pytest.approx([4 / 6, 4 / 2])
-    assert T.class_weights([0, 1, 2], 3).tolist() == pytest.approx([1, 1, 1])
+    assert class_weights([0, 0, 0, 1], 2).tolist() == pytest.approx([4 / 6, 4 / 2])
+    assert class_weights([0, 1, 2], 3).tolist() == pytest.approx([1, 1, 1])
 
 
 def test_freeze_epochs_then_lower_backbone_lr(tiny_data, tmp_path):
@@ -119,7 +124,7 @@ def test_freeze_epochs_then_lower_backbone_lr(tiny_data, tmp_path):
     torch.manual_seed(0)
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=2, batch_size=4, freeze_epochs=1, lr=0.01,
                       scheduler="none", output=str(tmp_path / "r"), workers=1, augment="none")
-    T.run_training(cfg, emit)
+    run_training(cfg, emit)
     import torchvision
 
     torch.manual_seed(0)
@@ -135,14 +140,14 @@ def test_balance_modes_train(tiny_data, tmp_path, balance):
     for mode in ("finetune", "feature-extract"):
         cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, balance=balance, mode=mode,
                           output=str(tmp_path / mode), workers=1)
-        assert len(T.run_training(cfg).history) == 1
+        assert len(run_training(cfg).history) == 1
 
 
 def test_overfit_split_and_config(tiny_data):
-    split = T.overfit_split(find_dataset(tiny_data), 5, seed=0)
+    split = overfit_split(find_dataset(tiny_data), 5, seed=0)
     assert split.train == split.val and len(split.train) == 5
     assert {s.label for s in split.train} == {0, 1}  # spread over the classes
-    cfg = T.overfit_config(TrainConfig(data=str(tiny_data), weight_decay=0.1, dropout=0.5, overfit=5))
+    cfg = overfit_config(TrainConfig(data=str(tiny_data), weight_decay=0.1, dropout=0.5, overfit=5))
     assert (cfg.augment, cfg.weight_decay, cfg.dropout) == ("none", 0.0, 0.0)
 
 
@@ -174,38 +179,46 @@ class _FixedSize(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _choice(crop: int):
+    from finetune.preprocessing import Preprocessing
+    from finetune.weights import WeightsChoice
+
+    return WeightsChoice("resnet18", None, None, "none", Preprocessing(crop + 32, crop, (0.5,) * 3, (0.2,) * 3,
+                                                                       "bilinear"))
+
+
 def test_train_crop_rule():
     import torchvision
 
-    pre = {"crop_size": 224}
-    resnet = torchvision.models.resnet18(num_classes=2)
+    pre = _choice(224)
+    resnet = Network(torchvision.models.resnet18(num_classes=2), "resnet18", "fc")
     cfg = TrainConfig(data="x")
-    assert T.train_crop(cfg, pre, resnet) == 176  # torchvision's own recipe: train 176, evaluate 224
-    assert T.train_crop(cfg, {"crop_size": 299}, resnet) == 240
-    assert T.train_crop(TrainConfig(data="x", mode="feature-extract"), pre, resnet) == 224
-    assert T.train_crop(TrainConfig(data="x", augment="none"), pre, resnet) == 224
-    assert T.train_crop(TrainConfig(data="x", train_size=200), pre, resnet) == 200
-    assert resnet.training  # probing left the mode as it was
+    assert train_crop(cfg, pre, resnet) == 176  # torchvision's own recipe: train 176, evaluate 224
+    assert train_crop(cfg, _choice(299), resnet) == 240
+    assert train_crop(TrainConfig(data="x", mode="feature-extract"), pre, resnet) == 224
+    assert train_crop(TrainConfig(data="x", augment="none"), pre, resnet) == 224
+    assert train_crop(TrainConfig(data="x", train_size=200), pre, resnet) == 200
+    assert resnet.module.training  # probing left the mode as it was
 
-    fixed = _FixedSize(224)
-    assert T.train_crop(cfg, pre, fixed) == 224  # falls back to the one size it accepts
+    fixed = Network(_FixedSize(224), "resnet18", "fc")
+    assert train_crop(cfg, pre, fixed) == 224  # falls back to the one size it accepts
     with pytest.raises(FinetuneError, match="--train-size 160: resnet18 only runs on 224x224") as e:
-        T.train_crop(TrainConfig(data="x", train_size=160), pre, fixed)
+        train_crop(TrainConfig(data="x", train_size=160), pre, fixed)
     assert e.value.exit_code == 2
     with pytest.raises(FinetuneError, match="--train-size 8"):
-        T.validate(TrainConfig(data="x", train_size=8))
+        validate(TrainConfig(data="x", train_size=8))
 
 
 def test_training_batches_use_the_train_crop_and_val_the_eval_crop(tiny_data, tmp_path):
     cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, train_size=160,
                       output=str(tmp_path / "r"), workers=1)
-    p = T.prepare(cfg)
+    p = prepare(cfg)
     x, _, _ = next(p.epochs.endless_batches())
     assert x.shape[-2:] == (160, 160)
     xv, _, _ = next(iter(p.epochs.val_loader))
     assert xv.shape[-2:] == (224, 224)
     start = []
-    T.run_training(cfg, lambda e, **k: start.append(k) if e == "start" else None)
+    run_training(cfg, lambda e, **k: start.append(k) if e == "start" else None)
     assert start[0]["sizes"] == (160, 224)
 
 
@@ -216,15 +229,16 @@ def test_update_ratio_is_the_median_per_tensor_not_one_pooled_norm():
             self.a, self.b, self.c = (torch.nn.Parameter(torch.full((4,), v)) for v in (1.0, 1.0, 1000.0))
             self.fc = torch.nn.Linear(2, 2)
 
-    trainer = object.__new__(T._Trainer)
-    trainer.model, trainer.head = Net(), "fc"
+    trainer = object.__new__(Trainer)
+    trainer.net = Network(Net(), "net", "fc")
+    model = trainer.net.module
     before = trainer._snapshot()
     with torch.no_grad():
-        trainer.model.a += 0.001  # ratio 1e-3
-        trainer.model.b += 0.003  # ratio 3e-3
-        trainer.model.c += 0.001  # ratio 1e-6: the huge tensor would swamp a pooled norm (~1.0e-6)
-        trainer.model.fc.weight.mul_(1.5)
-        trainer.model.fc.bias.mul_(1.5)
+        model.a += 0.001  # ratio 1e-3
+        model.b += 0.003  # ratio 3e-3
+        model.c += 0.001  # ratio 1e-6: the huge tensor would swamp a pooled norm (~1.0e-6)
+        model.fc.weight.mul_(1.5)
+        model.fc.bias.mul_(1.5)
     ratios = trainer._update_ratios(before)
     assert ratios["backbone"] == pytest.approx(1e-3, rel=1e-3)
     assert ratios["head"] == pytest.approx(0.5, rel=1e-4)  # weight and bias both scaled by 1.5

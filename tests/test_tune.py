@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from finetune import tune as U
 from finetune.cli import app
-from finetune.config import TrainConfig
+from finetune.config import MODES, TrainConfig, load_config
 from finetune.errors import DivergedError, FinetuneError
 
 runner = CliRunner()
@@ -22,7 +22,7 @@ def test_samples_are_inside_the_ranges_distinct_and_seeded():
     for s in samples:
         low, high = U.LR_RANGE[s["optimizer"]]
         assert low <= s["lr"] <= high * 1.001 and U.WEIGHT_DECAY_RANGE[0] <= s["weight_decay"] <= 1.001e-2
-        assert 0 <= s["dropout"] <= 0.5 and s["batch_size"] in U.BATCH_SIZES and s["mode"] in U.MODES
+        assert 0 <= s["dropout"] <= 0.5 and s["batch_size"] in U.BATCH_SIZES and s["mode"] in MODES
     assert len({json.dumps(s, sort_keys=True) for s in samples}) == 60  # random, not a grid
     rng_a, rng_b = random.Random(3), random.Random(3)
     assert [space.sample(rng_a) for _ in range(5)] == [space.sample(rng_b) for _ in range(5)]
@@ -69,7 +69,7 @@ def test_search_records_every_trial_and_narrows_stage_two(tmp_path):
     assert (tmp_path / "t" / "trials.csv").read_text().splitlines()[0].startswith("trial,stage,epochs,lr")
     best = json.loads(r.best_config.read_text())
     assert best["trial"] == r.best.number and best["val_acc"] == max(row["val_acc"] or 0 for row in rows)
-    settings = U.load_config(r.best_config)
+    settings = load_config(r.best_config)
     assert settings["lr"] == r.best.params["lr"] and settings["epochs"] == r.best.epochs
     assert "data" not in settings and "output" not in settings
 
@@ -84,10 +84,10 @@ def test_budget_and_bad_config_files(tmp_path):
     assert r.stopped_by_budget and not r.trials and r.best is None
     (tmp_path / "bad.json").write_text('{"settings": {"lr": 0.1, "colour": "red"}}')
     with pytest.raises(FinetuneError, match="unknown setting.*colour"):
-        U.load_config(tmp_path / "bad.json")
+        load_config(tmp_path / "bad.json")
     (tmp_path / "notjson.json").write_text("lr=0.1")
     with pytest.raises(FinetuneError, match="not JSON"):
-        U.load_config(tmp_path / "notjson.json")
+        load_config(tmp_path / "notjson.json")
 
 
 def test_cli_tune_then_train_with_its_config(tiny_data, tmp_path):

@@ -117,20 +117,18 @@ def images_under(folder: Path, skipped: list | None = None) -> list[str]:
             elif not is_image_file(e.name):
                 note((e.path, irregular_reason(e.path) or unsupported_reason(e.name)))
             elif e.is_symlink() or not e.is_file(follow_symlinks=False):
-                _add_link_or_special(e, found, seen_files, note)
+                _add_once(e, irregular_reason(e.path), os.path.realpath(e.path), found, seen_files, note)
             else:
-                seen_files[os.path.join(real, e.name)] = e.path
-                found.append(e.path)
+                _add_once(e, None, os.path.join(real, e.name), found, seen_files, note)
         stack.extend(reversed(subdirs))
     return found
 
 
-def _add_link_or_special(e: os.DirEntry, found: list, seen_files: dict, note) -> None:
-    reason = irregular_reason(e.path)
+def _add_once(e: os.DirEntry, reason: str | None, target: str, found: list, seen_files: dict, note) -> None:
+    """Add a regular file the first time its real path is seen; name a repeat (a link) or what is wrong."""
     if reason:
         note((e.path, reason))
         return
-    target = os.path.realpath(e.path)
     if target in seen_files:
         note((e.path, f"same file as {os.path.basename(seen_files[target])} (a link); used once"))
         return

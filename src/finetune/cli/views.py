@@ -21,13 +21,21 @@ class TrainView:
                                  disable=quiet)
         self.epoch_task = self.batch_task = self.decode_task = self.lr_task = None
         self.epochs = 0
+        self.started = False
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.stop()
+
+    def add_task(self, description: str, **kwargs):
+        """A progress bar; the display starts with the first one (an early error leaves no stray output)."""
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        return self.progress.add_task(description, info="", **kwargs)
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -64,7 +72,7 @@ class TrainView:
         if not keep:
             self.log(f"[bold]streaming[/] images from disk each epoch: decoded, they would not fit the "
                      f"{budget_gb:g} GiB RAM budget (FINETUNE_RAM_CACHE_GB)")
-        self.decode_task = self.progress.add_task("decoding" if keep else "checking", total=total, info="")
+        self.decode_task = self.add_task("decoding" if keep else "checking", total=total)
 
     def on_decode_advance(self, n):
         self.progress.advance(self.decode_task, n)
@@ -90,8 +98,8 @@ class TrainView:
                     f"{epochs} epochs and continues from epoch {first - 1}" if resumed_from and epochs > resumed_from \
                 else ""
             self.log(f"[bold]resuming[/] at epoch {first} of {epochs}{grown}")
-        self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first - 1, info="")
-        self.batch_task = self.progress.add_task("batches", total=batches, info="")
+        self.epoch_task = self.add_task("epochs", total=epochs, completed=first - 1)
+        self.batch_task = self.add_task("batches", total=batches)
 
     def on_epoch_start(self, epoch):
         self.progress.reset(self.batch_task)
@@ -133,7 +141,7 @@ class TrainView:
 
     def on_lr_find_start(self, steps):
         self._drop_task("decode_task")
-        self.lr_task = self.progress.add_task("lr range test", total=steps, info="")
+        self.lr_task = self.add_task("lr range test", total=steps)
 
     def on_lr_find_step(self, step, lr, loss):
         self.progress.update(self.lr_task, completed=step, info=f"lr {lr:.2e}  loss {loss:.4f}")
