@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny real-photo folder (from sample_data/) and one model trained on it."""
+"""Shared fixtures: a tiny real-photo folder (from sample_data/) and one model trained on it; every test runs in
+its own empty working folder, with a private cache, and must leave the repository and torch's global flags as
+they were."""
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,11 +47,43 @@ def trained_model(tmp_path_factory, tiny_data) -> Path:
     return run_training(cfg).model_path
 
 
-@pytest.fixture()
+@pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch) -> Path:
-    """Run in an empty working directory (runs/ and runs/latest.json land there)."""
+    """Every test runs in an empty working directory (runs/ and runs/latest.json land there, never in the repo)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _repo_state() -> str:
+    """Every file of the repository outside .git and ignored build outputs, with its size and change time."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True).stdout.decode()
+    rows = []
+    for name in sorted(filter(None, out.split("\0"))):
+        path = REPO / name
+        st = path.stat() if path.exists() else None
+        rows.append(f"{name} {st.st_size if st else '-'} {st.st_mtime_ns if st else '-'}")
+    return "\n".join(rows)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_unchanged():
+    """No test writes outside its temp folder: the repository tree is the same after the suite."""
+    before = _repo_state()
+    yield
+    after = _repo_state()
+    assert after == before, "the test suite changed the repository tree"
+
+
+@pytest.fixture(autouse=True)
+def _torch_flags_restored():
+    """No test (and no library call) leaves torch's global switches changed for the tests after it."""
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
+    yield
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
+    assert after == before, "a global torch flag was left changed"
 
 
 @pytest.fixture(autouse=True)

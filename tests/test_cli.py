@@ -173,6 +173,7 @@ def test_predict_formats_and_skips_bad_files(trained_model, tiny_data, in_tmp):
     assert r.stdout.count("ants") >= 6 and "#2" in r.stdout  # table: both classes shown per image
 
 
+@pytest.mark.slow
 def test_help_version_and_module_entry():
     r = invoke("--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"finetune {__version__}"
@@ -183,6 +184,7 @@ def test_help_version_and_module_entry():
     assert p.returncode == 0 and "train" in p.stdout and "export" in p.stdout
 
 
+@pytest.mark.slow
 def test_cli_import_does_not_import_torch():
     code = "import sys, finetune.cli; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

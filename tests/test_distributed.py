@@ -23,6 +23,8 @@ from finetune.training import run_training
 
 HERE = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun or 2 processes
+
 
 def _finetune(*args, timeout=600, env=None):
     """`finetune ARGS` in a fresh process (torchrun's workers must start from a clean interpreter)."""

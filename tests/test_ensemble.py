@@ -94,7 +94,8 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror(trained_model, tiny
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".pt2", ".onnx"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", pytest.param(".pt2", marks=pytest.mark.slow),
+                                    pytest.param(".onnx", marks=pytest.mark.slow)])
 def test_ensemble_exports_as_one_file_that_gives_the_mean_probabilities(trained_model, second_model, tiny_data,
                                                                         tmp_path, suffix):
     from finetune import export as E

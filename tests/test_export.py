@@ -20,6 +20,7 @@ def _eager_logits(model_path, images):
         return net.module(x), x
 
 
+@pytest.mark.slow
 def test_pt_export_loads_in_plain_pytorch_without_finetune(trained_model, tiny_data, tmp_path):
     out = tmp_path / "model.pt"
     report = E.export_model(trained_model, out)
@@ -44,7 +45,7 @@ def test_pt_export_loads_in_plain_pytorch_without_finetune(trained_model, tiny_d
     assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("suffix", [".pt2", ".onnx", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt2", pytest.param(".onnx", marks=pytest.mark.slow), ".safetensors"])
 def test_other_formats_round_trip_with_metadata(trained_model, tmp_path, suffix):
     if suffix == ".onnx":
         pytest.importorskip("onnxruntime")

@@ -25,6 +25,7 @@ def _cfg(data, out, epochs=4, **kw):
                        deterministic=True, **kw)
 
 
+@pytest.mark.slow
 def test_two_epochs_interrupt_resume_equals_four_straight(tiny_data, tmp_path):
     straight = run_training(_cfg(tiny_data, tmp_path / "a"))
     epochs_done = []
@@ -75,6 +76,7 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_keeps_best_and_prints_resume_command(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_data, out)
@@ -88,6 +90,7 @@ def test_sigterm_stops_keeps_best_and_prints_resume_command(tiny_data, tmp_path)
     assert not list(out.glob(TEMP_PREFIX + "*"))
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
     out = tmp_path / "run"
     rng = random.Random(0)
@@ -108,6 +111,7 @@ def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
     assert not list(out.glob(TEMP_PREFIX + "*"))
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_without_partial_files(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_data, out)

@@ -42,6 +42,7 @@ def test_find_dataset_fold_pools_train_and_val(tiny_data):
     assert e.value.exit_code == 3
 
 
+@pytest.mark.slow
 def test_cli_folds_trains_one_model_per_fold(tiny_data, tmp_path):
     out = tmp_path / "cv"
     r = runner.invoke(app, ["train", str(tiny_data), "--weights", "none", "--epochs", "1", "-b", "4", "--folds", "2",

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -86,6 +87,7 @@ def test_report_grayscale_filters_capped(tmp_path):
     _assert_png(write_report(tmp_path / "run", **inputs)["filters"], 500, 300)
 
 
+@pytest.mark.slow
 def test_import_does_not_load_matplotlib():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = subprocess.run([sys.executable, "-c", "import sys, finetune.report; print('matplotlib' in sys.modules)"],

@@ -151,6 +151,7 @@ def test_overfit_split_and_config(tiny_data):
     assert (cfg.augment, cfg.weight_decay, cfg.dropout) == ("none", 0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_overfit_sanity_check_reaches_100_percent(tiny_data, in_tmp):
     from typer.testing import CliRunner
 

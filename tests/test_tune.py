@@ -90,6 +90,7 @@ def test_budget_and_bad_config_files(tmp_path):
         load_config(tmp_path / "notjson.json")
 
 
+@pytest.mark.slow
 def test_cli_tune_then_train_with_its_config(tiny_data, tmp_path):
     out = tmp_path / "search"
     r = runner.invoke(app, ["tune", str(tiny_data), "--weights", "none", "--trials", "3", "--coarse-epochs", "1",

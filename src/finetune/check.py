@@ -49,34 +49,10 @@ def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: 
             infos.append(info)
             if on_progress:
                 on_progress(i, len(samples))
-
-    counts = split.counts()
     skipped = [{"path": rel(p), "reason": r} for p, r in split.skipped]
     skipped += [{"path": rel(i["path"]), "reason": i["error"]} for i in infos if "error" in i]
     usable = [(part, s, i) for (part, s), i in zip(samples, infos) if "error" not in i]
-
-    # The split's own duplicate finder (fingerprints from the folder's index): only size-matched files are read.
-    twins = content_groups(Path(root), [s for _, s, _ in usable])
-    by_hash = defaultdict(list)
-    for part, s, i in usable:
-        by_hash[twins.get(s.path, s.path)].append((part, split.classes[s.label], rel(s.path)))
-    within, across_classes, leakage = [], [], []
-    for members in by_hash.values():
-        if len(members) < 2:
-            continue
-        group = [{"split": p, "class": c, "path": f} for p, c, f in members]
-        if len({c for _, c, _ in members}) > 1:
-            across_classes.append(group)
-        if len({p for p, _, _ in members}) > 1:
-            leakage.append(group)
-        if len({c for _, c, _ in members}) == 1 and len({p for p, _, _ in members}) == 1:
-            within.append(group)
-
-    sizes = [i["size"] for _, _, i in usable]
-    per_split_imbalance = {}
-    for part, per_class in counts.items():
-        values = [v for v in per_class.values()]
-        per_split_imbalance[part] = (max(values) / min(values)) if min(values) else None
+    counts = split.counts()
     return {
         "root": root,
         "layout": split.layout,
@@ -84,16 +60,43 @@ def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: 
         "counts": counts,
         "images": len(samples),
         "usable": len(usable),
-        "imbalance": per_split_imbalance,  # largest class / smallest class
+        "imbalance": {part: (max(c.values()) / min(c.values())) if min(c.values()) else None  # largest / smallest
+                      for part, c in counts.items()},
         "imbalance_warning": IMBALANCE_WARNING,
         "skipped": skipped,
         "modes": dict(Counter(i["mode"] for _, _, i in usable)),
         "formats": dict(Counter(i["format"] for _, _, i in usable)),
-        "sizes": {
-            "min": [min(w for w, _ in sizes), min(h for _, h in sizes)] if sizes else None,
-            "median": [statistics.median(w for w, _ in sizes), statistics.median(h for _, h in sizes)] if sizes else None,
-            "max": [max(w for w, _ in sizes), max(h for _, h in sizes)] if sizes else None,
-        },
+        "sizes": _sizes([i["size"] for _, _, i in usable]),
         "exif_rotated": [rel(i["path"]) for _, _, i in usable if i.get("exif_rotated")],
-        "duplicates": {"within_class": within, "across_classes": across_classes, "train_val_leakage": leakage},
+        "duplicates": _duplicates(split, usable, rel),
     }
+
+
+def _sizes(sizes: list) -> dict:
+    if not sizes:
+        return {"min": None, "median": None, "max": None}
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    return {"min": [min(widths), min(heights)], "median": [statistics.median(widths), statistics.median(heights)],
+            "max": [max(widths), max(heights)]}
+
+
+def _duplicates(split, usable: list, rel) -> dict:
+    """Identical files within a class, across classes (conflicting labels) and across train and val (leakage)."""
+    # The split's own duplicate finder (fingerprints from the folder's index): only size-matched files are read.
+    twins = content_groups(Path(split.root), [s for _, s, _ in usable])
+    by_hash = defaultdict(list)
+    for part, s, _ in usable:
+        by_hash[twins.get(s.path, s.path)].append((part, split.classes[s.label], rel(s.path)))
+    within, across_classes, leakage = [], [], []
+    for members in by_hash.values():
+        if len(members) < 2:
+            continue
+        group = [{"split": p, "class": c, "path": f} for p, c, f in members]
+        classes, parts = {c for _, c, _ in members}, {p for p, _, _ in members}
+        if len(classes) > 1:
+            across_classes.append(group)
+        if len(parts) > 1:
+            leakage.append(group)
+        if len(classes) == 1 and len(parts) == 1:
+            within.append(group)
+    return {"within_class": within, "across_classes": across_classes, "train_val_leakage": leakage}

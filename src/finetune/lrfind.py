@@ -15,7 +15,7 @@ from finetune.distributed import single_process
 from finetune.errors import DivergedError, UsageError
 from finetune.files import write_json_atomic
 from finetune.pictures import lr_plot
-from finetune.training.setup import prepare, silent
+from finetune.training.setup import prepare, silent, torch_flags
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single batches are too noisy to read
 STOP_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of the best seen
@@ -45,7 +45,11 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     if steps < 2:
         raise UsageError(f"--steps {steps}: need at least 2")
     single_process("lr-find")
-    p = prepare(cfg, emit)
+    with torch_flags(cfg):
+        return _range_test(prepare(cfg, emit), start_lr, end_lr, steps, emit)
+
+
+def _range_test(p, start_lr: float, end_lr: float, steps: int, emit) -> LrFindResult:
     trainer = p.trainer
     trainer.checked_initial_loss = True
     groups = trainer.optimizer.param_groups

@@ -16,7 +16,7 @@ from finetune.errors import Interrupted, ResourceError
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
-from finetune.training.setup import Prepared, prepare, silent
+from finetune.training.setup import Prepared, prepare, silent, torch_flags
 from finetune.training.trainer import Emit
 
 
@@ -46,19 +46,20 @@ def run_training(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] 
     world = dist.init(cfg.device)
     resuming = resume is not None
     dist.on_main(lambda: check_run_folder(cfg, resuming))  # refused before any long work, nothing created
-    p = prepare(cfg, emit, stop, resume)
     held: dict = {}
 
     def open_folder() -> Path:
         folder, held["lock"] = open_run_folder(cfg, resuming)
         return folder
 
-    folder = dist.on_main(open_folder)  # rank 0 writes, under the folder's lock
-    try:
-        return _Run(cfg, p, folder, emit if world.main else silent, resume).train(t_start)
-    finally:
-        if "lock" in held:
-            held["lock"].release()
+    with torch_flags(cfg):
+        p = prepare(cfg, emit, stop, resume)
+        folder = dist.on_main(open_folder)  # rank 0 writes, under the folder's lock
+        try:
+            return _Run(cfg, p, folder, emit if world.main else silent, resume).train(t_start)
+        finally:
+            if "lock" in held:
+                held["lock"].release()
 
 
 class _Run:

@@ -3,6 +3,7 @@ split, the model built with its weights, images decoded or features extracted, t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -25,6 +26,24 @@ from finetune.weights import WeightsChoice, load_pretrained_state, resolve_weigh
 
 def silent(*args, **kwargs) -> None:
     """The emit of ranks other than 0: they train, rank 0 reports."""
+
+
+@contextlib.contextmanager
+def torch_flags(cfg: TrainConfig):
+    """torch's global switches a run needs (--deterministic; cuDNN autotuning on CUDA), put back afterwards so a
+    program that trains twice, or a test suite, sees them as they were."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic or before[0])
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 @dataclass
@@ -112,9 +131,6 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     emit = emit if world.main else silent
     device = dist.device(cfg.device)
     _check_world(cfg, world, device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
     split, local = _read_split(cfg, world, resume)
     split_files = split.files()

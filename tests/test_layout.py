@@ -1,0 +1,112 @@
+"""The package's shape, enforced: small modules and functions, one-way imports with no cycle, lazy imports
+only for the heavy libraries named below, and printing (Rich) only in finetune.cli."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "finetune"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# The deliberate lazy imports: heavy or optional libraries, imported inside the functions that use them so that
+# `finetune --help` and every module import stay fast (and an optional extra is needed only when used).
+LAZY = {"torch", "torchvision", "numpy", "PIL", "matplotlib", "safetensors", "onnx", "onnxscript", "onnxruntime",
+        "pillow_heif", "fcntl"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return out
+
+
+MODULES = _modules()
+ENTRY_POINTS = {"finetune.__main__"}
+
+
+def _imported(node) -> list[str]:
+    """Modules an import statement imports (`from pkg import mod` imports pkg.mod; `from mod import name`, mod)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return sorted({f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                       for a in node.names})
+    return []
+
+
+def _functions(tree):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_modules_and_functions_are_small():
+    long_modules = {m: t.body[-1].end_lineno for m, t in MODULES.items() if t.body and t.body[-1].end_lineno
+                    > MAX_MODULE_LINES}
+    assert not long_modules
+    long_functions = [f"{m}.{f.name} ({f.end_lineno - f.lineno + 1} lines)" for m, t in MODULES.items()
+                      for f in _functions(t) if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long_functions
+
+
+def test_imports_inside_functions_are_only_the_named_lazy_ones():
+    found = []
+    for m, tree in MODULES.items():
+        for f in _functions(tree):
+            for node in ast.walk(f):
+                for name in _imported(node):
+                    if name.split(".")[0] not in LAZY:
+                        found.append(f"{m}.{f.name}: import {name}")
+    assert not found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for m, tree in MODULES.items():
+        deps = set()
+        for node in tree.body:
+            for name in _imported(node):
+                while name and name not in MODULES:
+                    name = name.rpartition(".")[0]
+                if name and name != m and name != "finetune":
+                    deps.add(name)
+        graph[m] = deps
+    return graph
+
+
+def test_no_import_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(path[path.index(d):] + [d]) if d in path else f"{m} -> {d}")
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles
+
+
+def test_data_flows_one_way_the_library_never_imports_the_cli():
+    library = {m: deps for m, deps in _graph().items() if not m.startswith("finetune.cli") and m not in ENTRY_POINTS}
+    assert not {m: sorted(d for d in deps if d.startswith("finetune.cli")) for m, deps in library.items()
+                if any(d.startswith("finetune.cli") for d in deps)}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("finetune.cli") and m not in
+                                           ENTRY_POINTS))
+def test_only_the_cli_prints(module):
+    tree = MODULES[module]
+    rich = [n for node in ast.walk(tree) for n in _imported(node) if n.split(".")[0] == "rich"]
+    prints = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    writes = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in
+              ("stdout", "stderr") and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    assert (rich, prints, writes) == ([], [], [])
