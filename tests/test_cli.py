@@ -82,6 +82,36 @@ def test_train_flat_layout_with_feature_extract(flat_data, in_tmp):
     assert config["train_images"] == 14 and config["val_images"] == 4
     meta = torch.load(in_tmp / "out" / "best.pt", weights_only=True)
     assert meta["dropout"] == 0.3 and meta["config"]["mode"] == "feature-extract"
+    assert (config["optimizer"], config["scheduler"], config["augment"]) == ("adamw", "step", "light")
+    state = torch.load(in_tmp / "out" / "state.pt", weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
+    assert "amsgrad" in group and "nesterov" not in group  # AdamW's state, not SGD's
+    assert group["lr"] == pytest.approx(config["lr_used"] / 10)  # step: /10 every 30 % of the epochs (1 of 1)
+
+
+def test_momentum_reaches_the_optimizer_and_fold_trains_one_fold(tiny_data, in_tmp):
+    r = invoke("train", tiny_data, "--weights", "none", "--epochs", "1", "-b", "8", "--momentum", "0.5", "-o",
+               in_tmp / "m", "-q")
+    assert r.exit_code == 0, r.output
+    state = torch.load(in_tmp / "m" / "state.pt", weights_only=True)
+    assert {g["momentum"] for g in state["optimizer"]["param_groups"]} == {0.5}
+    r = invoke("train", tiny_data, "--weights", "none", "--epochs", "1", "-b", "8", "--folds", "3", "--fold", "2",
+               "-o", in_tmp / "f", "-q")
+    assert r.exit_code == 0, r.output
+    config = json.loads((in_tmp / "f" / "config.json").read_text())
+    assert (config["folds"], config["fold"]) == (3, 2) and config["layout"].startswith("fold 2 of 3")
+    r = invoke("train", tiny_data, "--weights", "none", "--fold", "2")
+    assert r.exit_code == 2 and "--fold 2: needs --folds K" in r.stderr
+
+
+def test_overfit_set_in_a_config_file_is_the_sanity_check(tiny_data, in_tmp):
+    (in_tmp / "c.json").write_text(json.dumps({"overfit": 4, "augment": "standard", "weight_decay": 0.1}))
+    r = invoke("train", tiny_data, "--weights", "none", "--config", in_tmp / "c.json", "--epochs", "1", "-b", "4",
+               "-o", in_tmp / "o")
+    assert r.exit_code == 0, r.output
+    assert "sanity check" in r.stderr
+    config = json.loads((in_tmp / "o" / "config.json").read_text())
+    assert (config["augment"], config["weight_decay"], config["train_images"]) == ("none", 0.0, 4)
 
 
 def test_pretrained_default_weights_from_local_cache(tiny_data, in_tmp, monkeypatch):

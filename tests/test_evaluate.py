@@ -60,3 +60,18 @@ def test_cli_json_and_tables(trained_model, tiny_data):
     r = json.loads(res.stdout)
     assert set(r) >= {"accuracy", "accuracy_ci95", "per_class", "macro", "confusion_matrix", "most_confident_wrong"}
     assert "95 % CI" in res.stderr and "confusion matrix" in res.stderr and "macro avg" in res.stderr
+
+
+def test_the_pixel_limit_and_threads_reach_check_predict_and_evaluate(trained_model, tiny_data):
+    """--max-pixels is honoured by every command that decodes (sample photos are ~0.19 MP), and evaluate takes -j."""
+    runner = CliRunner()
+    r = runner.invoke(app, ["check", str(tiny_data), "--max-pixels", "1000", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["usable"] == 0 and all("--max-pixels limit" in s["reason"] for s in report["skipped"])
+    r = runner.invoke(app, ["predict", str(tiny_data / "val"), "-m", str(trained_model), "--max-pixels", "1000"])
+    assert r.exit_code == 1 and "6 of 6 input(s) skipped" in r.stderr and "--max-pixels limit" in r.stderr
+    r = runner.invoke(app, ["evaluate", str(tiny_data), "-m", str(trained_model), "--max-pixels", "1000"])
+    assert r.exit_code == 3 and "none of the images could be read" in r.stderr
+    r = runner.invoke(app, ["evaluate", str(tiny_data), "-m", str(trained_model), "-j", "1", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["images"] == 6

@@ -148,3 +148,24 @@ def test_file_failing_mid_run_is_dropped_and_named_not_substituted(tiny_data, tm
     sizes = [kw["size"] for e, kw in events if e == "batch"]
     assert sum(sizes) == 2 * 11  # 12 train images, one dropped from both epochs, none substituted
     assert len(result.history) == 2
+
+
+def test_feature_extract_skips_a_file_failing_mid_run_like_the_image_path(tiny_data, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = sorted((data / "val" / "ants").iterdir())[0]
+    monkeypatch.setattr(cache, "CACHE_BUDGET_BYTES", 1)  # stream from disk, so the change is seen
+    events = []
+
+    def emit(event, **kw):
+        events.append((event, kw))
+        if event == "features":  # after the scan and the check, before extraction: the file breaks
+            victim.write_bytes(b"garbage")
+
+    cfg = TrainConfig(data=str(data), weights="none", mode="feature-extract", epochs=2, batch_size=4,
+                      output=str(tmp_path / "r"), workers=0)
+    result = run_training(cfg, emit)
+    reported = [f for e, kw in events if e == "skipped" for f in kw["files"]]
+    assert [p for p, _ in reported] == [str(victim)] and "not an image" in reported[0][1]
+    assert result.summary["val_metrics"]["images"] == 5  # 6 val images, the broken one left out
+    assert len(result.history) == 2

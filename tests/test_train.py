@@ -136,10 +136,29 @@ def test_freeze_epochs_then_lower_backbone_lr(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("balance", ["weighted-loss", "sampler"])
-def test_balance_modes_train(tiny_data, tmp_path, balance):
+def test_balance_modes_counter_an_imbalanced_folder(tiny_data, tmp_path, balance):
+    import shutil
+    from collections import Counter
+
+    data = tmp_path / "imbalanced"
+    shutil.copytree(tiny_data, data)
+    for extra in sorted((data / "train" / "bees").iterdir())[2:]:  # 6 ants, 2 bees
+        extra.unlink()
     for mode in ("finetune", "feature-extract"):
-        cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, balance=balance, mode=mode,
-                          output=str(tmp_path / mode), workers=1)
+        cfg = TrainConfig(data=str(data), weights="none", epochs=1, batch_size=4, balance=balance, mode=mode,
+                          output=str(tmp_path / mode), workers=0)
+        p = prepare(cfg)
+        if balance == "weighted-loss":  # bees weigh 3x ants: inverse frequency, mean 1
+            assert p.trainer.train_criterion.weight.tolist() == pytest.approx([8 / 12, 8 / 4])
+            assert p.trainer.criterion.weight is None  # val loss stays comparable
+        else:  # sampler: classes drawn about equally often, with replacement
+            torch.manual_seed(0)
+            if mode == "finetune":
+                drawn = [p.split.train[i].label for _ in range(50) for i in p.epochs.train_loader.sampler]
+            else:
+                drawn = [int(p.epochs.train_labels[i]) for _ in range(50) for i in p.epochs._order(8)]
+            share = Counter(drawn)[1] / len(drawn)
+            assert 0.4 < share < 0.6, share  # 2 of 8 images, but half the draws
         assert len(run_training(cfg).history) == 1
 
 
