@@ -110,3 +110,12 @@ def test_only_the_cli_prints(module):
     writes = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in
               ("stdout", "stderr") and isinstance(node.value, ast.Name) and node.value.id == "sys"]
     assert (rich, prints, writes) == ([], [], [])
+
+
+def test_option_tables_in_docs_are_those_of_help():
+    from finetune.cli.reference import sync
+
+    docs = SRC.parents[1] / "docs"
+    assert sync(docs, check=True) == [], "run `python -m finetune.cli.reference` to regenerate them"
+    blocks = sum(p.read_text(encoding="utf-8").count("<!-- options:") for p in docs.glob("*.md"))
+    assert blocks == 7  # train, lr-find, tune, predict, evaluate, export, check
