@@ -112,17 +112,19 @@ def test_kill_9_never_leaves_a_truncated_file(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_stops_at_once_without_partial_files(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_ends_the_process_at_once_and_loses_nothing(tiny_data, tmp_path, sig):
     out = tmp_path / "run"
     proc = _spawn(tiny_data, out)
     _wait_for(out / R.STATE_FILE, proc)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    load_model_file(out / "best.pt")
-    assert not list(out.glob(TEMP_PREFIX + "*"))
+    proc.send_signal(sig)
+    time.sleep(1.0)  # the first is handled (a clean stop after this step is on its way) ...
+    t = time.time()
+    proc.send_signal(sig)  # ... the second does not wait for it, whatever the process is doing
+    proc.communicate(timeout=120)
+    assert proc.returncode in (-sig, 128 + sig) and time.time() - t < 5
+    load_model_file(out / "best.pt")  # every file at its final path is whole: the run can be resumed
+    assert R.load_resume_state(out)["epoch"] >= 1
 
 
 def test_out_of_memory_is_exit_5_with_a_smaller_batch(tiny_data, in_tmp, monkeypatch):

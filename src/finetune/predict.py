@@ -45,8 +45,8 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
         p = Path(item)
         if p.is_dir():
             found.extend(images_under(p, skipped))
-        elif p.is_file() or os.path.islink(item):
-            found.append(str(p))  # decoding names what is wrong with it
+        elif os.path.lexists(item):  # a file, or a FIFO, socket, device or broken link: decoding names which
+            found.append(str(p))
         else:
             matches = sorted(glob.glob(item, recursive=True))
             files = [m for m in matches if os.path.isfile(m)]
