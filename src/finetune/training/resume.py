@@ -78,9 +78,9 @@ def resume_config(run_dir: str | os.PathLike, given: dict) -> tuple[TrainConfig,
         raise UsageError(f"--resume {run_dir}: {option(name)} {value} differs from that run's {stored.get(name)!r}; "
                          f"a resumed run keeps its settings (leave {option(name)} out, or start a new run)")
     epochs = given.get("epochs", stored["epochs"])
-    if epochs < state["epoch"] or (epochs == state["epoch"] and "epochs" in given):
-        raise UsageError(f"--resume {run_dir}: that run already completed {state['epoch']} epoch(s); give --epochs "
-                         f"larger than {state['epoch']} to train it further")
+    if epochs <= state["epoch"]:
+        raise UsageError(f"--resume {run_dir}: that run already completed {state['epoch']} of its {stored['epochs']} "
+                         f"epochs; give --epochs larger than {state['epoch']} to train it further")
     cfg = TrainConfig(**stored | {k: given[k] for k in ("data", "workers", "device") if k in given}
                       | {"output": str(run_dir), "epochs": epochs})
     return cfg, state
