@@ -86,3 +86,21 @@ def test_unknown_format_is_a_usage_error(trained_model, tmp_path):
     with pytest.raises(FinetuneError, match=r"\.pt, \.safetensors, \.pt2, \.onnx") as e:
         E.export_model(trained_model, tmp_path / "model.h5")
     assert e.value.exit_code == 2
+
+
+@pytest.mark.slow
+def test_the_loading_snippet_in_the_docs_runs_as_printed(trained_model, tiny_data, tmp_path):
+    import re
+    import shutil
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    snippet = re.search(r"## Loading without finetune.*?```python\n(.*?)```", docs, re.S).group(1)
+    for suffix in (".pt", ".safetensors", ".pt2", ".onnx"):
+        E.export_model(trained_model, tmp_path / f"model{suffix}")
+    shutil.copy(sorted((tiny_data / "val" / "bees").iterdir())[0], tmp_path / "photo.jpg")
+    code = 'import sys\nsys.modules["finetune"] = None\n' + snippet
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first, last = p.stdout.split("\n")[0].split()[0], p.stdout.strip().split("\n")[-1]
+    assert first in ("ants", "bees") and last == first  # the .pt and the .onnx paths agree
