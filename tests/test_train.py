@@ -262,3 +262,22 @@ def test_update_ratio_is_the_median_per_tensor_not_one_pooled_norm():
     ratios = trainer._update_ratios(before)
     assert ratios["backbone"] == pytest.approx(1e-3, rel=1e-3)
     assert ratios["head"] == pytest.approx(0.5, rel=1e-4)  # weight and bias both scaled by 1.5
+
+
+@pytest.mark.parametrize("ratios, advice", [
+    # the ratios measured on real ImageNet weights (benchmarks/update_ratio.py), epoch 1 of each run
+    ({"head": 0.090, "backbone": 4.5e-4}, None),  # fine-tune, default lr: the fresh head's large ratio is healthy
+    ({"head": 2.71, "backbone": 1.35e-2}, "lower --lr"),  # 30x the default lr
+    ({"head": 3.0e-3, "backbone": 1.5e-5}, "raise --lr"),  # 1/30 of it
+    ({"head": 0.041, "backbone": None}, None),  # feature-extract (the head alone), default lr
+    ({"head": 1.22, "backbone": None}, "lower --lr"),
+    ({"head": 1.4e-3, "backbone": None}, "raise --lr"),
+])
+def test_update_ratio_advice_is_judged_on_the_right_group(ratios, advice):
+    from finetune.training.sanity import update_ratio_warnings
+
+    warnings = update_ratio_warnings(ratios, lr_now=0.008, lr_base=0.008)
+    assert [w["advice"] for w in warnings] == ([advice] if advice else [])
+    if warnings:
+        assert warnings[0]["group"] == ("backbone" if ratios["backbone"] is not None else "head")
+    assert update_ratio_warnings(ratios, lr_now=0.003, lr_base=0.008) == []  # the schedule has decayed the lr

@@ -136,8 +136,9 @@ class TrainView:
                  f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}"
                  f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s{mark}")
 
-    def on_update_ratio(self, group, ratio, advice):
-        self.warn(f"{group} update/weight ratio {ratio:.1e} is far from ~1e-3: {advice}")
+    def on_update_ratio(self, group, ratio, band, advice):
+        self.warn(f"{group} update/weight ratio {ratio:.1e} is outside the healthy {band[0]:g}..{band[1]:g} for a "
+                  f"{'pretrained backbone' if group == 'backbone' else 'new head'}: {advice}")
 
     def on_lr_find_start(self, steps):
         self._drop_task("decode_task")
