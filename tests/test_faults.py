@@ -57,7 +57,7 @@ def test_resume_refuses_other_classes_or_architecture(tiny_data, tmp_path):
     shutil.copytree(tiny_data, other)
     for split in ("train", "val"):
         (other / split / "bees").rename(other / split / "wasps")
-    cfg, state = R.resume_config(tmp_path / "r", {"data": str(other)})
+    cfg, state = R.resume_config(tmp_path / "r", {"data": str(other), "epochs": 2})
     with pytest.raises(FinetuneError, match=r"classes \['ants', 'wasps'\] differ"):
         run_training(cfg, resume=state)
 

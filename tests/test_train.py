@@ -92,8 +92,8 @@ def test_initial_loss_check():
 
 def test_update_ratios_logged_and_early_stop(tiny_data, tmp_path):
     events = []
-    cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", epochs=6, batch_size=4,
-                      lr=1e-30, patience=2, augment="none", output=str(tmp_path / "r"), workers=1)
+    cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", solver="sgd", epochs=6,
+                      batch_size=4, lr=1e-30, patience=2, augment="none", output=str(tmp_path / "r"), workers=1)
     result = run_training(cfg, lambda e, **k: events.append((e, k)))
     # with a vanishing lr nothing improves after epoch 1: stopped 2 epochs later
     assert len(result.history) == 3 and result.best_epoch == 1
@@ -146,7 +146,7 @@ def test_balance_modes_counter_an_imbalanced_folder(tiny_data, tmp_path, balance
         extra.unlink()
     for mode in ("finetune", "feature-extract"):
         cfg = TrainConfig(data=str(data), weights="none", epochs=1, batch_size=4, balance=balance, mode=mode,
-                          output=str(tmp_path / mode), workers=0)
+                          solver="sgd", output=str(tmp_path / mode), workers=0)
         p = prepare(cfg)
         if balance == "weighted-loss":  # bees weigh 3x ants: inverse frequency, mean 1
             assert p.trainer.train_criterion.weight.tolist() == pytest.approx([8 / 12, 8 / 4])
@@ -182,7 +182,7 @@ def test_overfit_sanity_check_reaches_100_percent(tiny_data, in_tmp):
     assert "sanity check passed" in r.stderr
     # a learning rate of ~0 cannot memorise anything: the check must say so
     r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--overfit", "4", "--epochs", "2",
-                                 "-b", "4", "--lr", "1e-12", "--mode", "feature-extract", "-q", "--seed", "1"])
+                                 "-b", "4", "--lr", "1e-12", "--mode", "feature-extract", "--solver", "sgd", "-q", "--seed", "1"])
     assert r.exit_code == 0, r.output
     assert "sanity check failed" in r.stderr and "labels" in r.stderr
 

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
 MODES = ("finetune", "feature-extract")
 BALANCE = ("none", "weighted-loss", "sampler")
+SOLVERS = ("lbfgs", "sgd")
 AUGMENTATIONS = ("none", "light", "standard")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # Pillow's own decompression-bomb error threshold (2 x 89.5 MP): larger images are refused from the header.
@@ -36,6 +37,7 @@ class TrainConfig:
     model: str = "resnet18"  # small, fast, strong on small datasets
     weights: str = "DEFAULT"  # ImageNet-pretrained: transfer learning is the point
     mode: str = "finetune"  # finetune | feature-extract
+    solver: str = "lbfgs"  # feature-extract's head: a converged L-BFGS linear probe (seconds) | sgd for --epochs
     dropout: float = 0.0  # before the new head; 0 disables
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
     lr: float | None = None  # None: LR_PER_IMAGE x the images in a step
@@ -110,7 +112,7 @@ _RULES = (  # (setting, test of its value, what it must be)
     ("workers", lambda v: v >= -1, "must be -1 (automatic) or 0 or more"),
 )
 _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
-            "balance": BALANCE}
+            "balance": BALANCE, "solver": SOLVERS}
 
 
 def option(setting: str) -> str:

@@ -6,6 +6,7 @@ the point of the lowest (smoothed) loss. A suggestion, not an oracle: the plot t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     if steps < 2:
         raise UsageError(f"--steps {steps}: need at least 2")
     single_process("lr-find")
+    cfg = dataclasses.replace(cfg, solver="sgd")  # a range test of SGD steps, whatever the head is fitted with
     with torch_flags(cfg):
         return _range_test(prepare(cfg, emit), start_lr, end_lr, steps, emit)
 

@@ -116,6 +116,7 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
         raise UsageError(f"--trials {trials}: must be at least 1")
     if coarse_epochs < 1 or fine_epochs < 1:
         raise UsageError("--coarse-epochs and --fine-epochs must be at least 1")
+    base = dataclasses.replace(base, solver="sgd")  # the searched lr, epochs and batch size act on an SGD head
     validate(base)
     run = run or (lambda cfg: run_training(cfg))
     space = space or Space()

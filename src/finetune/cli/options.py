@@ -31,6 +31,9 @@ Weights = Annotated[str, typer.Option(metavar="WEIGHTS", rich_help_panel=MODEL, 
     "state_dict file."))]
 Mode = Annotated[str, typer.Option(metavar="MODE", rich_help_panel=MODEL, help=(
     f"{one_of(MODES)}: train everything, or a frozen backbone and the head only."))]
+Solver = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=MODEL, help=(
+    "feature-extract's head: lbfgs = a converged linear probe in seconds (L2 chosen by cross-validation on the "
+    "training images; --epochs and --lr do not apply), sgd = --epochs of SGD on the head."))]
 Dropout = Annotated[float, typer.Option(metavar="P", rich_help_panel=MODEL, help="Dropout before the new head "
                                         "(0 = none).")]
 FreezeEpochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=MODEL, help=(

@@ -29,7 +29,7 @@ def train(
     ctx: typer.Context, data: o.OptionalData = None, val_fraction: o.ValFraction = D["val_fraction"],
     seed: o.Seed = D["seed"], strict: o.Strict = D["strict"], max_pixels: o.MaxPixels = D["max_pixels"],
     folds: o.Folds = D["folds"], fold: o.Fold = D["fold"], model: o.Model = D["model"], weights: o.Weights = D["weights"],
-    mode: o.Mode = D["mode"], dropout: o.Dropout = D["dropout"], freeze_epochs: o.FreezeEpochs = D["freeze_epochs"],
+    mode: o.Mode = D["mode"], solver: o.Solver = D["solver"], dropout: o.Dropout = D["dropout"], freeze_epochs: o.FreezeEpochs = D["freeze_epochs"],
     backbone_lr_mult: o.BackboneLrMult = D["backbone_lr_mult"], epochs: o.Epochs = D["epochs"],
     batch_size: o.BatchSize = D["batch_size"], lr: o.Lr = D["lr"], optimizer: o.Optimizer = D["optimizer"],
     momentum: o.Momentum = D["momentum"], weight_decay: o.WeightDecay = D["weight_decay"],

@@ -140,6 +140,10 @@ class TrainView:
         self.warn(f"{group} update/weight ratio {ratio:.1e} is outside the healthy {band[0]:g}..{band[1]:g} for a "
                   f"{'pretrained backbone' if group == 'backbone' else 'new head'}: {advice}")
 
+    def on_probe(self, l2, cv_loss, tried):
+        self.log(f"[bold]probe[/] linear head fitted to convergence (L-BFGS); L2 {l2:.2g} chosen from {tried} by "
+                 f"cross-validation on the training images (held-out loss {cv_loss:.3f})")
+
     def on_lr_find_start(self, steps):
         self._drop_task("decode_task")
         self.lr_task = self.add_task("lr range test", total=steps)

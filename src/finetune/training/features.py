@@ -20,6 +20,7 @@ from finetune.files import atomic_write, cache_dir
 from finetune.images import ImageDataset, collate
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
+from finetune.training.probe import ProbeEpochs
 from finetune.training.trainer import Trainer
 from finetune.weights import WeightsChoice
 
@@ -118,7 +119,8 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
     else:
         train_feats, val_feats = _compute(trainer, split, local, choice, workers, emit, train_size, views, key)
     labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
-    return FeatureEpochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
+    epochs = ProbeEpochs if cfg.solver == "lbfgs" else FeatureEpochs
+    return epochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
 
 
 def _compute(trainer, split, local, choice, workers, emit, train_size, views, key):

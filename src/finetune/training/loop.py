@@ -75,6 +75,7 @@ class _Run:
             "preprocessing": p.choice.preprocessing.to_dict(), "processes": self.world.size}
         self.saver = RunSaver(folder, config, p.split.classes, enabled=self.world.main)
         self.history: list[dict] = []
+        self.last = getattr(p.epochs, "count", None) or cfg.epochs  # a probe is fitted once, not for --epochs
         # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
         self.best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": p.net.first_conv_weight()}
 
@@ -88,11 +89,11 @@ class _Run:
             first = self.resume["epoch"] + 1
         else:
             self.saver.start(p.split_files)
-        self.emit("start", run_dir=self.saver.folder, epochs=self.cfg.epochs, batches=p.epochs.batches,
+        self.emit("start", run_dir=self.saver.folder, epochs=self.last, batches=p.epochs.batches,
                   lr=p.trainer.lr, first=first, sizes=(p.train_size, p.choice.preprocessing.crop_size),
                   resumed_from=self.resume["config"]["epochs"] if self.resume is not None else None)
         try:
-            for epoch in range(first, self.cfg.epochs + 1):
+            for epoch in range(first, self.last + 1):
                 if self._epoch(epoch):
                     break
         except Interrupted as e:

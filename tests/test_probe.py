@@ -1,0 +1,60 @@
+"""The linear probe of feature-extract mode: converged, its L2 chosen on the training data alone."""
+
+import pytest
+import torch
+
+from finetune.config import TrainConfig
+from finetune.training import run_training
+from finetune.training.probe import fit_probe
+
+
+def _blobs(n, d=20, classes=3, seed=0, spread=2.5):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g) * spread
+    y = torch.arange(n) % classes
+    return centers[y] + torch.randn(n, d, generator=g) * 1.5 + 7, y  # offset and scale: standardisation matters
+
+
+def test_probe_learns_a_linear_problem_and_returns_a_head_for_raw_features():
+    x, y = _blobs(600)
+    x, xt, y, yt = x[:300], x[300:], y[:300], y[300:]
+    probe = fit_probe(x, y, 3)
+    acc = ((xt @ probe.weight.T + probe.bias).argmax(1) == yt).float().mean()
+    assert acc > 0.9
+    assert probe.l2 == min(probe.grid, key=lambda g: g[1])[0]  # the L2 with the lowest cross-validated loss
+    assert len(probe.grid) >= 4 and probe.weight.shape == (3, 20)
+
+
+def test_more_regularisation_is_chosen_when_features_are_noise():
+    x, _ = _blobs(120, d=60)
+    y = torch.randint(0, 3, (120,), generator=torch.Generator().manual_seed(3))  # labels unrelated to features
+    noise = fit_probe(x, y, 3)
+    signal = fit_probe(*_blobs(120, d=60), 3)
+    assert noise.l2 > signal.l2  # cross-validation on training folds sees that nothing generalises
+
+
+def test_views_of_one_image_stay_in_one_fold(monkeypatch):
+    from finetune.training import probe as P
+
+    seen = []
+    real = P._folds
+    monkeypatch.setattr(P, "_folds", lambda groups, k, seed: seen.append(groups) or real(groups, k, seed))
+    x, y = _blobs(40)
+    fit_probe(torch.stack([x, x + 0.1]), y, 3)  # 2 views of 40 images
+    folds = real(seen[0], 5, 0)
+    for fold in folds:
+        images = set(seen[0][fold].tolist())
+        assert all(((seen[0] == i).nonzero().flatten().tolist()) == sorted(
+            j for j in fold.tolist() if seen[0][j] == i) for i in images)  # both rows of an image, or neither
+
+
+def test_feature_extract_run_fits_the_probe_once_into_the_saved_head(tiny_data, tmp_path):
+    events = []
+    cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", epochs=7,
+                      output=str(tmp_path / "r"), workers=1)
+    result = run_training(cfg, lambda e, **k: events.append((e, k)))
+    assert len(result.history) == 1 and result.history[0]["lr"] is not None
+    (probe,) = [k for e, k in events if e == "probe"]
+    assert probe["l2"] > 0 and probe["tried"] >= 4
+    state = torch.load(result.model_path, weights_only=True)["state_dict"]
+    assert torch.isfinite(state["fc.weight"]).all() and state["fc.weight"].abs().sum() > 0
