@@ -6,6 +6,10 @@ frozen backbone still updating in feature-extract mode), because the point is to
 people copy from it.
 
     python benchmarks/tutorial_baseline.py DATA --mode finetune --weights resnet18.pth --out best.pt
+    python benchmarks/tutorial_baseline.py DATA --model mobilenet_v2 --weights mobilenet_v2.pth --json r.json
+
+Each epoch's row in --json records `elapsed`: seconds since this script started, so the time at which the
+recipe first reached an accuracy can be read off (benchmarks/time_to_accuracy.py).
 """
 import time
 
@@ -34,7 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", choices=["finetune", "feature-extract"], default="finetune")
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default="none", help="torchvision resnet18 state_dict file, or none (random init)")
+    p.add_argument("--model", default="resnet18", help="a torchvision model name (its head is the last Linear)")
+    p.add_argument("--weights", default="none", help="a torchvision state_dict file for --model, or none (random)")
     p.add_argument("--out", default="best.pt", help="where the best model's state_dict is saved")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--json", help="write results here")
@@ -68,16 +73,21 @@ def main() -> None:
     dataset_sizes = {x: len(image_datasets[x]) for x in ["train", "val"]}
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
-    model = models.resnet18()
+    model = models.get_model(args.model)
     if args.weights != "none":
         model.load_state_dict(torch.load(args.weights, weights_only=True))
     if args.mode == "feature-extract":
         for param in model.parameters():
             param.requires_grad = False
-    # Created after freezing, so the new head is the only trainable part in feature-extract mode.
-    model.fc = nn.Linear(model.fc.in_features, len(image_datasets["train"].classes))
+    # Created after freezing, so the new head is the only trainable part in feature-extract mode. The tutorial
+    # replaces resnet18's fc; for other models the same: their last Linear.
+    head_name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, child = head_name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, child, nn.Linear(getattr(owner, child).in_features, len(image_datasets["train"].classes)))
+    head = model.get_submodule(head_name)
     model = model.to(device)
-    trained = model.parameters() if args.mode == "finetune" else model.fc.parameters()
+    trained = model.parameters() if args.mode == "finetune" else head.parameters()
     optimizer = torch.optim.SGD(trained, lr=0.001, momentum=0.9)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
     criterion = nn.CrossEntropyLoss()
@@ -110,6 +120,7 @@ def main() -> None:
                 scheduler.step()
             row[f"{phase}_loss"] = running_loss / dataset_sizes[phase]
             row[f"{phase}_acc"] = running_corrects / dataset_sizes[phase]
+        row["elapsed"] = time.time() - T0
         if row["val_acc"] > best_acc:
             best_acc = row["val_acc"]
             best_model_wts = copy.deepcopy(model.state_dict())

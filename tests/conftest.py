@@ -88,5 +88,7 @@ def _torch_flags_restored():
 
 @pytest.fixture(autouse=True)
 def _private_feature_cache(tmp_path_factory, monkeypatch):
-    """Tests never write into the user's ~/.cache."""
+    """Tests never write into the user's ~/.cache; predict's torch-free path (and the ONNX export it caches after
+    a first prediction) is on only in the tests of it (test_lite.py)."""
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+    monkeypatch.setenv("FINETUNE_LITE", "0")

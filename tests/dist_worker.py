@@ -18,7 +18,7 @@ from finetune.training.setup import prepare
 
 mode, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 if mode == "shares":
-    p = prepare(TrainConfig(data=data, weights="none", epochs=2, batch_size=4, workers=0, device="cpu"))
+    p = prepare(TrainConfig(data=data, mode="finetune", weights="none", epochs=2, batch_size=4, workers=0, device="cpu"))
     loader = p.epochs.train_loader
     batches = {}
     for epoch in (1, 2):
@@ -39,13 +39,13 @@ elif mode == "failing":
         if event == "skipped":
             reported.extend(kw["files"])
 
-    cfg = TrainConfig(data=data, weights="none", epochs=3, batch_size=4, workers=0, device="cpu", augment="none",
+    cfg = TrainConfig(data=data, mode="finetune", weights="none", epochs=3, batch_size=4, workers=0, device="cpu", augment="none",
                       output=str(out / "run"))
     result = run_training(cfg, emit)
     if dist.current().main:
         (out / "rank0.json").write_text(json.dumps({"reported": reported, "epochs": len(result.history)}))
 elif mode == "freeze":
-    p = prepare(TrainConfig(data=data, weights="none", epochs=2, batch_size=4, workers=0, device="cpu",
+    p = prepare(TrainConfig(data=data, mode="finetune", weights="none", epochs=2, batch_size=4, workers=0, device="cpu",
                             freeze_epochs=1))
     sums = []
     for epoch in (1, 2):

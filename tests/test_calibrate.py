@@ -50,7 +50,7 @@ def test_train_calibrate_stores_temperature_used_by_predict_and_evaluate(tiny_da
     from finetune.predict import load_predictor
 
     events = []
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=2, batch_size=4, calibrate=True,
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=2, batch_size=4, calibrate=True,
                       output=str(tmp_path / "r"), workers=1)
     result = run_training(cfg, lambda e, **k: events.append((e, k)))
     meta = load_model_file(result.model_path)

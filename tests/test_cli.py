@@ -23,7 +23,7 @@ def invoke(*args):
 
 
 def test_train_predict_export_end_to_end(tiny_data, in_tmp):
-    r = invoke("train", tiny_data, "--weights", "none", "--epochs", "2", "-b", "8", "-j", "1")
+    r = invoke("train", tiny_data, "--mode", "finetune", "--weights", "none", "--epochs", "2", "-b", "8", "-j", "1")
     assert r.exit_code == 0, r.output
     run_dirs = [p for p in (in_tmp / "runs").iterdir() if p.is_dir()]
     assert len(run_dirs) == 1
@@ -40,8 +40,9 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
     assert html.count("data:image/png;base64,") == 5 and "<script" not in html
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r_["epoch"]) for r_ in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "elapsed",
                             "update_ratio_head", "update_ratio_backbone"}
+    assert float(rows[0]["elapsed"]) < float(rows[1]["elapsed"])
     best = max(rows, key=lambda r_: float(r_["val_acc"]))
     meta = torch.load(run / "best.pt", weights_only=True)
     assert meta["metrics"]["val_acc"] == pytest.approx(float(best["val_acc"]), abs=1e-5)
@@ -74,6 +75,7 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
 def test_train_flat_layout_with_feature_extract(flat_data, in_tmp):
     r = invoke("train", flat_data, "--weights", "none", "--epochs", "1", "--mode", "feature-extract",
                "--val-fraction", "0.25", "-o", in_tmp / "out", "-q", "--optimizer", "adamw", "--scheduler", "step",
+               "--solver", "sgd",
                "--dropout", "0.3", "--augment", "light")
     assert r.exit_code == 0, r.output
     assert r.stderr == ""  # --quiet

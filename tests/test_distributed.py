@@ -83,7 +83,8 @@ def test_ranks_train_on_disjoint_shares_whose_union_is_the_training_set(tiny_dat
 def ddp_run(tiny_data, tmp_path_factory):
     """A 2-process CPU run through `finetune train --gpus 2 --device cpu` (torchrun underneath)."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    r = _finetune("train", tiny_data, "--gpus", 2, "--device", "cpu", "--weights", "none", "--epochs", 2, "-b", 4,
+    r = _finetune("train", tiny_data, "--mode", "finetune", "--gpus", 2, "--device", "cpu", "--weights", "none", "--epochs",
+                  2, "-b", 4,
                   "-o", out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r

@@ -21,7 +21,7 @@ from finetune.training import run_training
 
 
 def _cfg(data, out, epochs=4, **kw):
-    return TrainConfig(data=str(data), weights="none", epochs=epochs, batch_size=4, output=str(out), workers=0,
+    return TrainConfig(data=str(data), mode="finetune", weights="none", epochs=epochs, batch_size=4, output=str(out), workers=0,
                        deterministic=True, **kw)
 
 
@@ -63,7 +63,8 @@ def test_resume_refuses_other_classes_or_architecture(tiny_data, tmp_path):
 
 
 def _spawn(data, out, *extra):
-    cmd = [sys.executable, "-m", "finetune", "train", str(data), "--weights", "none", "--epochs", "200", "-b", "4",
+    cmd = [sys.executable, "-m", "finetune", "train", str(data), "--mode", "finetune", "--weights", "none", "--epochs", "200",
+           "-b", "4",
            "-o", str(out), "-j", "0", "--overwrite", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -91,7 +91,8 @@ def test_check_train_and_predict_on_a_hostile_folder_stay_bounded_and_name_every
 
 
 def test_divergence_ends_the_run_before_anything_is_saved_from_it(tiny_data, in_tmp):
-    r = runner.invoke(app, ["train", str(tiny_data), "--weights", "none", "--epochs", "2", "--lr", "1e9", "-o", "r"])
+    r = runner.invoke(app, ["train", str(tiny_data), "--mode", "finetune", "--weights", "none", "--epochs", "2", "--lr",
+                            "1e9", "-o", "r"])
     assert r.exit_code == 6, r.output
     assert "training diverged" in r.stderr and "try --lr" in r.stderr
     assert not (in_tmp / "r" / "best.pt").exists() and not (in_tmp / "runs" / "latest.json").exists()

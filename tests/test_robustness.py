@@ -139,7 +139,8 @@ def test_file_failing_mid_run_is_dropped_and_named_not_substituted(tiny_data, tm
         if event == "start":  # after the scan: the file breaks
             victim.write_bytes(b"garbage")
 
-    cfg = TrainConfig(data=str(data), weights="none", epochs=2, batch_size=4, output=str(tmp_path / "r"), workers=0,
+    cfg = TrainConfig(data=str(data), mode="finetune", weights="none", epochs=2, batch_size=4, output=str(tmp_path / "r"),
+                      workers=0,
                       augment="none")
     result = run_training(cfg, emit)
     reported = [f for e, kw in events if e == "skipped" for f in kw["files"]]

@@ -53,7 +53,7 @@ def test_feature_extract_uses_cached_features_and_saves_a_consistent_model(tiny_
 
 
 def test_nan_loss_stops_with_epoch_step_and_lower_lr(tiny_data, tmp_path):
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, lr=1e30, output=str(tmp_path / "r"),
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=1, batch_size=4, lr=1e30, output=str(tmp_path / "r"),
                       workers=1, scheduler="none")
     with pytest.raises(DivergedError, match=r"at epoch 1, step \d+ .*try --lr 1e\+29") as e:
         run_training(cfg)
@@ -64,7 +64,8 @@ def test_nan_loss_stops_with_epoch_step_and_lower_lr(tiny_data, tmp_path):
 def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "CACHE_BUDGET_BYTES", 1)
     events = []
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, output=str(tmp_path / "r"),
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=1, batch_size=4,
+                      output=str(tmp_path / "r"),
                       workers=1)
     result = run_training(cfg, lambda e, **k: events.append((e, k)))
     assert [k["keep"] for e, k in events if e == "decode_start"] == [False]  # checked, not kept in RAM
@@ -122,7 +123,8 @@ def test_freeze_epochs_then_lower_backbone_lr(tiny_data, tmp_path):
                                              [g["lr"] for g in state["optimizer"]["param_groups"]])
 
     torch.manual_seed(0)
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=2, batch_size=4, freeze_epochs=1, lr=0.01,
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=2, batch_size=4, freeze_epochs=1,
+                      lr=0.01,
                       scheduler="none", output=str(tmp_path / "r"), workers=1, augment="none")
     run_training(cfg, emit)
     import torchvision
@@ -176,7 +178,8 @@ def test_overfit_sanity_check_reaches_100_percent(tiny_data, in_tmp):
 
     from finetune.cli import app
 
-    r = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", "none", "--overfit", "4", "--epochs", "10",
+    r = CliRunner().invoke(app, ["train", str(tiny_data), "--mode", "finetune", "--weights", "none", "--overfit", "4",
+                                 "--epochs", "10",
                                  "-b", "4", "--optimizer", "adamw", "--lr", "0.001", "-q"])
     assert r.exit_code == 0, r.output
     assert "sanity check passed" in r.stderr
@@ -212,25 +215,25 @@ def test_train_crop_rule():
 
     pre = _choice(224)
     resnet = Network(torchvision.models.resnet18(num_classes=2), "resnet18", "fc")
-    cfg = TrainConfig(data="x")
+    cfg = TrainConfig(data="x", mode="finetune")
     assert train_crop(cfg, pre, resnet) == 176  # torchvision's own recipe: train 176, evaluate 224
     assert train_crop(cfg, _choice(299), resnet) == 240
     assert train_crop(TrainConfig(data="x", mode="feature-extract"), pre, resnet) == 224
-    assert train_crop(TrainConfig(data="x", augment="none"), pre, resnet) == 224
-    assert train_crop(TrainConfig(data="x", train_size=200), pre, resnet) == 200
+    assert train_crop(TrainConfig(data="x", mode="finetune", augment="none"), pre, resnet) == 224
+    assert train_crop(TrainConfig(data="x", mode="finetune", train_size=200), pre, resnet) == 200
     assert resnet.module.training  # probing left the mode as it was
 
     fixed = Network(_FixedSize(224), "resnet18", "fc")
     assert train_crop(cfg, pre, fixed) == 224  # falls back to the one size it accepts
     with pytest.raises(FinetuneError, match="--train-size 160: resnet18 only runs on 224x224") as e:
-        train_crop(TrainConfig(data="x", train_size=160), pre, fixed)
+        train_crop(TrainConfig(data="x", mode="finetune", train_size=160), pre, fixed)
     assert e.value.exit_code == 2
     with pytest.raises(FinetuneError, match="--train-size 8"):
         validate(TrainConfig(data="x", train_size=8))
 
 
 def test_training_batches_use_the_train_crop_and_val_the_eval_crop(tiny_data, tmp_path):
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=4, train_size=160,
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=1, batch_size=4, train_size=160,
                       output=str(tmp_path / "r"), workers=1)
     p = prepare(cfg)
     x, _, _ = next(p.epochs.endless_batches())

@@ -120,15 +120,12 @@ def load_model_file(path: str | os.PathLike) -> ModelFile:
 
 def validated_description(obj: dict, p: Path, with_state: bool = False) -> ModelFile:
     """A ModelFile from a loaded dict (or an exported program's metadata), refusing one whose description is
-    missing or malformed; with_state, its state_dict of tensors too."""
-    import torch
-
+    missing or malformed; with_state, its state_dict of tensors too (a description alone needs no torch)."""
     def bad(what: str):
         raise ModelFileError(f"{p}: a damaged finetune model file ({what}); train or export it again")
 
     state = obj.get("state_dict", {}) if with_state else {}
-    if with_state and (not isinstance(state, dict) or not state
-                       or not all(isinstance(v, torch.Tensor) for v in state.values())):
+    if with_state and not _tensors(state):
         bad("no state_dict of tensors")
     classes = obj.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
@@ -146,6 +143,12 @@ def validated_description(obj: dict, p: Path, with_state: bool = False) -> Model
                          members=obj.get("members"), source=str(p))
     except (TypeError, ValueError):
         bad("malformed fields")
+
+
+def _tensors(state) -> bool:
+    import torch
+
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def network_from_file(path: str | os.PathLike) -> tuple[Network, ModelFile]:

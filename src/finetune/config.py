@@ -17,7 +17,7 @@ from finetune.errors import UsageError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
-MODES = ("finetune", "feature-extract")
+MODES = ("auto", "finetune", "feature-extract")
 BALANCE = ("none", "weighted-loss", "sampler")
 SOLVERS = ("lbfgs", "sgd")
 AUGMENTATIONS = ("none", "light", "standard")
@@ -36,7 +36,7 @@ class TrainConfig:
     data: str
     model: str = "resnet18"  # small, fast, strong on small datasets
     weights: str = "DEFAULT"  # ImageNet-pretrained: transfer learning is the point
-    mode: str = "finetune"  # finetune | feature-extract
+    mode: str = "auto"  # auto (GPU: finetune; CPU: a linear probe, then fine-tuning within --time-budget) | ...
     solver: str = "lbfgs"  # feature-extract's head: a converged L-BFGS linear probe (seconds) | sgd for --epochs
     dropout: float = 0.0  # before the new head; 0 disables
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # L2; the torchvision reference recipe's value
     scheduler: str = "cosine"  # cosine | step | plateau | none
     epochs: int = 10  # enough for a pretrained backbone on a small dataset
+    time_budget: float = 0.0  # seconds for the whole run: fine-tuning epochs planned to fit; 0 = --epochs as given
     batch_size: int = 32  # larger than the tutorial's 4: fewer, better-utilised steps
     workers: int = -1  # -1: min(4, cpu count - 1)
     augment: str = "standard"  # none | light | standard
@@ -54,6 +55,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # bf16/fp16 autocast on CUDA only
     channels_last: bool = True  # measured faster on CUDA and on CPU
+    compile: bool = False  # torch.compile the training forward: a start-up cost that pays off on long GPU runs
     output: str | None = None  # run folder; default runs/<timestamp>-<model>
     overwrite: bool = False  # -o names a folder an earlier run wrote: remove that run's files first
     strict: bool = False  # any unusable file stops the run before epoch 1 instead of being skipped
@@ -110,6 +112,7 @@ _RULES = (  # (setting, test of its value, what it must be)
     ("max_pixels", lambda v: v >= 1, "must be at least 1"),
     ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
     ("workers", lambda v: v >= -1, "must be -1 (automatic) or 0 or more"),
+    ("time_budget", lambda v: v >= 0 and math.isfinite(v), "must be a duration, e.g. 10m (0 = none)"),
 )
 _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
             "balance": BALANCE, "solver": SOLVERS}
@@ -134,6 +137,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.fold and not cfg.folds:
         raise UsageError(f"--fold {cfg.fold}: needs --folds K")
     return cfg
+
+
+def parse_duration(text: str | float | None, option_name: str) -> float:
+    """Seconds from 900, 900s, 15m or 2h (None or 0: no limit)."""
+    if text in (None, "", 0, "0"):
+        return 0.0
+    if isinstance(text, (int, float)):
+        return float(text)
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"{option_name} {text}: give seconds or a number with s, m or h, e.g. 10m")
+    return value
 
 
 def check_names(names, known, what: str) -> None:

@@ -34,8 +34,17 @@ def resolve_device(spec: str):
     raise UsageError(f"--device {spec}: unknown device; use one of {', '.join(DEVICES)}")
 
 
+def native_cpu_bf16() -> bool:
+    """Does torch report bf16 arithmetic in hardware here (AVX512-BF16 or AMX)? Without it bf16 is emulated,
+    and was measured 2-9x slower than float32 (benchmarks/README.md, Precision)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast_dtype(device, amp: bool) -> tuple[object | None, str]:
-    """(dtype for torch.autocast or None for float32, why): bf16 where the GPU has it, else fp16 on CUDA."""
+    """(dtype for torch.autocast in training steps, or None for float32; why), decided from what torch reports."""
     import torch
 
     if not amp:
@@ -44,4 +53,9 @@ def autocast_dtype(device, amp: bool) -> tuple[object | None, str]:
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bfloat16 autocast (the GPU computes bf16 natively)"
         return torch.float16, "float16 autocast with loss scaling (no bf16 on this GPU)"
+    if device.type == "cpu" and native_cpu_bf16():
+        return torch.bfloat16, ("bfloat16 autocast in training steps (torch reports native bf16 on this CPU: "
+                                "AVX512-BF16/AMX); evaluation in float32; --no-amp for float32 throughout")
+    if device.type == "cpu":
+        return None, "float32 (this CPU has no native bf16, which would be slower emulated)"
     return None, f"float32 (mixed precision is not used on {device.type})"

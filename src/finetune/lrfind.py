@@ -46,7 +46,8 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     if steps < 2:
         raise UsageError(f"--steps {steps}: need at least 2")
     single_process("lr-find")
-    cfg = dataclasses.replace(cfg, solver="sgd")  # a range test of SGD steps, whatever the head is fitted with
+    # A range test of SGD steps: of fine-tuning unless feature-extract is asked for (auto's probe has no lr).
+    cfg = dataclasses.replace(cfg, solver="sgd", mode="finetune" if cfg.mode == "auto" else cfg.mode)
     with torch_flags(cfg):
         return _range_test(prepare(cfg, emit), start_lr, end_lr, steps, emit)
 

@@ -66,6 +66,23 @@ def check_inputs(paths: list[str], missing: list[Failure]) -> None:
         raise UsageError(f"no images found in {what}; pass image files, folders or globs")
 
 
+def loaded_chunks(paths: Sequence[str], load: Callable, batch_size: int, workers: int,
+                  on_progress: Callable[[int], None]) -> Iterator[tuple[list, list]]:
+    """Chunks of batch_size paths, each decoded and preprocessed by load(path) in threads ahead of the model:
+    ([(path, failure reason or None)], [the good ones' arrays]). A file that fails is named, never dropped."""
+    def one(path):
+        try:
+            return path, load(path), None
+        except Exception as e:  # noqa: BLE001 - any decode failure: report this file, go on
+            return path, None, failure_reason(path, e)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(pool.map(one, paths[start:start + batch_size]))
+            yield [(path, err) for path, _, err in chunk], [x for _, x, err in chunk if err is None]
+            on_progress(len(chunk))
+
+
 def _top(probs, classes: list[str], k: int) -> list[tuple[str, float]]:
     values, indices = probs.topk(k)
     return [(classes[j], float(v)) for v, j in zip(values.tolist(), indices.tolist())]
@@ -99,22 +116,11 @@ class Predictor:
 
     def batches(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
                 on_progress: Callable[[int], None] = lambda n: None):
-        """Preprocessed batches, in order: ([(path, failure reason or None)], stacked good images or None);
-        decoding runs in threads ahead of the model."""
+        """Preprocessed batches, in order: ([(path, failure reason or None)], stacked good images or None)."""
         import torch
 
-        def load(path):
-            try:
-                return path, self._load(path), None
-            except Exception as e:  # noqa: BLE001 - any decode failure: report this file, go on
-                return path, None, failure_reason(path, e)
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for start in range(0, len(paths), batch_size):
-                chunk = list(pool.map(load, paths[start:start + batch_size]))
-                good = [x for _, x, err in chunk if err is None]
-                yield [(path, err) for path, _, err in chunk], torch.stack(good) if good else None
-                on_progress(len(chunk))
+        for chunk, good in loaded_chunks(paths, self._load, batch_size, workers, on_progress):
+            yield chunk, torch.stack(good) if good else None
 
     def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32, workers: int = 2,
                 on_progress: Callable[[int], None] = lambda n: None) -> Iterator[Prediction | Failure]:

@@ -17,6 +17,7 @@ from finetune.errors import UsageError
 from finetune.evaluate import evaluate_folder
 from finetune.export import ATOL, FORMATS, RTOL, export_model
 from finetune.files import dumps_json, latest_model
+from finetune.lite import cache_export, light_predictor
 from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
 
 
@@ -59,7 +60,8 @@ def predict(
     files, unusable = expand_inputs(paths)
     check_inputs(files, unusable)
     chosen = model_paths(model)
-    predictor = load_predictor(chosen, device, tta, max_pixels)
+    light = light_predictor(chosen, device, tta, max_pixels)
+    predictor = light or load_predictor(chosen, device, tta, max_pixels)
     name_model(chosen, predictor.info.describe(), bool(model), quiet)
     with LazyProgress("predicting", quiet) as bar:
         bar.start(len(files))
@@ -78,6 +80,9 @@ def predict(
         err.print(f"[yellow]{len(bad)} of {len(good) + len(bad)} input(s) skipped[/]")
     if not good:
         raise typer.Exit(1)
+    if light is None and len(chosen) == 1 and device in ("auto", "cpu") and cache_export(chosen[0], [good[0].path]) \
+            and not quiet:
+        err.print("[dim]cached an ONNX export of this model: the next predictions with it start without torch[/]")
 
 
 def _print_predictions(good: list, as_json: bool, as_csv: bool, k: int) -> None:

@@ -30,7 +30,9 @@ Weights = Annotated[str, typer.Option(metavar="WEIGHTS", rich_help_panel=MODEL, 
     "DEFAULT (ImageNet, downloaded once), an enum name such as IMAGENET1K_V2, none (random init), or a path to a "
     "state_dict file."))]
 Mode = Annotated[str, typer.Option(metavar="MODE", rich_help_panel=MODEL, help=(
-    f"{one_of(MODES)}: train everything, or a frozen backbone and the head only."))]
+    f"{one_of(MODES)}. finetune: every layer trains; feature-extract: the backbone stays frozen and only the "
+    "head is fitted; auto: finetune on a GPU, on a CPU a converged linear probe (seconds), then fine-tuning "
+    "from it if --time-budget leaves time."))]
 Solver = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=MODEL, help=(
     "feature-extract's head: lbfgs = a converged linear probe in seconds (L2 chosen by cross-validation on the "
     "training images; --epochs and --lr do not apply), sgd = --epochs of SGD on the head."))]
@@ -41,7 +43,11 @@ FreezeEpochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=MODEL, h
 BackboneLrMult = Annotated[float | None, typer.Option(metavar="X", rich_help_panel=MODEL, help=(
     "Backbone learning rate = --lr x this. Default: 0.1 with --freeze-epochs, else 1."))]
 
-Epochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=OPTIM, help="Passes over the training images.")]
+Epochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=OPTIM, help=(
+    "Passes over the training images (of fine-tuning, after a probe; a probe alone is fitted once)."))]
+TimeBudget = Annotated[str | None, typer.Option(metavar="TIME", rich_help_panel=OPTIM, help=(
+    "Time for the whole run (90s, 10m, 1h): fine-tuning epochs planned from the first one's time, at most "
+    "--epochs. With --mode auto on a CPU: a linear probe first, then fine-tuning from it in the time left."))]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", rich_help_panel=OPTIM,
                                         help="Images per step (per process with --gpus).")]
 Lr = Annotated[float | None, typer.Option(metavar="LR", rich_help_panel=OPTIM, help=(
@@ -91,10 +97,14 @@ Device = Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PERF, hel
     f"{one_of(DEVICES)}; auto = CUDA, then MPS, then CPU."))]
 Workers = Annotated[int, typer.Option("--workers", "-j", metavar="N", rich_help_panel=PERF, help=(
     "Decoding threads / loader workers; -1 = automatic."))]
-Amp = Annotated[bool, typer.Option(rich_help_panel=PERF, help="Mixed precision where the device computes it "
-                                   "faster (bf16/fp16 on CUDA).")]
+Amp = Annotated[bool, typer.Option(rich_help_panel=PERF, help=(
+    "Mixed precision in training steps where the device computes it natively: bf16 (else fp16) on CUDA, bf16 on "
+    "CPUs with AVX512-BF16/AMX. The run header says which."))]
 ChannelsLast = Annotated[bool, typer.Option(rich_help_panel=PERF, help="channels_last memory format (faster "
                                             "convolutions on CUDA and CPU).")]
+Compile = Annotated[bool, typer.Option("--compile", rich_help_panel=PERF, help=(
+    "torch.compile the model for training steps: minutes of start-up that long GPU runs can win back "
+    "(measured in benchmarks/gpu.sh)."))]
 Gpus = Annotated[int, typer.Option(metavar="N", rich_help_panel=PERF, help=(
     "Train on N GPUs of this machine (DistributedDataParallel through torchrun); -b is per GPU. With --device "
     "cpu: N CPU processes. Several machines: see docs/distributed.md."))]

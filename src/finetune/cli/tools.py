@@ -18,7 +18,7 @@ from finetune.cli.app import command
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.train import command_line
 from finetune.cli.views import TrainView
-from finetune.config import MODES, TrainConfig
+from finetune.config import MODES, TrainConfig, parse_duration
 from finetune.errors import DivergedError, UsageError
 from finetune.files import dumps_json, timestamped_dir
 from finetune.lrfind import lr_find as run_lr_find
@@ -97,26 +97,12 @@ def lr_find(
     with TrainView(quiet) as view:
         result = run_lr_find(cfg, start_lr, end_lr, steps, view)
     files = write_result(Path(output) if output else timestamped_dir("lr-find", model), result)
-    again = command_line(ctx, skip={"start_lr", "end_lr", "steps", "output", "quiet"})
+    again = command_line(ctx, skip={"start_lr", "end_lr", "steps", "output", "quiet"},
+                         extra={} if mode != "auto" else {"mode": "finetune"})
     err.print(esc(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: "
                   f"{files['plot']}; train with: finetune train {shlex.join(again)} --lr {result.suggestion:.2g}"),
               highlight=False)
     out.print(f"{result.suggestion:.3g}")
-
-
-def _seconds(text: str | None) -> float | None:
-    """A time budget: 900, 900s, 15m or 2h."""
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
-    try:
-        value = float(number) * unit
-    except ValueError:
-        raise UsageError(f"--budget {text}: give seconds or a number with s, m or h, e.g. 30m") from None
-    if value <= 0:
-        raise UsageError(f"--budget {text}: must be positive")
-    return value
 
 
 def _trials_table(rows: list, title: str) -> Table:
@@ -168,7 +154,8 @@ def tune(
             live.update(_trials_table(rows, title))
 
         space = Space(mode=MODES if mode == "both" else (mode,))
-        result = run_search(base, root, trials, coarse_epochs, fine_epochs, _seconds(budget), seed, space, view)
+        result = run_search(base, root, trials, coarse_epochs, fine_epochs, parse_duration(budget, "--budget") or None,
+                            seed, space, view)
     if not err.is_terminal:
         err.print()  # Live leaves its last frame without a line end when stderr is a file or pipe
     _tune_outcome(result, trials, data, root)

@@ -13,7 +13,7 @@ from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.views import TrainView
-from finetune.config import SETTINGS, TrainConfig, load_config
+from finetune.config import SETTINGS, TrainConfig, load_config, parse_duration
 from finetune.errors import Interrupted, UsageError
 from finetune.training import run_training
 from finetune.training.folds import cross_validate
@@ -31,13 +31,14 @@ def train(
     folds: o.Folds = D["folds"], fold: o.Fold = D["fold"], model: o.Model = D["model"], weights: o.Weights = D["weights"],
     mode: o.Mode = D["mode"], solver: o.Solver = D["solver"], dropout: o.Dropout = D["dropout"], freeze_epochs: o.FreezeEpochs = D["freeze_epochs"],
     backbone_lr_mult: o.BackboneLrMult = D["backbone_lr_mult"], epochs: o.Epochs = D["epochs"],
+    time_budget: o.TimeBudget = None,
     batch_size: o.BatchSize = D["batch_size"], lr: o.Lr = D["lr"], optimizer: o.Optimizer = D["optimizer"],
     momentum: o.Momentum = D["momentum"], weight_decay: o.WeightDecay = D["weight_decay"],
     scheduler: o.Scheduler = D["scheduler"], augment: o.Augment = D["augment"], train_size: o.TrainSize = D["train_size"],
     balance: o.Balance = D["balance"], patience: o.Patience = D["patience"], calibrate: o.Calibrate = D["calibrate"],
     overfit: o.Overfit = D["overfit"], deterministic: o.Deterministic = D["deterministic"],
     device: o.Device = D["device"], workers: o.Workers = D["workers"], amp: o.Amp = D["amp"],
-    channels_last: o.ChannelsLast = D["channels_last"], gpus: o.Gpus = 1, sync_bn: o.SyncBn = D["sync_bn"],
+    channels_last: o.ChannelsLast = D["channels_last"], compile: o.Compile = D["compile"], gpus: o.Gpus = 1, sync_bn: o.SyncBn = D["sync_bn"],
     output: o.Output = D["output"], overwrite: o.Overwrite = D["overwrite"], resume: o.Resume = None,
     config: o.Config = None, quiet: o.Quiet = False,
 ) -> None:
@@ -57,8 +58,11 @@ def train(
 
 
 def given_settings(ctx: typer.Context) -> dict:
-    """The settings typed on the command line (not defaults), by name."""
-    return {name: value for name, value in ctx.params.items() if name in SETTINGS and _typed(ctx, name)}
+    """The settings typed on the command line (not defaults), by name, as TrainConfig holds them."""
+    given = {name: value for name, value in ctx.params.items() if name in SETTINGS and _typed(ctx, name)}
+    if "time_budget" in given:
+        given["time_budget"] = parse_duration(given["time_budget"], "--time-budget")
+    return given
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:
@@ -76,6 +80,7 @@ def _config(ctx: typer.Context, data: str | None, config: str | None, resume: st
     if data is None:
         raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
     settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
+    settings["time_budget"] = parse_duration(settings["time_budget"], "--time-budget")
     if config:
         settings |= {k: v for k, v in load_config(config).items() if k not in given}
     cfg = TrainConfig(**settings)

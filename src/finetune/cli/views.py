@@ -65,6 +65,17 @@ class TrainView:
             self.warn(f"imbalanced classes: the largest has {split.imbalance():.1f}x the images of the smallest; "
                       "consider --balance weighted-loss or sampler")
 
+    def on_plan(self, why):
+        self.log(f"[bold]plan[/] {esc(why)}")
+
+    def on_planned(self, epochs, phase_epochs, epoch_seconds, budget):
+        self.epochs = epochs
+        if self.epoch_task is not None:
+            self.progress.update(self.epoch_task, total=epochs)
+        after = f" (after the probe: {epochs} in all)" if epochs != phase_epochs else ""
+        self.log(f"[bold]time budget[/] {budget / 60:.3g} min: a fine-tuning epoch takes {epoch_seconds:.1f} s, so "
+                 f"the run fine-tunes for {phase_epochs} epoch(s){after}; the lr schedule spans them")
+
     def on_precision(self, precision):
         self.log(f"[bold]precision[/] {esc(precision)}")
 
@@ -91,8 +102,9 @@ class TrainView:
     def on_start(self, run_dir, epochs, batches, lr, first, sizes, resumed_from=None):
         self._drop_task("decode_task")
         self.epochs = epochs
-        self.log(f"[bold]run[/] {esc(str(run_dir))}   lr {lr:.3g}, {batches} batches/epoch, "
-                 f"train crop {sizes[0]} / eval crop {sizes[1]} px")
+        how = f"lr {lr:.3g}, {batches} batches/epoch, train crop {sizes[0]} / eval crop {sizes[1]} px" if lr \
+            else "the head fitted once on the cached features"
+        self.log(f"[bold]run[/] {esc(str(run_dir))}   {how}")
         if first > 1:
             grown = f"; --epochs {epochs} extends the {resumed_from}-epoch run: the lr schedule now spans " \
                     f"{epochs} epochs and continues from epoch {first - 1}" if resumed_from and epochs > resumed_from \
@@ -134,7 +146,8 @@ class TrainView:
         w = len(str(self.epochs))
         self.log(f"epoch {row['epoch']:>{w}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
                  f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}"
-                 f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s{mark}")
+                 f"  {'lr ' + format(row['lr'], '.2e') if row['lr'] is not None else 'probe      '}  "
+                 f"{row['seconds']:.1f}s{mark}")
 
     def on_update_ratio(self, group, ratio, band, advice):
         self.warn(f"{group} update/weight ratio {ratio:.1e} is outside the healthy {band[0]:g}..{band[1]:g} for a "

@@ -55,7 +55,7 @@ def evaluate(trainer: Trainer, loader, on_failed=lambda failed: None,
             if x is None:
                 continue
             x, y = trainer.to_device(x, y)
-            with trainer.autocast():
+            with trainer.autocast(training=False):
                 logits = trainer.net.module(x).float()
             loss_sum += trainer.criterion(logits, y).item() * y.numel()
             correct += (logits.argmax(1) == y).sum().item()
@@ -227,7 +227,7 @@ class FeatureEpochs:
             loss, ok = t.step(feats[idx], y, epoch, step, self.head)  # never None: features never fail
             seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
         self.head.eval()
-        with torch.inference_mode(), t.autocast():
+        with torch.inference_mode(), t.autocast(training=False):
             logits = self.head(self.val_feats).float()
         self.val_logits = logits.cpu()
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen,

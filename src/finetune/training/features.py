@@ -65,7 +65,7 @@ def extract(trainer: Trainer, dataset: ImageDataset, batch_size: int) -> tuple[l
                 failures += failed
                 paths += [p for p in (next(order) for _ in range(len(y) + len(failed))) if p not in bad]
                 if x is not None:
-                    with trainer.autocast():
+                    with trainer.autocast(training=False):
                         net.module(trainer.to_device(x, y)[0])
     finally:
         handle.remove()
@@ -100,35 +100,41 @@ def save(key: str, train, val, skipped: list) -> None:
 
 
 def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, choice: WeightsChoice, workers: int,
-                   emit, train_size: int) -> FeatureEpochs:
+                   emit, train_size: int, cache: dict | None = None) -> FeatureEpochs | ProbeEpochs:
     """Backbone features from the disk cache, or computed now (a few augmented views when augmenting).
 
     Under several processes each rank extracts its share (local) and all ranks gather the whole set; the
-    head then trains identically on every rank (it is tiny next to the backbone pass).
+    head then trains identically on every rank (it is tiny next to the backbone pass). cache: images already
+    decoded (and unusable files already dropped) when the run also fine-tunes after a probe.
     """
     import torch
 
     cfg = trainer.cfg
     views = 1 if cfg.augment == "none" else min(FEATURE_VIEWS, cfg.epochs)
-    key = feature_key(cfg, choice, train_size, views, [s.path for s in split.train + split.val])
+    paths = [s.path for s in split.train + split.val]
+    key = feature_key(cfg, choice, train_size, views, paths)
     hit = load(key)
     if not dist.all_max([hit is None])[0]:  # every machine has the cache (else all compute it together)
-        drop_failed(split, [tuple(x) for x in hit["skipped"]], emit, cfg.strict)
+        if cache is None:
+            drop_failed(split, [tuple(x) for x in hit["skipped"]], emit, cfg.strict)
         emit("features", cached=True, views=views)
         train_feats, val_feats = hit["train"], hit["val"]
     else:
-        train_feats, val_feats = _compute(trainer, split, local, choice, workers, emit, train_size, views, key)
+        train_feats, val_feats = _compute(trainer, split, local, choice, workers, emit, train_size, views, cache)
+        if dist.current().main:  # with every file of the key left out, whether decoding or extraction dropped it
+            kept, why = {s.path for s in split.train + split.val}, dict(split.skipped)
+            save(key, train_feats, val_feats, [[p, why.get(p, "unreadable")] for p in paths if p not in kept])
     labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
-    epochs = ProbeEpochs if cfg.solver == "lbfgs" else FeatureEpochs
+    epochs = ProbeEpochs if cfg.solver == "lbfgs" or cfg.mode != "feature-extract" else FeatureEpochs
     return epochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
 
 
-def _compute(trainer, split, local, choice, workers, emit, train_size, views, key):
+def _compute(trainer, split, local, choice, workers, emit, train_size, views, cache):
     import torch
 
     cfg, world, pre = trainer.cfg, dist.current(), choice.preprocessing
-    skipped_before = len(split.skipped)
-    cache = decode_for_training(split, local, pre.resize_size, workers, cfg, emit)
+    if cache is None:
+        cache = decode_for_training(split, local, pre.resize_size, workers, cfg, emit)
     emit("features", cached=False, views=views)
     bs = inference_batch(trainer.device, cfg.batch_size)
     torch.manual_seed(cfg.seed + world.rank)
@@ -150,8 +156,6 @@ def _compute(trainer, split, local, choice, workers, emit, train_size, views, ke
     if world.distributed:
         train_feats = _gather_rows([s.path for s in split.train], [s.path for s in local.train], train_feats, 1)
         val_feats = _gather_rows([s.path for s in split.val], [s.path for s in local.val], val_feats, 0)
-    if world.main:
-        save(key, train_feats, val_feats, [list(x) for x in split.skipped[skipped_before:]])
     return train_feats, val_feats
 
 

@@ -3,12 +3,14 @@ through one RunSaver. run_training is the library's entry point for one run."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import STARTED
 from finetune import distributed as dist
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
@@ -16,7 +18,8 @@ from finetune.errors import Interrupted, ResourceError
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
-from finetune.training.setup import Prepared, prepare, silent, torch_flags
+from finetune.training.plan import planned_epochs
+from finetune.training.setup import Phase, Prepared, prepare, silent, torch_flags
 from finetune.training.trainer import Emit
 
 
@@ -56,7 +59,7 @@ def run_training(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] 
         p = prepare(cfg, emit, stop, resume)
         folder = dist.on_main(open_folder)  # rank 0 writes, under the folder's lock
         try:
-            return _Run(cfg, p, folder, emit if world.main else silent, resume).train(t_start)
+            return _Run(p.cfg, p, folder, emit if world.main else silent, resume).train(t_start)
         finally:
             if "lock" in held:
                 held["lock"].release()
@@ -75,12 +78,17 @@ class _Run:
             "preprocessing": p.choice.preprocessing.to_dict(), "processes": self.world.size}
         self.saver = RunSaver(folder, config, p.split.classes, enabled=self.world.main)
         self.history: list[dict] = []
-        self.last = getattr(p.epochs, "count", None) or cfg.epochs  # a probe is fitted once, not for --epochs
+        self.t_start = 0.0
         # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
         self.best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": p.net.first_conv_weight()}
 
+    @property
+    def last(self) -> int:
+        """The run's last epoch, as planned so far."""
+        return self.p.phases[-1].offset + self.p.phases[-1].count
+
     def train(self, t_start: float) -> RunResult:
-        p, first = self.p, 1
+        p, first, self.t_start = self.p, 1, t_start
         if self.resume is not None:
             p.trainer.load_state(self.resume)
             if not self.world.distributed:  # several processes seed each epoch from (seed, rank, epoch) instead
@@ -89,12 +97,14 @@ class _Run:
             first = self.resume["epoch"] + 1
         else:
             self.saver.start(p.split_files)
+        steps = [ph for ph in p.phases if getattr(ph.run, "scheduled", True)]
         self.emit("start", run_dir=self.saver.folder, epochs=self.last, batches=p.epochs.batches,
-                  lr=p.trainer.lr, first=first, sizes=(p.train_size, p.choice.preprocessing.crop_size),
+                  lr=p.trainer.lr if steps else None, first=first,
+                  sizes=(p.train_size, p.choice.preprocessing.crop_size) if steps else None,
                   resumed_from=self.resume["config"]["epochs"] if self.resume is not None else None)
         try:
-            for epoch in range(first, self.last + 1):
-                if self._epoch(epoch):
+            for phase in p.phases:
+                if self._phase(phase, first):
                     break
         except Interrupted as e:
             e.run_dir = self.saver.folder
@@ -105,24 +115,48 @@ class _Run:
                                 f"{self.saver.folder})") from None
         return self._finish(time.perf_counter() - t_start)
 
-    def _epoch(self, epoch: int) -> bool:
+    def _phase(self, phase: Phase, first: int) -> bool:
+        """The phase's epochs from the run's epoch `first` on; True when early stopping ended the run."""
+        local = max(1, first - phase.offset)
+        while local <= phase.count:
+            if self._epoch(phase.offset + local, phase, local):
+                return True
+            if phase.planned and local == 1:
+                self._plan(phase)
+            if getattr(phase.run, "scheduled", True):  # the next epoch's lr, on the schedule as planned now
+                self.p.trainer.schedule(self.history[-1]["val_acc"])
+            local += 1
+        return False
+
+    def _plan(self, phase: Phase) -> None:
+        """--time-budget: as many epochs as fit, from the first one's time; the lr schedule spans them."""
+        budget, seconds = self.p.plan.budget, self.history[-1]["seconds"]
+        count = planned_epochs(budget, time.perf_counter() - self.t_start, seconds, 1, phase.count)
+        if count != phase.count:
+            phase.count = count
+            self.p.trainer.set_schedule_length(count)
+        self.emit("planned", epochs=self.last, phase_epochs=phase.count, epoch_seconds=seconds, budget=budget)
+
+    def _epoch(self, epoch: int, phase: Phase, local: int) -> bool:
         """Train and validate one epoch, keep what improved; True when early stopping ends the run."""
         t, t0 = self.p.trainer, time.perf_counter()
         self.emit("epoch_start", epoch=epoch)
-        lr_used = t.optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch, **self._run_epoch(epoch), "lr": lr_used,
+        scheduled = getattr(phase.run, "scheduled", True)
+        lr_used = t.optimizer.param_groups[0]["lr"] if scheduled else None
+        row = {"epoch": epoch, **self._run_epoch(phase, local), "lr": lr_used,
                "update_ratio_head": t.update_ratios["head"], "update_ratio_backbone": t.update_ratios["backbone"]}
         t.check_finite("validation", row["val_loss"], epoch)  # nothing of a diverged epoch is saved
-        for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr):
-            self.emit("update_ratio", **warning)
-        t.schedule(row["val_acc"])
+        if scheduled:
+            for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr):
+                self.emit("update_ratio", **warning)
         row["seconds"] = time.perf_counter() - t0
+        row["elapsed"] = time.monotonic() - STARTED  # since the command started: time to this epoch's model
         self.history.append(row)
         improved = row["val_acc"] > self.best["val_acc"] or (
             row["val_acc"] == self.best["val_acc"] and row["val_loss"] < self.best["val_loss"])
         if improved:
             self.best |= {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"],
-                          "filters": self.p.net.first_conv_weight(), "val_logits": self.p.epochs.val_logits}
+                          "filters": self.p.net.first_conv_weight(), "val_logits": phase.run.val_logits}
             self.saver.best(self._model_file(row))
         self.saver.epoch(self.history, self._state(epoch))
         self.emit("epoch_end", row=row, improved=improved)
@@ -131,11 +165,12 @@ class _Run:
             return True
         return False
 
-    def _run_epoch(self, epoch: int) -> dict:
+    @staticmethod
+    def _run_epoch(phase: Phase, local: int) -> dict:
         import torch
 
         try:
-            return self.p.epochs(epoch)
+            return phase.run(local)
         except torch.OutOfMemoryError:
             raise MemoryError from None
 
@@ -150,7 +185,8 @@ class _Run:
         p = self.p
         return {"epoch": epoch, "model": p.net.module.state_dict(), **p.trainer.state(),
                 "rng": rng_state(p.epochs.generator), "history": self.history, "best": self.best,
-                "config": self.cfg.to_dict(), "classes": p.split.classes, "split": p.split_files}
+                "config": self.cfg.to_dict(), "classes": p.split.classes, "split": p.split_files,
+                "plan": dataclasses.asdict(p.plan), "phases": [[ph.offset, ph.count] for ph in p.phases]}
 
     def _finish(self, seconds: float) -> RunResult:
         split, best = self.p.split, self.best

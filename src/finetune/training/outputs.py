@@ -18,7 +18,7 @@ from finetune.report import write_report
 from finetune.training.resume import STATE_FILE, save_state
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "update_ratio_head",
-                 "update_ratio_backbone", "seconds")
+                 "update_ratio_backbone", "seconds", "elapsed")
 LOCK_FILE = ".finetune.lock"
 # What a run writes into its folder: --overwrite removes these (and nothing else).
 RUN_FILES = ("best.pt", STATE_FILE, "config.json", "split.json", "metrics.csv", "results.json", "report.html",

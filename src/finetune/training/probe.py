@@ -28,21 +28,27 @@ class Probe:
     grid: list  # [(l2, mean held-out loss)] as searched
 
 
-def _fit(x, y, classes: int, l2: float, class_weights=None, init=None):
-    """(weight, bias) minimising mean cross-entropy + l2 * ||weight||^2 (full batch, L-BFGS), from init if given
-    (a warm start from the solution for a nearby l2)."""
+def _fit(x, y, masks, classes: int, l2: float, class_weights=None):
+    """Weights [folds, classes, dim] and biases [folds, classes], one fit per row mask (fold), all at once:
+    each minimises its rows' mean cross-entropy + l2 * ||weight||^2 (full batch, L-BFGS; the folds do not
+    interact, so one optimiser call serves them all)."""
     import torch
 
-    w = torch.zeros(classes, x.shape[1]) if init is None else init[0].clone()
-    b = torch.zeros(classes) if init is None else init[1].clone()
+    folds = len(masks)
+    w = torch.zeros(folds, classes, x.shape[1])
+    b = torch.zeros(folds, classes)
     w.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=MAX_ITER, tolerance_grad=1e-7, tolerance_change=1e-10,
+    counts = masks.sum(1)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=MAX_ITER, tolerance_grad=1e-6, tolerance_change=1e-9,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y, weight=class_weights) + l2 * (w * w).sum()
+        logits = torch.einsum("rd,fcd->frc", x, w) + b[:, None, :]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, classes), y.repeat(folds), weight=class_weights,
+                                               reduction="none").reshape(folds, -1)
+        loss = ((ce * masks).sum(1) / counts).sum() + l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -50,30 +56,28 @@ def _fit(x, y, classes: int, l2: float, class_weights=None, init=None):
     return w.detach(), b.detach()
 
 
-def _folds(groups, k: int, seed: int) -> list:
-    """k folds of row indices; the rows of one image (its views) stay together."""
+def _folds(groups, k: int, seed: int):
+    """[k, rows] masks of the rows each fold trains on; the rows of one image (its views) stay together."""
     import torch
 
     images = torch.unique(groups)
     order = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))]
-    return [torch.isin(groups, order[i::k]).nonzero().flatten() for i in range(k)]
+    return torch.stack([~torch.isin(groups, order[i::k]) for i in range(k)]).float()
 
 
-def _cv_losses(x, y, classes: int, folds: list, class_weights, l2s) -> list[tuple[float, float]]:
-    """Mean held-out cross-entropy for each l2 (strong to weak, each fit warm-started from the previous one's);
-    stops once the loss has risen twice in a row (it has one minimum in l2)."""
+def _cv_losses(x, y, classes: int, masks, class_weights, l2s) -> list[tuple[float, float]]:
+    """Mean held-out cross-entropy for each l2, strong to weak; stops once the loss has risen twice in a row (it has
+    one minimum in l2). Every fit starts from zero: warm starts along the path let L-BFGS stop early."""
     import torch
 
-    out, warm, rises = [], [None] * len(folds), 0
+    out, rises = [], 0
+    held = 1 - masks
     for l2 in l2s:
-        losses = []
-        for i, held in enumerate(folds):
-            keep = torch.ones(len(y), dtype=torch.bool)
-            keep[held] = False
-            warm[i] = _fit(x[keep], y[keep], classes, l2, class_weights, warm[i])
-            w, b = warm[i]
-            losses.append(float(torch.nn.functional.cross_entropy(x[held] @ w.T + b, y[held])))
-        out.append((l2, sum(losses) / len(losses)))
+        w, b = _fit(x, y, masks, classes, l2, class_weights)
+        logits = torch.einsum("rd,fcd->frc", x, w) + b[:, None, :]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, classes), y.repeat(len(masks)),
+                                               reduction="none").reshape(len(masks), -1)
+        out.append((l2, float(((ce * held).sum(1) / held.sum(1)).mean())))
         rises = rises + 1 if len(out) > 1 and out[-1][1] > out[-2][1] else 0
         if rises == 2:
             break
@@ -96,12 +100,13 @@ def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None,
     z = (x - mean) / std
     cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
     k = max(2, min(folds, int(torch.bincount(torch.as_tensor(labels)).min())))
-    parts = _folds(torch.arange(n).repeat(views), k, seed)
-    grid = _cv_losses(z, y, classes, parts, cw, L2_GRID)
+    masks = _folds(torch.arange(n).repeat(views), k, seed)
+    grid = _cv_losses(z, y, classes, masks, cw, L2_GRID)
     best = min(grid, key=lambda g: g[1])[0]
-    grid += _cv_losses(z, y, classes, parts, cw, (best * 3, best / 3))  # one refinement step around it
+    grid += _cv_losses(z, y, classes, masks, cw, (best * 3, best / 3))  # one refinement step around it
     l2, loss = min(grid, key=lambda g: g[1])
-    w, b = _fit(z, y, classes, l2, cw)
+    w, b = _fit(z, y, torch.ones(1, len(y)), classes, l2, cw)
+    w, b = w[0], b[0]
     if not (torch.isfinite(w).all() and math.isfinite(loss)):
         raise FloatingPointError("the linear probe did not converge to finite weights")
     weight = w / std  # back to raw features: w.(x - mean)/std + b = (w/std).x + (b - (w/std).mean)
@@ -113,14 +118,14 @@ class ProbeEpochs:
     features and puts it into the model's head; the val images are only measured, never used to choose."""
 
     count = 1  # the loop runs this many epochs, whatever --epochs says
+    scheduled = False  # fitted once, to convergence: no lr schedule, no SGD step
 
     def __init__(self, trainer, train_feats, train_labels, val_feats, val_labels):
-        self.t = trainer
-        trainer.scheduler = None  # fitted once, to convergence: no lr schedule
-        self.train_feats, self.train_labels = train_feats, train_labels  # [views, N, D], [N]
-        self.val_feats, self.val_labels = val_feats, val_labels
         import torch
 
+        self.t = trainer
+        self.train_feats, self.train_labels = train_feats, train_labels  # [views, N, D], [N]
+        self.val_feats, self.val_labels = val_feats, val_labels
         self.linear = next(m for m in reversed(list(trainer.net.head_module().modules()))
                            if isinstance(m, torch.nn.Linear))
         self.batches = 1

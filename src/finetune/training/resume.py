@@ -77,10 +77,12 @@ def resume_config(run_dir: str | os.PathLike, given: dict) -> tuple[TrainConfig,
             continue
         raise UsageError(f"--resume {run_dir}: {option(name)} {value} differs from that run's {stored.get(name)!r}; "
                          f"a resumed run keeps its settings (leave {option(name)} out, or start a new run)")
-    epochs = given.get("epochs", stored["epochs"])
-    if epochs <= state["epoch"]:
-        raise UsageError(f"--resume {run_dir}: that run already completed {state['epoch']} of its {stored['epochs']} "
-                         f"epochs; give --epochs larger than {state['epoch']} to train it further")
+    offset, planned = state.get("phases", [[0, stored["epochs"]]])[-1]  # its last phase (after a probe, if any)
+    epochs = given.get("epochs", planned)
+    if offset + epochs <= state["epoch"]:
+        done = state["epoch"] - offset
+        raise UsageError(f"--resume {run_dir}: that run already completed {done} of its {planned} epochs; give "
+                         f"--epochs larger than {done} to train it further")
     cfg = TrainConfig(**stored | {k: given[k] for k in ("data", "workers", "device") if k in given}
                       | {"output": str(run_dir), "epochs": epochs})
     return cfg, state

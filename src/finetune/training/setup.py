@@ -18,6 +18,7 @@ from finetune.models import Network, build_network, check_model_name
 from finetune.training.cache import decode_for_training
 from finetune.training.epochs import ImageEpochs
 from finetune.training.features import feature_epochs
+from finetune.training.plan import Plan, make_plan
 from finetune.training.resume import check_same_split
 from finetune.training.sanity import overfit_split
 from finetune.training.trainer import Emit, Trainer
@@ -47,15 +48,32 @@ def torch_flags(cfg: TrainConfig):
 
 
 @dataclass
+class Phase:
+    """Epochs of one kind: run(local epoch) -> metrics; they are epochs offset+1 .. offset+count of the run."""
+
+    run: object  # ImageEpochs, FeatureEpochs or ProbeEpochs
+    count: int
+    offset: int = 0
+    planned: bool = False  # its count is planned from the first epoch's time (--time-budget)
+
+
+@dataclass
 class Prepared:
+    cfg: TrainConfig  # as run: --mode auto resolved by the plan
+    plan: Plan
     device: object
     split: DatasetSplit
     choice: WeightsChoice
     net: Network
     trainer: Trainer
-    epochs: object  # ImageEpochs or FeatureEpochs
+    phases: list[Phase]
     train_size: int  # the training crop (the eval crop is choice.preprocessing.crop_size)
     split_files: dict  # the split as scanned (DatasetSplit.files), before unreadable files were dropped
+
+    @property
+    def epochs(self):
+        """The epochs that train the saved model's weights last (the only phase, or fine-tuning after a probe)."""
+        return self.phases[-1].run
 
 
 def train_crop(cfg: TrainConfig, choice: WeightsChoice, net: Network) -> int:
@@ -83,6 +101,8 @@ def _check_world(cfg: TrainConfig, world: dist.World, device) -> None:
     """Options that need several processes, or that several processes cannot do."""
     if cfg.sync_bn and world.distributed and device.type != "cuda":
         raise dist.echoed(UsageError("--sync-bn: torch's SyncBatchNorm runs on GPUs only; drop it for a CPU run"))
+    if cfg.compile and world.distributed:
+        raise dist.echoed(UsageError("--compile: one process only for now; drop it under torchrun or --gpus"))
     if cfg.overfit and world.distributed:
         raise dist.echoed(UsageError("--overfit: the sanity check runs in one process; launch it without torchrun "
                                      "or --gpus"))
@@ -130,6 +150,9 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     world = dist.init(cfg.device)
     emit = emit if world.main else silent
     device = dist.device(cfg.device)
+    plan = make_plan(cfg, device) if resume is None else Plan(**resume["plan"]) if "plan" in resume else \
+        make_plan(cfg, device)
+    cfg = dataclasses.replace(cfg, mode=plan.mode)
     _check_world(cfg, world, device)
     torch.manual_seed(cfg.seed)
     split, local = _read_split(cfg, world, resume)
@@ -145,13 +168,29 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     per_step = min(cfg.batch_size * (1 if use_features else world.size), len(split.train))
     trainer = Trainer(cfg, net, device, emit, images_per_step=per_step, train_labels=[s.label for s in split.train],
                       num_classes=len(split.classes), stop=stop, check_initial_loss=resume is None)
-    emit("precision", precision=trainer.precision)
+    emit("plan", why=plan.why)
     train_size = train_crop(cfg, choice, net)
     if use_features:
-        epochs = feature_epochs(trainer, split, local, choice, workers, emit, train_size)
+        run = feature_epochs(trainer, split, local, choice, workers, emit, train_size)
+        phases = [Phase(run, getattr(run, "count", cfg.epochs))]
     else:
-        cache = decode_for_training(split, local, choice.preprocessing.resize_size, workers, cfg, emit)
-        # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
-        epochs = ImageEpochs(trainer, local, choice.preprocessing, cache, 0 if cache is not None else workers,
-                             train_size, [s.path for s in split.val])
-    return Prepared(device, split, choice, net, trainer, epochs, train_size, split_files)
+        phases = _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train_size, resume)
+    if any(getattr(ph.run, "scheduled", True) for ph in phases):  # a probe alone takes no SGD step
+        emit("precision", precision=trainer.precision)
+    return Prepared(cfg, plan, device, split, choice, net, trainer, phases, train_size, split_files)
+
+
+def _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train_size, resume) -> list[Phase]:
+    """Fine-tuning, after a converged probe fitted on the same decoded images when the plan says so (not again
+    when resuming: the probe's head is in the resumed weights)."""
+    pre = choice.preprocessing
+    cache = decode_for_training(split, local, pre.resize_size, workers, cfg, emit)
+    # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
+    images = ImageEpochs(trainer, local, pre, cache, 0 if cache is not None else workers, train_size,
+                         [s.path for s in split.val])
+    probe_done = resume is not None and plan.probe_first
+    phases = []
+    if plan.probe_first and not probe_done:
+        phases.append(Phase(feature_epochs(trainer, split, local, choice, workers, emit, pre.crop_size, cache), 1))
+    offset = 1 if plan.probe_first else 0
+    return phases + [Phase(images, cfg.epochs, offset, planned=plan.budget > 0 and resume is None)]

@@ -81,13 +81,17 @@ class Trainer:
         if cfg.balance == "weighted-loss":  # rarer classes weigh more in the training loss
             weights = class_weights(train_labels, num_classes).to(device)
             self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights)
-        self.forward = net.module  # what a training step calls: the model, or its DDP wrapper
+        self.forward = net.module  # what a training step calls: the model, its compiled form, or its DDP wrapper
+        if cfg.compile:
+            self.forward = torch.compile(net.module)
         self._wrapped_for: tuple | None = None
 
-    def autocast(self):
+    def autocast(self, training: bool = True):
+        """Mixed precision for a training step; for evaluation and feature extraction only on CUDA (on a CPU they
+        stay float32, so the metrics a run reports are those predict and evaluate reproduce)."""
         import torch
 
-        if self.amp_dtype is None:
+        if self.amp_dtype is None or (not training and self.device.type != "cuda"):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
@@ -187,6 +191,14 @@ class Trainer:
                 group["lr"] = base * factor(done)
         elif self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+
+    def set_schedule_length(self, epochs: int) -> None:
+        """A cosine or step schedule now spans `epochs` epochs (--time-budget planned them)."""
+        import torch
+
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            factor = schedule_factor(self.cfg.scheduler, epochs)
+            self.scheduler.lr_lambdas = [factor] * len(self.scheduler.lr_lambdas)
 
     def schedule(self, val_acc: float) -> None:
         import torch
