@@ -121,10 +121,6 @@ class _Run:
         while local <= phase.count:
             if self._epoch(phase.offset + local, phase, local):
                 return True
-            if phase.planned and local == 1:
-                self._plan(phase)
-            if getattr(phase.run, "scheduled", True):  # the next epoch's lr, on the schedule as planned now
-                self.p.trainer.schedule(self.history[-1]["val_acc"])
             local += 1
         return False
 
@@ -152,6 +148,10 @@ class _Run:
         row["seconds"] = time.perf_counter() - t0
         row["elapsed"] = time.monotonic() - STARTED  # since the command started: time to this epoch's model
         self.history.append(row)
+        if phase.planned and local == 1:
+            self._plan(phase)
+        if scheduled:  # the next epoch's lr, on the schedule as planned now (and saved with the state below)
+            t.schedule(row["val_acc"])
         improved = row["val_acc"] > self.best["val_acc"] or (
             row["val_acc"] == self.best["val_acc"] and row["val_loss"] < self.best["val_loss"])
         if improved:
