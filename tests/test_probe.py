@@ -37,8 +37,8 @@ def test_views_of_one_image_stay_in_one_fold(monkeypatch):
     from finetune.training import probe as P
 
     seen = []
-    real = P._folds
-    monkeypatch.setattr(P, "_folds", lambda groups, k, seed: seen.append(groups) or real(groups, k, seed))
+    real = P.fold_masks
+    monkeypatch.setattr(P, "fold_masks", lambda groups, k, seed: seen.append(groups) or real(groups, k, seed))
     x, y = _blobs(40)
     fit_probe(torch.stack([x, x + 0.1]), y, 3)  # 2 views of 40 images
     groups = seen[0]

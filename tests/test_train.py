@@ -12,7 +12,7 @@ from finetune.models import Network
 from finetune.training import cache, run_training
 from finetune.training.sanity import initial_loss_check, overfit_config, overfit_split
 from finetune.training.setup import prepare, train_crop
-from finetune.training.trainer import Trainer, class_weights
+from finetune.training.trainer import class_weights
 
 
 def _val_accuracy_of_saved_model(model_path, data):
@@ -246,25 +246,25 @@ def test_training_batches_use_the_train_crop_and_val_the_eval_crop(tiny_data, tm
 
 
 def test_update_ratio_is_the_median_per_tensor_not_one_pooled_norm():
+    from finetune.training.sanity import update_ratio
+
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b, self.c = (torch.nn.Parameter(torch.full((4,), v)) for v in (1.0, 1.0, 1000.0))
             self.fc = torch.nn.Linear(2, 2)
 
-    trainer = object.__new__(Trainer)
-    trainer.net = Network(Net(), "net", "fc")
-    model = trainer.net.module
-    before = trainer._snapshot()
+    net = Network(Net(), "net", "fc")
+    before = {g: [p.detach().clone() for p in ps] for g, ps in net.parameter_groups().items()}
     with torch.no_grad():
-        model.a += 0.001  # ratio 1e-3
-        model.b += 0.003  # ratio 3e-3
-        model.c += 0.001  # ratio 1e-6: the huge tensor would swamp a pooled norm (~1.0e-6)
-        model.fc.weight.mul_(1.5)
-        model.fc.bias.mul_(1.5)
-    ratios = trainer._update_ratios(before)
-    assert ratios["backbone"] == pytest.approx(1e-3, rel=1e-3)
-    assert ratios["head"] == pytest.approx(0.5, rel=1e-4)  # weight and bias both scaled by 1.5
+        net.module.a += 0.001  # ratio 1e-3
+        net.module.b += 0.003  # ratio 3e-3
+        net.module.c += 0.001  # ratio 1e-6: the huge tensor would swamp a pooled norm (~1.0e-6)
+        net.module.fc.weight.mul_(1.5)
+        net.module.fc.bias.mul_(1.5)
+    after = net.parameter_groups()
+    assert update_ratio(before["backbone"], after["backbone"]) == pytest.approx(1e-3, rel=1e-3)
+    assert update_ratio(before["head"], after["head"]) == pytest.approx(0.5, rel=1e-4)  # weight and bias x1.5
 
 
 @pytest.mark.parametrize("ratios, advice", [

@@ -54,7 +54,6 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
 
 def _range_test(p, start_lr: float, end_lr: float, steps: int, emit) -> LrFindResult:
     trainer = p.trainer
-    trainer.checked_initial_loss = True
     groups = trainer.optimizer.param_groups
     ratios = [g["lr"] / groups[0]["lr"] for g in groups]  # keep discriminative lrs in proportion
     gamma = (end_lr / start_lr) ** (1 / (steps - 1))

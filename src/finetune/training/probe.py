@@ -56,7 +56,7 @@ def _fit(x, y, masks, classes: int, l2: float, class_weights=None):
     return w.detach(), b.detach()
 
 
-def _folds(groups, k: int, seed: int):
+def fold_masks(groups, k: int, seed: int):
     """[k, rows] masks of the rows each fold trains on; the rows of one image (its views) stay together."""
     import torch
 
@@ -100,7 +100,7 @@ def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None,
     z = (x - mean) / std
     cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
     k = max(2, min(folds, int(torch.bincount(torch.as_tensor(labels)).min())))
-    masks = _folds(torch.arange(n).repeat(views), k, seed)
+    masks = fold_masks(torch.arange(n).repeat(views), k, seed)
     grid = _cv_losses(z, y, classes, masks, cw, L2_GRID)
     best = min(grid, key=lambda g: g[1])[0]
     grid += _cv_losses(z, y, classes, masks, cw, (best * 3, best / 3))  # one refinement step around it

@@ -25,6 +25,16 @@ def initial_loss_check(loss: float, num_classes: int) -> dict:
     return {"loss": loss, "expected": expected, "suspicious": not 0.5 * expected <= loss <= 2.0 * expected + 0.5}
 
 
+def update_ratio(before: list, after: list) -> float | None:
+    """The median over weight tensors of ||w_after - w_before|| / ||w_before|| for one step. Per tensor, as
+    cs231n computes it: one pooled norm would be ruled by the few largest tensors (in some checkpoints a single
+    folded-BatchNorm layer holds most of the norm)."""
+    import torch
+
+    ratios = [float((a.detach() - b).norm() / b.norm()) for a, b in zip(after, before) if b.norm() > 0]
+    return float(torch.tensor(ratios).median()) if ratios else None
+
+
 def update_ratio_warnings(ratios: dict, lr_now: float, lr_base: float) -> list[dict]:
     """Advice when the lr looks far off: the backbone's ratio is judged while it trains, else the head's (feature
     extraction, --freeze-epochs), each against its own band; only while the schedule has not decayed the lr much

@@ -11,7 +11,7 @@ from finetune.config import TrainConfig
 from finetune.devices import autocast_dtype
 from finetune.errors import DivergedError, Interrupted
 from finetune.models import Network
-from finetune.training.sanity import initial_loss_check
+from finetune.training.sanity import initial_loss_check, update_ratio
 
 Emit = Callable[..., None]  # emit(event_name, **fields): the CLI renders, the library never prints
 
@@ -160,16 +160,7 @@ class Trainer:
         return {g: [p.detach().clone() for p in ps] for g, ps in self.net.parameter_groups().items()}
 
     def _update_ratios(self, before: dict) -> dict:
-        """Per group, the median over its weight tensors of ||w_after - w_before|| / ||w_before||, for the step
-        just taken. Per tensor, as cs231n computes it: one pooled norm would be ruled by the few largest
-        tensors (in some checkpoints a single folded-BatchNorm layer holds most of the norm)."""
-        import torch
-
-        out = {}
-        for g, ps in self.net.parameter_groups().items():
-            ratios = [float((p.detach() - b).norm() / b.norm()) for p, b in zip(ps, before[g]) if b.norm() > 0]
-            out[g] = float(torch.tensor(ratios).median()) if ratios else None
-        return out
+        return {g: update_ratio(before[g], ps) for g, ps in self.net.parameter_groups().items()}
 
     def state(self) -> dict:
         """Optimiser, schedule and scaler state for an exact resume."""
