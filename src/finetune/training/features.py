@@ -18,6 +18,7 @@ from finetune.dataset import DatasetSplit
 from finetune.errors import ResourceError
 from finetune.files import atomic_write, cache_dir
 from finetune.images import ImageDataset, collate
+from finetune.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
 from finetune.training.probe import ProbeEpochs
@@ -118,7 +119,10 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
         train_feats, val_feats = hit["train"], hit["val"]
     else:
         train_feats, val_feats = _compute(trainer, split, local, choice, workers, emit, train_size, views, key)
-    labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
+    if split.multi_label:
+        labels = lambda samples: targets(samples, len(split.classes))  # noqa: E731 - [N, classes] multi-hot
+    else:
+        labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
     epochs = ProbeEpochs if cfg.solver == "lbfgs" else FeatureEpochs
     return epochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune.multilabel import count_correct, pos_weight
 from finetune.training.trainer import class_weights
 
 L2_GRID = tuple(10.0 ** e for e in range(1, -7, -1))  # strong to weak; then refined around the best (as CLIP)
@@ -28,6 +29,15 @@ class Probe:
     grid: list  # [(l2, mean held-out loss)] as searched
 
 
+def _loss(logits, y, weight=None):
+    """Cross-entropy on class indices; on multi-hot targets, per-class BCE (weight is then pos_weight)."""
+    import torch
+
+    if y.dim() == 2:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
+    return torch.nn.functional.cross_entropy(logits, y, weight=weight)
+
+
 def _fit(x, y, classes: int, l2: float, class_weights=None, init=None):
     """(weight, bias) minimising mean cross-entropy + l2 * ||weight||^2 (full batch, L-BFGS), from init if given
     (a warm start from the solution for a nearby l2)."""
@@ -42,7 +52,7 @@ def _fit(x, y, classes: int, l2: float, class_weights=None, init=None):
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y, weight=class_weights) + l2 * (w * w).sum()
+        loss = _loss(x @ w.T + b, y, class_weights) + l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -72,7 +82,7 @@ def _cv_losses(x, y, classes: int, folds: list, class_weights, l2s) -> list[tupl
             keep[held] = False
             warm[i] = _fit(x[keep], y[keep], classes, l2, class_weights, warm[i])
             w, b = warm[i]
-            losses.append(float(torch.nn.functional.cross_entropy(x[held] @ w.T + b, y[held])))
+            losses.append(float(_loss(x[held] @ w.T + b, y[held])))
         out.append((l2, sum(losses) / len(losses)))
         rises = rises + 1 if len(out) > 1 and out[-1][1] > out[-2][1] else 0
         if rises == 2:
@@ -90,12 +100,14 @@ def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None,
     if x.dim() == 2:
         x = x[None]
     views, n, _ = x.shape
-    y = torch.as_tensor(labels).repeat(views)
+    labels = torch.as_tensor(labels)
+    y = labels.repeat(views, *[1] * (labels.dim() - 1))  # [images x views] indices, or multi-hot rows
     x = x.reshape(views * n, -1)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-    k = max(2, min(folds, int(torch.bincount(torch.as_tensor(labels)).min())))
+    fewest = int(labels.sum(0).min()) if labels.dim() == 2 else int(torch.bincount(labels).min())
+    k = max(2, min(folds, fewest))
     parts = _folds(torch.arange(n).repeat(views), k, seed)
     grid = _cv_losses(z, y, classes, parts, cw, L2_GRID)
     best = min(grid, key=lambda g: g[1])[0]
@@ -132,7 +144,9 @@ class ProbeEpochs:
         import torch
 
         t = self.t
-        weights = class_weights(self.train_labels.tolist(), t.num_classes) if t.cfg.balance != "none" else None
+        multi = self.train_labels.dim() == 2
+        weights = None if t.cfg.balance == "none" else pos_weight(self.train_labels.cpu()) if multi else \
+            class_weights(self.train_labels.tolist(), t.num_classes)
         self.probe = fit_probe(self.train_feats.cpu(), self.train_labels.cpu(), t.num_classes, t.cfg.seed, weights)
         with torch.no_grad():
             self.linear.weight.copy_(self.probe.weight)
@@ -142,12 +156,12 @@ class ProbeEpochs:
         with torch.inference_mode():
             train = head(self.train_feats.reshape(-1, self.train_feats.shape[-1]).to(t.device)).float().cpu()
             val = head(self.val_feats.to(t.device)).float().cpu()
-        y = self.train_labels.cpu().repeat(len(self.train_feats))
+        labels = self.train_labels.cpu()
+        y = labels.repeat(len(self.train_feats), *[1] * (labels.dim() - 1))
         self.val_logits = val
-        ce = torch.nn.functional.cross_entropy
-        return {"train_loss": float(ce(train, y)), "train_acc": float((train.argmax(1) == y).float().mean()),
-                "val_loss": float(ce(val, self.val_labels.cpu())),
-                "val_acc": float((val.argmax(1) == self.val_labels.cpu()).float().mean())}
+        vy = self.val_labels.cpu()
+        return {"train_loss": float(_loss(train, y)), "train_acc": count_correct(train, y) / len(y),
+                "val_loss": float(_loss(val, vy)), "val_acc": count_correct(val, vy) / max(len(vy), 1)}
 
 
 class _NoGenerator:
