@@ -2,6 +2,7 @@
 thresholds, metrics, the model file's fields (and version-1 files still loading), and with the shared real
 MobileNetV2 weights: train -> predict -> export -> load the export as the docs show -> the same labels."""
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_collages_reach_the_stated_map_and_every_command_round_trips(collage_run
     r = invoke("export", tmp_path / "m.pt", "-m", run / "best.pt", "-q")
     assert r.exit_code == 0 and "max probability difference" in r.stderr
     assert _labels_as_the_docs_load_them(tmp_path / "m.pt", images) == predicted
+    assert _docs_snippet_prints(tmp_path, images[0]) == predicted[images[0].name]
     r = invoke("predict", *images, "-m", tmp_path / "m.pt", "--json", "-q")
     assert {Path(x["path"]).name: sorted(c["class"] for c in x["labels"]) for x in json.loads(r.stdout)} == predicted
 
@@ -164,3 +166,21 @@ def _labels_as_the_docs_load_them(path: Path, images: list[Path]) -> dict:
         out[image.name] = sorted(c for c, q, t in zip(ckpt["classes"], probs.tolist(), ckpt["thresholds"]) if q >= t)
     assert ckpt["multi_label"] is True and not math.isnan(sum(ckpt["thresholds"]))
     return out
+
+
+def _docs_snippet_prints(folder: Path, image: Path) -> list[str]:
+    """Run the .pt part of docs/export.md's loading snippet, as printed and without finetune, on model.pt."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    docs = (REPO / "docs" / "export.md").read_text()
+    snippet = re.search(r"## Loading without finetune.*?```python\n(.*?)```", docs, re.S).group(1)
+    pt_part = snippet.split("# .safetensors")[0]
+    shutil.copy(folder / "m.pt", folder / "model.pt")
+    shutil.copy(image, folder / "photo.jpg")
+    code = 'import sys\nsys.modules["finetune"] = None\n' + pt_part
+    p = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return sorted(ast.literal_eval(p.stdout.strip()))  # the snippet prints a list of class names

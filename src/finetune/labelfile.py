@@ -161,7 +161,8 @@ def _split_labels(cell, sep: str | None) -> tuple[str, ...]:
         items = str(cell).split(sep)
     out = []
     for item in items:
-        name = unicodedata.normalize("NFC", item.strip())
+        name = item.strip()
+        name = name if name.isascii() else unicodedata.normalize("NFC", name)
         if name and name not in out:
             out.append(name)
     return tuple(out)
@@ -194,12 +195,11 @@ def read_label_file(data: str | os.PathLike, opts: LabelFileOptions = LabelFileO
     for line, cells in records:
         written = str(cells[p]).strip() if p < len(cells) else ""
         labels = _split_labels(cells[lab] if lab < len(cells) else "", sep)
-        where = f"{path} line {line}"
-        if not written:
-            raise DatasetError(f"{where}: no image path; fill it in or remove the row")
-        if not labels:
-            raise DatasetError(f"{where}: {written} has no label; label it or remove the row")
-        found, reason = resolver.resolve(written, where)
+        if not written or not labels:
+            raise DatasetError(f"{path} line {line}: " + (f"{written} has no label; label it or remove the row"
+                                                          if written else "no image path; fill it in or remove "
+                                                          "the row"))
+        found, reason = resolver.resolve(written, f"{path} line {line}" if ".." in written else "")
         if reason is not None:
             table.skipped.append((os.path.join(root, written), f"line {line}: {reason}"))
         if found is None:
@@ -207,9 +207,9 @@ def read_label_file(data: str | os.PathLike, opts: LabelFileOptions = LabelFileO
                 table.missing.append((line, written))
             continue
         if found in seen:
-            raise DatasetError(_repeat(where, written, labels, seen[found], multi))
+            raise DatasetError(_repeat(f"{path} line {line}", written, labels, seen[found], multi))
         seen[found] = (line, labels)
-        split = _split_value(cells[sp] if sp is not None and sp < len(cells) else "", where) if sp is not None else None
+        split = None if sp is None else _split_value(cells[sp] if sp < len(cells) else "", f"{path} line {line}")
         table.rows.append(Row(line, found, labels, split))
     _check_classes(table)
     return table
@@ -296,31 +296,32 @@ class _Resolver:
 
     def resolve(self, written: str, where: str) -> tuple[str | None, str | None]:
         """(image file, None), or (None, None) when missing, or (None, why) when not usable as an image."""
-        if os.path.isabs(written):
-            full = os.path.normpath(written)
+        if "/" not in written and os.sep not in written and written not in (".", ".."):
+            folder, name = self.root, written  # the common case, without path arithmetic
+        elif os.path.isabs(written):
+            folder, name = os.path.split(os.path.normpath(written))
         else:
             rel = os.path.normpath(written)
             if rel == ".." or rel.startswith(".." + os.sep):
                 raise DatasetError(f"{where}: {written} lies outside {self.root}; paths are relative to the label "
                                    "file's folder (or --image-dir), or absolute")
-            full = os.path.join(self.root, rel)
-        folder, name = os.path.split(full)
-        entry = self._listing(folder).get(name)
-        if entry is None and not os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-            other = self._by_stem(folder).get(name)
-            entry = self._listing(folder)[other] if other else None
+            folder, name = os.path.split(os.path.join(self.root, rel))
+        listing = self.listings.get(folder)
+        if listing is None:
+            listing = self._listing(folder)
+        entry = listing.get(name)
+        ext = os.path.splitext(name)[1].lower()
+        if entry is None and ext not in IMAGE_EXTENSIONS:
+            stems = self.stems.get(folder)
+            other = (stems if stems is not None else self._by_stem(folder)).get(name)
+            entry = listing[other] if other else None
+            ext = os.path.splitext(other)[1].lower() if other else ext
         if entry is None:
             return None, None
-        if not is_image_file(entry.name):
+        if ext not in IMAGE_EXTENSIONS and not is_image_file(entry.name):
             return None, irregular_reason(entry.path) or unsupported_reason(entry.name)
-        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
-            reason = irregular_reason(entry.path)
+        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            reason = irregular_reason(entry.path) if not entry.name.startswith(".") else "a hidden file"
             if reason:
                 return None, reason
         return entry.path, None
-
-
-def options_from(settings) -> LabelFileOptions:
-    """The label file options of anything carrying them by name (a TrainConfig, the CLI's parameters)."""
-    return LabelFileOptions(*(getattr(settings, f, None) for f in ("path_col", "label_col", "label_sep")),
-                            bool(getattr(settings, "multi_label", False)), getattr(settings, "image_dir", None))

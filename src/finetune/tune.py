@@ -145,7 +145,9 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
         t0 = time.perf_counter()
         try:
             result = run(cfg)
-            trial.status, trial.val_acc, trial.best_epoch = "ok", result.best_val_acc, result.best_epoch
+            # Multi-label runs are ranked by val mAP (what chose their best epoch), single-label by val accuracy.
+            score = result.best_val_acc if getattr(result, "best_val_map", None) is None else result.best_val_map
+            trial.status, trial.val_acc, trial.best_epoch = "ok", score, result.best_epoch
         except DivergedError as e:  # a learning rate too high for this setting: a result, not a failure
             trial.status, trial.error = "diverged", str(e)
         trial.seconds = time.perf_counter() - t0

@@ -180,6 +180,9 @@ def _cross_validate(cfg: TrainConfig, quiet: bool, main: bool) -> None:
                           esc(f["model"]))
         table.add_row("mean ± sd", str(summary["images"]), "", f"{pct(summary['mean_val_acc'])} ± "
                       f"{100 * summary['sd_val_acc']:.1f}", esc(summary["path"]), style="bold")
+        if "mean_val_map" in summary:
+            table.caption = f"multi-label: val mAP {summary['mean_val_map']:.3f} ± {summary['sd_val_map']:.3f} " \
+                            "(accuracy above is exact match)"
         err.print(table)
         models = " ".join(f"-m {shlex.quote(f['model'])}" for f in summary["folds"])
         err.print(esc(f"the fold models form an ensemble: finetune predict PHOTOS {models}"), highlight=False)
