@@ -135,3 +135,38 @@ def test_multi_label_folds_cover_every_image_once(flat_data, tmp_path):
         assert all(len(s.labels) == 2 for s in split.val)
         seen += [s.path for s in split.val]
     assert sorted(seen) == sorted(str(tmp_path / p) for p, _ in rows)
+
+
+def test_evaluate_and_predict_take_a_label_file(trained_model, flat_data, tmp_path):
+    rows = _rows(flat_data, tmp_path / "photos")
+    lf = _csv(tmp_path / "photos" / "labels.csv", ["file,class"] + [f"{p},{c}" for p, c in rows] + ["gone.jpg,ants"])
+    r = CliRunner().invoke(app, ["evaluate", str(lf), "-m", str(trained_model), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    by_file = json.loads(r.stdout)
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "photos"), "-m", str(trained_model), "--json", "-q"])
+    by_folder = json.loads(r.stdout)
+    assert by_file["images"] == by_folder["images"] == len(rows)
+    assert by_file["confusion_matrix"] == by_folder["confusion_matrix"]
+    assert any("line" in s["reason"] and "gone.jpg" in s["path"] for s in by_file["skipped"])
+    r = CliRunner().invoke(app, ["predict", str(lf), "-m", str(trained_model), "--sort-into", str(tmp_path / "out"),
+                                 "-q"])
+    assert r.exit_code == 0, r.output
+    copied = sorted(f.name for f in (tmp_path / "out").rglob("*.jpg"))
+    assert copied == sorted(p.split("/")[1] for p, _ in rows)
+
+
+@pytest.mark.slow
+def test_label_file_trains_to_the_same_accuracy_as_the_folder(flat_data, tmp_path):
+    rows = _rows(flat_data, tmp_path / "photos")
+    lf = _csv(tmp_path / "photos" / "labels.csv", ["path,label"] + [f"{p},{c}" for p, c in rows])
+    results = []
+    for name, data in (("folder", tmp_path / "photos"), ("file", lf)):
+        r = CliRunner().invoke(app, ["train", str(data), "--weights", "none", "--mode", "feature-extract",
+                                     "--val-fraction", "0.25", "-o", str(tmp_path / name), "-q"])
+        assert r.exit_code == 0, r.output
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+        split = json.loads((tmp_path / name / "split.json").read_text())
+        results[-1]["split"] = split["val"]
+    assert results[0]["split"] == results[1]["split"]
+    assert results[0]["best_val_acc"] == results[1]["best_val_acc"]
+    assert results[0]["val_metrics"]["confusion_matrix"] == results[1]["val_metrics"]["confusion_matrix"]

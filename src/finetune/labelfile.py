@@ -325,3 +325,9 @@ class _Resolver:
             if reason:
                 return None, reason
         return entry.path, None
+
+
+def options_from(settings) -> LabelFileOptions:
+    """The label file options of anything carrying them by name (a TrainConfig, the CLI's parameters)."""
+    return LabelFileOptions(*(getattr(settings, f, None) for f in ("path_col", "label_col", "label_sep")),
+                            bool(getattr(settings, "multi_label", False)), getattr(settings, "image_dir", None))

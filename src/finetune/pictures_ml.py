@@ -23,7 +23,7 @@ def label_counts(path: Path, report: dict, classes: list[str], best_epoch) -> Pa
     per = report["per_class"]
     shown = sorted(classes, key=lambda c: per[c]["support"])[:MAX_COUNT_ROWS]
     n = len(classes)
-    fig, axes = subplots(1, 2, figsize=(14, 2 + 0.32 * max(len(shown), min(n, MATRIX_UP_TO) * 0.8)))
+    fig, axes = subplots(1, 2, figsize=(13, max(4.5, 2 + 0.32 * max(len(shown), min(n, MATRIX_UP_TO) * 0.8))))
     left, right = axes[0]
     rows = range(len(shown))
     left_edge = np.zeros(len(shown))
@@ -38,7 +38,7 @@ def label_counts(path: Path, report: dict, classes: list[str], best_epoch) -> Pa
     left.invert_yaxis()
     left.set(xlabel="val images", title=f"per-class counts at the thresholds (best epoch {best_epoch})"
              + (f"; {len(shown)} rarest of {n}" if len(shown) < n else ""))
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _cooccurrence(right, np.asarray(report["cooccurrence"], dtype=np.int64), classes)
     return save(fig, path)
 
@@ -64,7 +64,7 @@ def _cooccurrence(ax, matrix, classes: list[str]) -> None:
     small = max(4.0, min(10.0, 200 / n))
     ax.set_xticks(range(n), labels, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=small)
     ax.set_yticks(range(n), labels, fontsize=small)
-    ax.set_title("label co-occurrence on val images (diagonal: support)")
+    ax.set_title("labels together on val images\n(diagonal: each label's support)")
     if n <= 30:
         dark = matrix.max() / 2 if matrix.size else 0
         for (i, j), value in np.ndenumerate(matrix):
@@ -84,7 +84,7 @@ def wrong_labels(path: Path, items: list[dict]) -> Path:
         return save(fig, path)
     cols = min(4, len(items))
     rows = math.ceil(len(items) / cols)
-    fig, axes = subplots(rows, cols, figsize=(3.4 * cols, 4.0 * rows))
+    fig, axes = subplots(rows, cols, figsize=(3.4 * cols, 4.8 * rows))
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):

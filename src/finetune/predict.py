@@ -18,6 +18,7 @@ from finetune.ensemble import check_ensemble, mean_probabilities
 from finetune.errors import UsageError
 from finetune.files import write_csv_atomic
 from finetune.images import failure_reason, load_image
+from finetune.labelfile import is_label_file, read_label_file
 from finetune.multilabel import parse_thresholds
 from finetune.runtimes import Runnable, load_runnable
 
@@ -47,6 +48,11 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
         p = Path(item)
         if p.is_dir():
             found.extend(images_under(p, skipped))
+        elif is_label_file(item) and p.is_file():  # the images a label file lists (its labels are not used)
+            table = read_label_file(item)
+            found.extend(r.path for r in table.rows)
+            skipped += table.skipped + [(os.path.join(table.root, w), f"line {n} of {p.name}: no such image")
+                                        for n, w in table.missing]
         elif os.path.lexists(item):  # a file, or a FIFO, socket, device or broken link: decoding names which
             found.append(str(p))
         else:

@@ -37,7 +37,7 @@ def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> 
 @command(epilog="Example: finetune predict photo.jpg ./more_photos 'shots/*.png' -k 2 --json")
 def predict(
     paths: Annotated[list[str], typer.Argument(metavar="IMAGES", show_default=False, help=(
-        "Image files, folders (searched recursively) or globs."))],
+        "Image files, folders (searched recursively), globs, or a label file (.csv, .tsv, .jsonl: its images)."))],
     model: o.Models = None,
     top_k: Annotated[int | None, typer.Option("--top-k", "-k", metavar="K", show_default=False, help=(
         "Classes to show per image (default 3). Multi-label models show every label at or above its threshold, "
