@@ -292,7 +292,7 @@ class _Resolver:
 
     def hits(self, written: list[str]) -> bool:
         """Does any of these paths name an image here?"""
-        return any(self.resolve(w, "")[0] is not None for w in written)
+        return any(self.resolve(w, "")[0] is not None for w in written if ".." not in w)  # outside: named later
 
     def resolve(self, written: str, where: str) -> tuple[str | None, str | None]:
         """(image file, None), or (None, None) when missing, or (None, why) when not usable as an image."""
