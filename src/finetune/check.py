@@ -17,6 +17,7 @@ from pathlib import Path
 from finetune.config import IMBALANCE_WARNING, MAX_PIXELS
 from finetune.dataset import content_groups, find_dataset
 from finetune.images import decode_to_tensor, failure_reason
+from finetune.labelfile import LabelFileOptions
 
 
 def _inspect(path: str, max_pixels: int) -> dict:
@@ -37,9 +38,10 @@ def _inspect(path: str, max_pixels: int) -> dict:
 
 def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: int = 2,
                   max_pixels: int = MAX_PIXELS,
-                  on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Inspect every file of a dataset folder; returns a JSON-ready report."""
-    split = find_dataset(data, val_fraction, seed)
+                  on_progress: Callable[[int, int], None] | None = None,
+                  labels: LabelFileOptions | None = None) -> dict:
+    """Inspect every file of a dataset folder (or label file); returns a JSON-ready report."""
+    split = find_dataset(data, val_fraction, seed, labels=labels)
     root = split.root
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731
     samples = [("train", s) for s in split.train] + [("val", s) for s in split.val]
@@ -69,6 +71,9 @@ def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: 
         "sizes": _sizes([i["size"] for _, _, i in usable]),
         "exif_rotated": [rel(i["path"]) for _, _, i in usable if i.get("exif_rotated")],
         "duplicates": _duplicates(split, usable, rel),
+        "multi_label": split.multi_label,
+        "rows_without_image": [{"line": n, "path": p} for n, p in split.missing],
+        "notes": list(split.notes),
     }
 
 
@@ -86,7 +91,8 @@ def _duplicates(split, usable: list, rel) -> dict:
     twins = content_groups(Path(split.root), [s for _, s, _ in usable])
     by_hash = defaultdict(list)
     for part, s, _ in usable:
-        by_hash[twins.get(s.path, s.path)].append((part, split.classes[s.label], rel(s.path)))
+        names = ";".join(split.classes[i] for i in s.label_set())
+        by_hash[twins.get(s.path, s.path)].append((part, names, rel(s.path)))
     within, across_classes, leakage = [], [], []
     for members in by_hash.values():
         if len(members) < 2:

@@ -16,7 +16,7 @@ from finetune.models import Network, build_network
 from finetune.preprocessing import Preprocessing
 
 FORMAT = "finetune-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this finetune reads; 2: multi_label and thresholds (only multi-label files need it)
 EXPORT_FORMAT = "finetune-export"  # the .pt and .safetensors exports (export.py)
 _PREPROCESSING_KEYS = ("resize_size", "crop_size", "mean", "std", "interpolation")
 
@@ -44,11 +44,18 @@ class ModelFile:
     config: dict = field(default_factory=dict)
     temperature: float = 1.0  # probabilities = softmax(logits / temperature); 1.0 = uncalibrated
     members: list[dict] | None = None  # an exported ensemble: each member's arch, temperature, metrics
+    multi_label: bool = False  # one sigmoid per class: probabilities = sigmoid(logits / temperature)
+    thresholds: list[float] | None = None  # multi-label: a class is predicted at probability >= its threshold
     source: str = ""  # the path it was read from
 
     def payload(self) -> dict:
         """The dict torch.save writes: plain types and tensors only, so weights_only=True can read it."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": self.arch, "head": self.head,
+        # A single-label file stays version 1, so an older finetune still reads it; a multi-label one is version 2,
+        # which an older finetune refuses rather than misreading its sigmoids as a softmax.
+        extra = {"multi_label": True, "thresholds": [float(t) for t in self.thresholds or []]} \
+            if self.multi_label else {}
+        return {"format": FORMAT, "format_version": 2 if self.multi_label else 1, **extra,
+                "arch": self.arch, "head": self.head,
                 "dropout": float(self.dropout), "classes": list(self.classes), "base_weights": self.base_weights,
                 "preprocessing": self.preprocessing.to_dict(), "metrics": self.metrics, "config": self.config,
                 "temperature": float(self.temperature), "versions": versions(),
@@ -57,8 +64,11 @@ class ModelFile:
 
     def describe(self) -> str:
         """One line for users: arch, classes, val accuracy."""
-        acc = self.metrics.get("val_acc")
+        acc, mean_ap = self.metrics.get("val_acc"), self.metrics.get("val_map")
         what = f"ensemble of {len(self.members)}" if self.members else self.arch
+        if self.multi_label:
+            return f"{what}, multi-label, {len(self.classes)} classes" + (
+                f", val mAP {mean_ap:.3f}" if mean_ap is not None else "")
         return f"{what}, {len(self.classes)} classes" + (f", val accuracy {acc:.1%}" if acc is not None else "")
 
 
@@ -140,7 +150,8 @@ def validated_description(obj: dict, p: Path, with_state: bool = False) -> Model
                          state_dict=state, head=str(obj.get("head") or ""), dropout=float(obj.get("dropout") or 0.0),
                          base_weights=obj.get("base_weights"), metrics=dict(obj.get("metrics") or {}),
                          config=dict(obj.get("config") or {}), temperature=float(obj.get("temperature", 1.0)),
-                         members=obj.get("members"), source=str(p))
+                         members=obj.get("members"), source=str(p), multi_label=bool(obj.get("multi_label", False)),
+                         thresholds=_thresholds(obj, len(classes), bad))
     except (TypeError, ValueError):
         bad("malformed fields")
 
@@ -149,6 +160,17 @@ def _tensors(state) -> bool:
     import torch
 
     return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _thresholds(obj: dict, n: int, bad) -> list[float] | None:
+    """A multi-label file's thresholds: one number per class in (0, 1); none stored means 0.5 each."""
+    values = obj.get("thresholds") or None
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != n or not all(
+            isinstance(v, (int, float)) and 0 < v < 1 for v in values):
+        bad("thresholds are not one probability per class")
+    return [float(v) for v in values]
 
 
 def network_from_file(path: str | os.PathLike) -> tuple[Network, ModelFile]:

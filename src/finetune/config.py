@@ -50,7 +50,12 @@ class TrainConfig:
     workers: int = -1  # -1: min(4, cpu count - 1)
     augment: str = "standard"  # none | light | standard
     train_size: int = 0  # training crop in pixels; 0: 80 % of the eval crop in finetune mode (training.setup)
-    val_fraction: float = 0.2  # used only when DATA has no val folder
+    val_fraction: float = 0.2  # used only when DATA has no val folder (or its label file no split column)
+    path_col: str | None = None  # label file: the column of image paths; None = detected (path, file, image, ...)
+    label_col: str | None = None  # label file: the column of labels; None = detected (label, labels, class, tags)
+    label_sep: str | None = None  # label file: between several labels in a cell; None = ';' or '|' when present
+    multi_label: bool = False  # one sigmoid per class even when each row has one label
+    image_dir: str | None = None  # label file: where relative paths start; None = the file's folder
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # bf16/fp16 autocast on CUDA only

@@ -1,10 +1,10 @@
-"""What a dataset folder holds: its layout, its classes, its images (every unusable entry named), and the
-stratified train/val split or k folds, with byte-identical files kept on one side."""
+"""What a dataset folder (or label file) holds: its layout, its classes, its images (every unusable entry named),
+and the stratified train/val split or k folds, with byte-identical files kept on one side."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import random
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +13,8 @@ from pathlib import Path
 from finetune import index
 from finetune.errors import DatasetError
 from finetune.images import IMAGE_EXTENSIONS, ignored, irregular_reason, is_image_file, unsupported_reason
+from finetune.labelfile import LabelFileOptions, LabelTable, is_label_file, read_label_file
+from finetune.stratify import iterative_parts, stratified_folds, stratified_split
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 
@@ -20,7 +22,11 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: int
+    label: int  # the class; in a multi-label dataset the first of labels
+    labels: tuple[int, ...] = ()  # multi-label: every label of the image; () in a single-label dataset
+
+    def label_set(self) -> tuple[int, ...]:
+        return self.labels or (self.label,)
 
 
 @dataclass
@@ -33,6 +39,9 @@ class DatasetSplit:
     layout: str  # "train/ + val/ folders", "stratified split, ..." or "fold n of k, ..."
     root: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    multi_label: bool = False  # samples carry labels (several per image); one sigmoid per class
+    missing: list[tuple[int, str]] = field(default_factory=list)  # label file rows naming no image: (line, path)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the split (shown as warnings)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split."""
@@ -40,7 +49,8 @@ class DatasetSplit:
         for name, samples in (("train", self.train), ("val", self.val)):
             c = [0] * len(self.classes)
             for s in samples:
-                c[s.label] += 1
+                for label in s.label_set():
+                    c[label] += 1
             out[name] = dict(zip(self.classes, c))
         return out
 
@@ -53,7 +63,8 @@ class DatasetSplit:
         """The split as plain data (paths relative to root, labels by name): stored with a run, so that a
         resume can tell whether the data changed."""
         def rel(samples):
-            return sorted([os.path.relpath(s.path, self.root), self.classes[s.label]] for s in samples)
+            return sorted([os.path.relpath(s.path, self.root), ";".join(self.classes[i] for i in s.label_set())]
+                          for s in samples)
 
         return {"classes": list(self.classes), "train": rel(self.train), "val": rel(self.val)}
 
@@ -160,57 +171,6 @@ def _scan(root: Path, classes: Sequence[str] | None = None,
     return names, samples
 
 
-def _units(samples: Sequence[Sample], groups: dict[str, str]) -> dict[int, list[list[Sample]]]:
-    """Per class, the samples grouped by identical content, in a fixed order."""
-    by_class: dict[int, dict[str, list[Sample]]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, {}).setdefault(groups.get(s.path, s.path), []).append(s)
-    return {label: [units[k] for k in sorted(units)] for label, units in sorted(by_class.items())}
-
-
-def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int,
-                     groups: dict[str, str] | None = None) -> tuple[list[Sample], list[Sample]]:
-    """Seeded per-class split: every class keeps about val_fraction of its images in val.
-
-    Samples sharing a group (identical content) land on the same side, so a duplicate never leaks
-    between train and val.
-    """
-    rng = random.Random(seed)
-    train, val = [], []
-    for units in _units(samples, groups or {}).values():
-        rng.shuffle(units)
-        n_val = round(sum(map(len, units)) * val_fraction)
-        taken = 0
-        for i, unit in enumerate(units):
-            if taken < n_val and i < len(units) - 1:  # the last unit always trains
-                val.extend(unit)
-                taken += len(unit)
-            else:
-                train.extend(unit)
-    key = lambda s: s.path  # noqa: E731 - deterministic order independent of class iteration
-    return sorted(train, key=key), sorted(val, key=key)
-
-
-def stratified_folds(samples: Sequence[Sample], k: int, seed: int,
-                     groups: dict[str, str] | None = None) -> list[list[Sample]]:
-    """k disjoint folds covering every sample, each holding about 1/k of every class.
-
-    Per class, groups of identical files are shuffled (seeded) and each goes to the fold that has the
-    fewest images of that class so far, so a duplicate never sits in two folds.
-    """
-    rng = random.Random(seed)
-    folds: list[list[Sample]] = [[] for _ in range(k)]
-    for units in _units(samples, groups or {}).values():
-        rng.shuffle(units)
-        units.sort(key=len, reverse=True)  # big groups first: the greedy fill stays balanced (stable sort)
-        counts = [0] * k
-        for unit in units:
-            i = min(range(k), key=lambda f: (counts[f], f))
-            folds[i].extend(unit)
-            counts[i] += len(unit)
-    return [sorted(f, key=lambda s: s.path) for f in folds]
-
-
 def content_groups(root: Path, samples: Sequence[Sample]) -> dict[str, str]:
     """path -> first path with identical bytes, for files with a twin (fingerprints kept in root's index)."""
     return index.content_groups([s.path for s in samples], root)
@@ -248,12 +208,15 @@ def _existing_folder(data: str | os.PathLike) -> Path:
 
 
 def find_dataset(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, folds: int = 0,
-                 fold: int = 0) -> DatasetSplit:
-    """Read DATA as train/+val/ folders, or as class folders split into train/val (stratified).
+                 fold: int = 0, labels: LabelFileOptions | None = None) -> DatasetSplit:
+    """Read DATA as train/+val/ folders, as class folders split into train/val (stratified), or as a label file
+    (.csv/.tsv/.jsonl, read with `labels`; its split column, else a stratified or iterative split).
 
     With folds=k, every image (train/ and val/ together, if both exist) is split into k stratified folds;
     fold number `fold` (1..k) is the val set and the others train.
     """
+    if is_label_file(data):
+        return _label_file_split(read_label_file(data, labels or LabelFileOptions()), val_fraction, seed, folds, fold)
     root = _existing_folder(data)
     skipped: list[tuple[str, str]] = []
     train_dir, val_dir = _layout_dirs(root)
@@ -292,26 +255,80 @@ def _fold_split(root: Path, train_dir: Path | None, val_dir: Path | None, k: int
         classes, samples = _scan(train_dir if train_dir is not None else root, skipped=skipped)
         _check_classes(root, classes)
         what = "class folders"
-    for label, name in enumerate(classes):
-        n = sum(s.label == label for s in samples)
+    return _folds_split(root, classes, samples, k, fold, seed, what, skipped)
+
+
+def _folds_split(root: Path, classes: list[str], samples: list[Sample], k: int, fold: int, seed: int, what: str,
+                 skipped: list, multi: bool = False, **extra) -> DatasetSplit:
+    for name, n in zip(classes, _label_counts(samples, len(classes))):
         if n < k:
             raise DatasetError(f"{root}: class {name} has {n} image(s), too few for --folds {k} (each fold needs "
                                f"one of every class); use fewer folds or add images")
-    parts = stratified_folds(samples, k, seed, content_groups(root, samples))
+    groups = content_groups(root, samples)
+    parts = iterative_parts(samples, [1 / k] * k, seed, groups) if multi else stratified_folds(samples, k, seed, groups)
     train = sorted((s for i, part in enumerate(parts, 1) if i != fold for s in part), key=lambda s: s.path)
-    missing = [name for label, name in enumerate(classes) if not any(s.label == label for s in train)]
+    counts = _label_counts(train, len(classes))
+    missing = [name for name, n in zip(classes, counts) if not n]
     if missing:
         raise DatasetError(f"{root}: class {missing[0]} has no training image in fold {fold} of {k} (its images "
                            "are copies of one file, which stay together); add distinct images or use fewer folds")
     return DatasetSplit(classes, train, parts[fold - 1], f"fold {fold} of {k}, stratified ({what}, seed {seed})",
-                        str(root), skipped)
+                        str(root), skipped, multi, **extra)
 
 
-def labelled_samples(data: str, classes: list[str]) -> tuple[list[Sample], list[tuple[str, str]], str]:
-    """The images to evaluate: val/ of a train/val folder, else every image of a folder of class folders.
+def _label_counts(samples: Sequence[Sample], n: int) -> list[int]:
+    """Images per class (a multi-label image counts for each of its labels)."""
+    counts = [0] * n
+    for s in samples:
+        for label in s.label_set():
+            counts[label] += 1
+    return counts
 
-    Labels are the model's class indices; a folder class the model does not know is an error.
+
+def _label_file_split(table: LabelTable, val_fraction: float, seed: int, folds: int, fold: int) -> DatasetSplit:
+    """A label file's rows as a split: its split column (test rows left for evaluate), else stratified (iterative
+    when multi-label); with folds, train and val rows pooled into k folds."""
+    index = {name: i for i, name in enumerate(table.classes)}
+    multi, root, name = table.multi_label, Path(table.root), table.source.name
+    rows = [r for r in table.rows if r.split != "test"]
+    samples = [Sample(r.path, index[r.labels[0]], tuple(index[c] for c in r.labels) if multi else ()) for r in rows]
+    extra = {"missing": list(table.missing)}
+    what = f"{name}, {'multi-label, ' if multi else ''}{table.columns}"
+    if folds:
+        return _folds_split(root, table.classes, samples, folds, fold, seed, what, list(table.skipped), multi, **extra)
+    if table.has_split:
+        parts = {p: [s for s, r in zip(samples, rows) if r.split == p] for p in ("train", "val")}
+        if not parts["train"] or not parts["val"]:
+            empty = "train" if not parts["train"] else "val"
+            raise DatasetError(f"{table.source}: its split column names no {empty} row; mark some rows {empty}, or "
+                               "remove the split column for a stratified split")
+        return DatasetSplit(table.classes, parts["train"], parts["val"], f"{what}; its split column", str(root),
+                            list(table.skipped), multi, **extra)
+    need = _min_per_class(val_fraction)
+    few = [f"{label} {n}" for label, n in zip(table.classes, _label_counts(samples, len(table.classes))) if n < need]
+    if few:  # a label file lists what it has; its small classes train rather than stop the run
+        extra["notes"] = [f"{len(few)} class(es) have fewer than {need} images, too few to hold one out for "
+                          f"validation: they train only, and val metrics leave them out ({', '.join(few[:8])}"
+                          f"{', ...' if len(few) > 8 else ''})"]
+    groups = content_groups(root, samples)
+    if multi:
+        (train, val), how = iterative_parts(samples, (1 - val_fraction, val_fraction), seed, groups), "iterative"
+    else:
+        (train, val), how = stratified_split(samples, val_fraction, seed, groups), "stratified"
+    return DatasetSplit(table.classes, train, val, f"{what}; {how} split, {val_fraction:.0%} val (seed {seed})", str(root),
+                        list(table.skipped), multi, **extra)
+
+
+def labelled_samples(data: str, classes: list[str], labels: LabelFileOptions | None = None,
+                     multi_label: bool = False) -> tuple[list[Sample], list[tuple[str, str]], str]:
+    """The images to evaluate: val/ of a train/val folder, else every image of a folder of class folders; of a
+    label file, its test rows, else its val rows, else every row.
+
+    Labels are the model's class indices (every label of an image for a multi-label model); a class the model
+    does not know is an error.
     """
+    if is_label_file(data):
+        return _label_file_samples(data, classes, labels or LabelFileOptions(), multi_label)
     root = _existing_folder(data)
     train_dir, val_dir = _layout_dirs(root)
     if train_dir is not None and val_dir is not None:
@@ -320,11 +337,28 @@ def labelled_samples(data: str, classes: list[str]) -> tuple[list[Sample], list[
     dirs = class_dirs(root)
     if not dirs:
         raise DatasetError(f"{root}: no class folders found; put each class's images in its own folder")
-    unknown = sorted(set(dirs) - set(classes))
-    if unknown:
-        raise DatasetError(f"{root}: classes {unknown} are not among the model's classes {classes}; evaluate on "
-                           "folders named after the model's classes")
-    samples = [Sample(p, classes.index(name)) for name, folder in dirs.items() for p in images_under(folder, skipped)]
+    _known(root, dirs, classes)
+    samples = [Sample(p, classes.index(name), (classes.index(name),) if multi_label else ())
+               for name, folder in dirs.items() for p in images_under(folder, skipped)]
     if not samples:
         raise DatasetError(f"{root}: no images to evaluate")
     return samples, skipped, str(root)
+
+
+def _known(where, names, classes: list[str]) -> None:
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise DatasetError(f"{where}: classes {unknown} are not among the model's classes {classes}; evaluate on "
+                           "data labelled with the model's classes")
+
+
+def _label_file_samples(data, classes: list[str], opts: LabelFileOptions, multi: bool):
+    table = read_label_file(data, dataclasses.replace(opts, multi_label=opts.multi_label or multi))
+    _known(table.source, table.classes, classes)
+    rows = next((chosen for part in ("test", "val") if (chosen := [r for r in table.rows if r.split == part])),
+                table.rows)
+    samples = [Sample(r.path, classes.index(r.labels[0]), tuple(classes.index(c) for c in r.labels) if multi else ())
+               for r in rows]
+    skipped = list(table.skipped) + [(os.path.join(table.root, w), f"line {n} of {table.source.name}: no such image")
+                                     for n, w in table.missing]
+    return samples, skipped, table.root

@@ -17,6 +17,10 @@ def check_ensemble(files: list[ModelFile], same_preprocessing: bool = False) -> 
     """Models can form an ensemble: the same classes in the same order (and, for one exported file that takes
     one input, the same preprocessing). Exit 2 naming the first file that differs."""
     first = files[0]
+    multi = next((mf for mf in files if mf.multi_label), None)
+    if multi is not None:
+        raise UsageError(f"{multi.source}: a multi-label model; ensembles of multi-label models are not supported "
+                         "yet (their per-label thresholds would need fitting anew); use one model")
     for mf in files[1:]:
         if mf.classes != first.classes:
             raise UsageError(f"{mf.source}: its classes {mf.classes} are not those of {first.source} {first.classes}; "

@@ -11,24 +11,32 @@ from finetune.calibrate import calibration_summary, expected_calibration_error
 from finetune.config import MAX_PIXELS
 from finetune.dataset import labelled_samples
 from finetune.errors import DatasetError
+from finetune.labelfile import LabelFileOptions
 from finetune.metrics import classification_report, confident_mistakes
+from finetune.mlmetrics import label_mistakes, multilabel_report
+from finetune.multilabel import probabilities, targets
 from finetune.predict import Failure, load_predictor
 
 
 def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,
                     workers: int = 2, wrong: int = 10, tta: bool = False, max_pixels: int = MAX_PIXELS,
                     on_start: Callable[[int], None] = lambda n: None,
-                    on_progress: Callable[[int], None] = lambda n: None) -> dict:
+                    on_progress: Callable[[int], None] = lambda n: None, thresholds: list[str] | None = None,
+                    labels: LabelFileOptions | None = None) -> dict:
     """Run the model (or an ensemble of several) over a labelled folder and report metrics plus the most
     confidently wrong images; for an ensemble, each member's accuracy and ECE too."""
     import torch
 
     model_paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
-    predictor = load_predictor(model_paths, device, tta, max_pixels)
+    predictor = load_predictor(model_paths, device, tta, max_pixels, thresholds)
     classes = predictor.classes
-    samples, skipped, root = labelled_samples(data, classes)
+    multi = getattr(predictor, "multi_label", False)
+    samples, skipped, root = labelled_samples(data, classes, labels, multi)
     on_start(len(samples))
     label = {s.path: s.label for s in samples}
+    if multi:
+        return _multilabel(predictor, samples, skipped, root, batch_size, workers, wrong, on_progress) | {
+            "model": model_paths[0], "tta": tta}
     paths, y_true, logits, member_probs = [], [], [], []
     for r in predictor.predict([s.path for s in samples], len(classes), batch_size, workers, on_progress):
         if isinstance(r, Failure):
@@ -58,6 +66,31 @@ def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto"
         "skipped": [{"path": os.path.relpath(p, root), "reason": why} for p, why in skipped],
     })
     return report
+
+
+def _multilabel(predictor, samples: list, skipped: list, root: str, batch_size: int, workers: int, wrong: int,
+                on_progress) -> dict:
+    """A multi-label model on labelled images: mAP, per-label metrics at its thresholds, the largest errors."""
+    import torch
+
+    by_path = {s.path: s for s in samples}
+    done, logits = [], []
+    for r in predictor.predict([s.path for s in samples], 1, batch_size, workers, on_progress):
+        if isinstance(r, Failure):
+            skipped.append((r.path, r.reason))
+        else:
+            done.append(by_path[r.path])
+            logits.append(r.logits)
+    if not done:
+        raise DatasetError(f"{root}: none of the images could be read")
+    y = targets(done, len(predictor.classes))
+    probs = probabilities(torch.tensor(logits, dtype=torch.float64), predictor.temperature)
+    report = multilabel_report(probs, y, predictor.thresholds, predictor.classes)
+    return report | {
+        "model_description": predictor.info.describe(), "data": root, "classes": predictor.classes,
+        "largest_errors": label_mistakes([s.path for s in done], probs, y, predictor.thresholds, predictor.classes,
+                                         wrong, root),
+        "skipped": [{"path": os.path.relpath(p, root), "reason": why} for p, why in skipped]}
 
 
 def _members(model_paths: list[str], member_probs: list[list[list[float]]], y_true: list[int],

@@ -33,8 +33,9 @@ class ExportReport:
     checked_images: int
     image_source: str
     max_abs_diff: float
-    top1_agree: int
+    top1_agree: int  # multi-label: images whose every label decision agrees
     seconds: float
+    multi_label: bool = False  # max_abs_diff is then of the sigmoid probabilities
 
 
 def metadata(mf: ModelFile) -> dict:
@@ -55,6 +56,10 @@ def metadata(mf: ModelFile) -> dict:
     }
     if mf.members:
         info |= {"members": mf.members, "output": ENSEMBLE_OUTPUT}
+    if mf.multi_label:  # version 2: an older finetune refuses it rather than reading the sigmoids as a softmax
+        info |= {"format_version": 2, "multi_label": True, "thresholds": mf.thresholds or [0.5] * len(mf.classes),
+                 "output": "logits, one per class (probabilities: sigmoid(logits / temperature); a class is "
+                           "predicted when its probability >= its threshold)"}
     return info
 
 
@@ -64,7 +69,7 @@ def check_image_paths(mf: ModelFile, images: str | None) -> tuple[list[str], str
     if images:
         return expand_inputs([images])[0], images
     split_file = Path(mf.source).parent / "split.json"
-    root = mf.config.get("data")
+    root = mf.config.get("data_root") or mf.config.get("data")  # a label file's paths start at its image folder
     if split_file.is_file() and root:
         try:
             val = json.loads(split_file.read_text(encoding="utf-8"))["val"]
@@ -126,10 +131,13 @@ def export_model(model_path: str | os.PathLike | list, out: str | os.PathLike,
     def write_and_verify(tmp: str) -> None:
         # Verify the temp file before it replaces anything: a failed check leaves the old file intact.
         writer(module, mf, info, x, tmp)
-        checked["diff"], checked["agree"] = _compare(expected, _run(tmp, fmt, x), out)
+        got = _run(tmp, fmt, x)
+        checked["diff"], checked["agree"] = _compare_sigmoids(expected, got, mf, out) if mf.multi_label \
+            else _compare(expected, got, out)
 
     atomic_write(out, write_and_verify, "choose another OUT path")
-    return ExportReport(out, fmt, len(x), source, checked["diff"], checked["agree"], time.perf_counter() - t0)
+    return ExportReport(out, fmt, len(x), source, checked["diff"], checked["agree"], time.perf_counter() - t0,
+                        mf.multi_label)
 
 
 def _run(tmp: str, fmt: str, x):
@@ -152,6 +160,26 @@ def _compare(expected, got, out: Path) -> tuple[float, int]:
         raise FinetuneError(f"{out}: exported model disagrees with PyTorch (max logit difference {max_diff:.2e}, "
                             f"tolerance {ATOL:g} + {RTOL:g}*|logit|); the file was not kept")
     return max_diff, int(agree.sum())
+
+
+def _compare_sigmoids(expected, got, mf: ModelFile, out: Path) -> tuple[float, int]:
+    """Multi-label: the exported probabilities sigmoid(logits / temperature) must match eager PyTorch's within
+    ATOL, and every label decision at the thresholds must agree except within ATOL of its threshold.
+    Returns (largest probability difference, images whose labels all agree)."""
+    import torch
+
+    got = torch.as_tensor(got).float()
+    if got.shape != expected.shape:
+        raise FinetuneError(f"{out}: exported model returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    p, q = (torch.sigmoid(z.double() / mf.temperature) for z in (expected, got))
+    t = torch.tensor(mf.thresholds or [0.5] * len(mf.classes), dtype=torch.float64)
+    diff = float((p - q).abs().max())
+    same = (p >= t) == (q >= t)
+    near = (p - t).abs() <= ATOL
+    if diff > ATOL or not bool((same | near).all()):
+        raise FinetuneError(f"{out}: exported model disagrees with PyTorch (max probability difference {diff:.2e}, "
+                            f"tolerance {ATOL:g}); the file was not kept")
+    return diff, int(same.all(1).sum())
 
 
 def _run_plain_pt(path, x):

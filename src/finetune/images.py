@@ -179,8 +179,9 @@ class ImageDataset:
     """
 
     def __init__(self, samples: Sequence, transform: Callable, short_side: int, cache: dict | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, target: Callable | None = None):
         self.samples = list(samples)
+        self.target = target  # sample -> training target (multilabel.MultiHot); None: the class index
         self.transform = transform
         self.short_side = short_side
         self.cache = cache
@@ -191,12 +192,13 @@ class ImageDataset:
 
     def __getitem__(self, i: int):
         s = self.samples[i]
+        label = self.target(s) if self.target is not None else s.label
         try:
             img = self.cache[s.path] if self.cache is not None else decode_to_tensor(s.path, self.short_side,
                                                                                      self.max_pixels)
         except Exception as e:  # noqa: BLE001 - reported by the training loop, never substituted
-            return None, s.label, (s.path, failure_reason(s.path, e))
-        return self.transform(img), s.label, None
+            return None, label, (s.path, failure_reason(s.path, e))
+        return self.transform(img), label, None
 
 
 def collate(batch):
@@ -206,7 +208,9 @@ def collate(batch):
     good = [(x, y) for x, y, failed in batch if failed is None]
     failed = [f for _, _, f in batch if f is not None]
     x = torch.stack([x for x, _ in good]) if good else None
-    return x, torch.tensor([y for _, y in good], dtype=torch.long), failed
+    ys = [y for _, y in good]
+    y = torch.stack(ys) if ys and isinstance(ys[0], torch.Tensor) else torch.tensor(ys, dtype=torch.long)
+    return x, y, failed
 
 
 def decode_all(paths: Iterable[str], short_side: int, workers: int, on_progress: Callable[[int], None] | None = None,

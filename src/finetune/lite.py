@@ -121,11 +121,12 @@ def light_predictor(model_paths: Sequence[str], device: str, tta: bool, max_pixe
     if len(model_paths) != 1 or device not in ("auto", "cpu") or not available():
         return None
     path = Path(model_paths[0])
+    light = None
     if path.suffix.lower() == ".onnx":
-        return LitePredictor(path, None, tta, max_pixels)
-    if path.is_file() and path.suffix.lower() in (".pt", ".pth") and cached_export(path).is_file():
-        return LitePredictor(cached_export(path), path, tta, max_pixels)
-    return None
+        light = LitePredictor(path, None, tta, max_pixels)
+    elif path.is_file() and path.suffix.lower() in (".pt", ".pth") and cached_export(path).is_file():
+        light = LitePredictor(cached_export(path), path, tta, max_pixels)
+    return None if light is None or light.info.multi_label else light  # sigmoids and thresholds: the torch path
 
 
 def cache_export(model_path: str | os.PathLike, images: Sequence[str]) -> Path | None:

@@ -18,6 +18,8 @@ from finetune.ensemble import check_ensemble, mean_probabilities
 from finetune.errors import UsageError
 from finetune.files import write_csv_atomic
 from finetune.images import failure_reason, load_image
+from finetune.labelfile import is_label_file, read_label_file
+from finetune.multilabel import parse_thresholds
 from finetune.runtimes import Runnable, load_runnable
 
 
@@ -27,6 +29,7 @@ class Prediction:
     top: list[tuple[str, float]]  # (class, probability), best first
     logits: list[float] | None = None  # raw, in the model's class order (before any temperature)
     members: list[list[float]] | None = None  # an ensemble's: each member's probabilities, in class order
+    labels: list[tuple[str, float]] | None = None  # multi-label: every label at or above its threshold, best first
 
 
 @dataclass
@@ -45,6 +48,11 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
         p = Path(item)
         if p.is_dir():
             found.extend(images_under(p, skipped))
+        elif is_label_file(item) and p.is_file():  # the images a label file lists (its labels are not used)
+            table = read_label_file(item)
+            found.extend(r.path for r in table.rows)
+            skipped += table.skipped + [(os.path.join(table.root, w), f"line {n} of {p.name}: no such image")
+                                        for n, w in table.missing]
         elif os.path.lexists(item):  # a file, or a FIFO, socket, device or broken link: decoding names which
             found.append(str(p))
         else:
@@ -91,10 +99,17 @@ def _top(probs, classes: list[str], k: int) -> list[tuple[str, float]]:
 class Predictor:
     """A loaded model plus its own preprocessing, ready to classify images."""
 
-    def __init__(self, model: Runnable, tta: bool = False, max_pixels: int = MAX_PIXELS):
+    def __init__(self, model: Runnable, tta: bool = False, max_pixels: int = MAX_PIXELS,
+                 thresholds: Sequence[str] | None = None):
         self.model = model
         self.info = model.info
         self.classes: list[str] = model.info.classes
+        self.multi_label = model.info.multi_label  # sigmoid per class, a label where it reaches its threshold
+        if thresholds and not self.multi_label:
+            raise UsageError(f"--threshold: {model.info.source} is a single-label model (its answer is the most "
+                             "probable class); thresholds apply to multi-label models")
+        self.thresholds = parse_thresholds(thresholds, self.classes, model.info.thresholds) if self.multi_label \
+            else None
         self.temperature = model.info.temperature  # fitted by train --calibrate; 1.0 otherwise
         self.tta = tta  # test-time augmentation: logits averaged over the image and its mirror image
         self.transform = model.info.preprocessing.eval_transform()
@@ -134,7 +149,15 @@ class Predictor:
                     yield Failure(path, err)
                     continue
                 z = logits[next(good)]
+                if self.multi_label:
+                    yield self._labels(path, z, k)
+                    continue
                 yield Prediction(path, _top((z / self.temperature).softmax(0), self.classes, k), z.tolist())
+
+    def _labels(self, path: str, z, k: int) -> Prediction:
+        probs = (z / self.temperature).sigmoid()
+        chosen = [(c, float(p)) for c, p, t in zip(self.classes, probs.tolist(), self.thresholds) if p >= t]
+        return Prediction(path, _top(probs, self.classes, k), z.tolist(), labels=sorted(chosen, key=lambda x: -x[1]))
 
 
 class Ensemble:
@@ -194,9 +217,9 @@ class Ensemble:
 
 
 def load_predictor(model_paths: Sequence[str | os.PathLike], device: str = "auto", tta: bool = False,
-                   max_pixels: int = MAX_PIXELS) -> Predictor | Ensemble:
+                   max_pixels: int = MAX_PIXELS, thresholds: Sequence[str] | None = None) -> Predictor | Ensemble:
     """One model file: a Predictor; several: an Ensemble averaging their probabilities."""
-    members = [Predictor(load_runnable(p, device), tta, max_pixels) for p in model_paths]
+    members = [Predictor(load_runnable(p, device), tta, max_pixels, thresholds) for p in model_paths]
     return members[0] if len(members) == 1 else Ensemble(members)
 
 
@@ -208,17 +231,23 @@ def sort_into(predictions: Sequence[Prediction], dest: str | os.PathLike, min_co
     dest/sorted.csv (after the rows of earlier sorts). Never moves or overwrites: an identical file already there is left as is (sorting again
     copies nothing twice); another file of the same name gets a numbered copy. Returns counts per folder."""
     dest = Path(dest)
-    classes = {p.top[0][0] for p in predictions}
+    classes = {c for p in predictions for c, _ in (p.labels if p.labels is not None else p.top)}
     unsure = "unsure" if "unsure" not in classes else "_unsure"
+    none = "none" if "none" not in classes else "_none"  # multi-label: no label reached its threshold
     rows, counts = [], {}
     for p in predictions:
-        cls, prob = p.top[0]
-        folder = dest / (cls if prob >= min_confidence else unsure)
-        folder.mkdir(parents=True, exist_ok=True)
-        target, copied = _place(Path(p.path), folder)
-        counts[folder.name] = counts.get(folder.name, 0) + 1
-        rows.append({"source": p.path, "predicted": cls, "probability": f"{prob:.6f}", "copied_to": str(target),
-                     "action": "copied" if copied else "already there"})
+        if p.labels is not None:  # a copy in every predicted label's folder
+            places = [(c, prob, c) for c, prob in p.labels] or [("", 0.0, none)]
+        else:
+            cls, prob = p.top[0]
+            places = [(cls, prob, cls if prob >= min_confidence else unsure)]
+        for cls, prob, name in places:
+            folder = dest / name
+            folder.mkdir(parents=True, exist_ok=True)
+            target, copied = _place(Path(p.path), folder)
+            counts[folder.name] = counts.get(folder.name, 0) + 1
+            rows.append({"source": p.path, "predicted": cls, "probability": f"{prob:.6f}", "copied_to": str(target),
+                         "action": "copied" if copied else "already there"})
     log = write_csv_atomic(dest / SORTED_LOG, ["source", "predicted", "probability", "copied_to", "action"],
                            _earlier_rows(dest / SORTED_LOG) + rows)
     return {"folders": dict(sorted(counts.items())), "log": log,

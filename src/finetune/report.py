@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from finetune import pictures
+from finetune import pictures, pictures_ml
+from finetune.report_ml import multilabel_facts, multilabel_sections
 from finetune.files import write_text_atomic
 from finetune.metrics import top_confusions
 
@@ -31,14 +32,16 @@ def write_report(run_dir: str | os.PathLike, *, history: list[dict], classes: li
     best_epoch = summary.get("best_epoch")
     metrics = summary.get("val_metrics") or {}
     matrix = metrics.get("confusion_matrix") or [[0] * len(classes) for _ in classes]
-    root = config.get("data")
+    root = config.get("data_root") or config.get("data")  # a label file's paths start at its image folder
     tiles = [w | {"path": os.path.join(root, w["path"]) if root else w["path"]} for w in wrong]
-    paths = {
-        "curves": pictures.curves(run_dir / "curves.png", history, best_epoch),
-        "confusion": pictures.confusion(run_dir / "confusion.png", matrix, classes, best_epoch,
-                                        top_confusions(matrix, classes, pictures.TOP_CONFUSIONS)),
-        "wrong": pictures.wrong(run_dir / "wrong.png", tiles),
-    }
+    paths = {"curves": pictures.curves(run_dir / "curves.png", history, best_epoch)}
+    if metrics.get("multi_label"):  # per-class 2x2 counts and co-occurrence instead of a confusion matrix
+        paths["confusion"] = pictures_ml.label_counts(run_dir / "confusion.png", metrics, classes, best_epoch)
+        paths["wrong"] = pictures_ml.wrong_labels(run_dir / "wrong.png", tiles)
+    else:
+        paths["confusion"] = pictures.confusion(run_dir / "confusion.png", matrix, classes, best_epoch,
+                                                top_confusions(matrix, classes, pictures.TOP_CONFUSIONS))
+        paths["wrong"] = pictures.wrong(run_dir / "wrong.png", tiles)
     # Runs whose first layer could not be found, or did not move (a frozen backbone), get no filters picture.
     if filters_before is not None and filters_after is not None:
         drawn = pictures.filters(run_dir / "filters.png", filters_before, filters_after)
@@ -69,6 +72,8 @@ table.config td { text-align: left; font-family: ui-monospace, monospace; word-b
 
 def _facts(config: dict, classes: list[str], summary: dict) -> list[tuple[str, object]]:
     metrics = summary.get("val_metrics") or {}
+    if metrics.get("multi_label"):
+        return multilabel_facts(config, classes, summary)
     acc, seconds = summary.get("best_val_acc"), summary.get("seconds")
     interval = metrics.get("accuracy_ci95")
     shown = f"{100 * acc:.1f} %" if acc is not None else None
@@ -101,7 +106,10 @@ def _table(header: list[str], rows: list[list], css: str = "") -> list[str]:
 def _sections(summary: dict, classes: list[str], wrong: list[dict]) -> list[str]:
     metrics = summary.get("val_metrics") or {}
     out = []
-    if metrics.get("per_class"):
+    if metrics.get("multi_label"):
+        out += multilabel_sections(metrics, wrong, _table)
+        wrong = []
+    elif metrics.get("per_class"):
         rows = [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
                 for c, m in metrics["per_class"].items()]
         macro = metrics["macro"]

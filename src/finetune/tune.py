@@ -145,7 +145,7 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
         t0 = time.perf_counter()
         try:
             result = run(cfg)
-            trial.status, trial.val_acc, trial.best_epoch = "ok", result.best_val_acc, result.best_epoch
+            trial.status, trial.val_acc, trial.best_epoch = "ok", _score(result), result.best_epoch
         except DivergedError as e:  # a learning rate too high for this setting: a result, not a failure
             trial.status, trial.error = "diverged", str(e)
         trial.seconds = time.perf_counter() - t0
@@ -162,6 +162,12 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
         best_config = write_json_atomic(root / "best.json", {"format": "finetune-config", "trial": best.number,
                                                             "val_acc": best.val_acc, "settings": settings})
     return TuneResult(root, done, best, best_config, stopped)
+
+
+def _score(result) -> float:
+    """What ranks a trial: val mAP for a multi-label run (what chose its best epoch), else val accuracy."""
+    mean_ap = getattr(result, "best_val_map", None)
+    return result.best_val_acc if mean_ap is None else mean_ap
 
 
 def _write_trials(root: Path, trials: list[Trial]) -> None:

@@ -11,6 +11,7 @@ from rich.table import Column, Table
 
 from finetune.cli import options as o
 from finetune.cli.app import command
+from finetune.cli.infer_ml import print_labels, render_multilabel
 from finetune.cli.render import LazyProgress, err, esc, out, pct, warn
 from finetune.config import MAX_PIXELS
 from finetune.errors import UsageError
@@ -18,6 +19,7 @@ from finetune.evaluate import evaluate_folder
 from finetune.export import ATOL, FORMATS, RTOL, export_model
 from finetune.files import dumps_json, latest_model
 from finetune.lite import cache_export, light_predictor
+from finetune.labelfile import LabelFileOptions
 from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
 
 
@@ -36,15 +38,18 @@ def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> 
 @command(epilog="Example: finetune predict photo.jpg ./more_photos 'shots/*.png' -k 2 --json")
 def predict(
     paths: Annotated[list[str], typer.Argument(metavar="IMAGES", show_default=False, help=(
-        "Image files, folders (searched recursively) or globs."))],
+        "Image files, folders (searched recursively), globs, or a label file (.csv, .tsv, .jsonl: its images)."))],
     model: o.Models = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", metavar="K", help="Classes to show per image.")] = 3,
-    tta: o.Tta = False,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", metavar="K", show_default=False, help=(
+        "Classes to show per image (default 3). Multi-label models show every label at or above its threshold, "
+        "and with -k also the K highest scores."))] = None,
+    threshold: o.Threshold = None, tta: o.Tta = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
     sort_into_dir: Annotated[str | None, typer.Option("--sort-into", metavar="FOLDER", help=(
-        "Also copy each image into FOLDER/<predicted class>/ (never moves or overwrites; an identical copy "
-        "already there is kept), logged in FOLDER/sorted.csv."))] = None,
+        "Also copy each image into FOLDER/<predicted class>/ (multi-label: into each predicted label's folder, "
+        "none/ for no label; never moves or overwrites; an identical copy already there is kept), logged in "
+        "FOLDER/sorted.csv."))] = None,
     min_confidence: Annotated[float, typer.Option(metavar="P", help=(
         "With --sort-into: images whose top probability is below this go to unsure/."))] = 0.0,
     batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
@@ -55,22 +60,28 @@ def predict(
         raise UsageError(f"--min-confidence {min_confidence}: must be between 0 and 1")
     if as_json and as_csv:
         raise UsageError("--json and --csv: choose one")
-    if top_k < 1:
+    if top_k is not None and top_k < 1:
         raise UsageError(f"--top-k {top_k}: must be at least 1")
     files, unusable = expand_inputs(paths)
     check_inputs(files, unusable)
     chosen = model_paths(model)
-    light = light_predictor(chosen, device, tta, max_pixels)
-    predictor = light or load_predictor(chosen, device, tta, max_pixels)
+    light = light_predictor(chosen, device, tta, max_pixels) if not threshold else None
+    predictor = light or load_predictor(chosen, device, tta, max_pixels, threshold)
     name_model(chosen, predictor.info.describe(), bool(model), quiet)
+    multi = getattr(predictor, "multi_label", False)
+    # Multi-label: the labels above their thresholds; the top-k scores too when -k is given (always in JSON/CSV).
+    k = top_k or (len(predictor.classes) if multi else 3)
     with LazyProgress("predicting", quiet) as bar:
         bar.start(len(files))
-        results = list(predictor.predict(files, top_k, batch_size, workers, bar.advance))
+        results = list(predictor.predict(files, k, batch_size, workers, bar.advance))
     good = [r for r in results if not isinstance(r, Failure)]
     bad = unusable + [r for r in results if isinstance(r, Failure)]
     for f in bad:
         warn(f"skipped {esc(f.path)}: {esc(f.reason)}")
-    _print_predictions(good, as_json, as_csv, min(top_k, len(predictor.classes)))
+    if multi:
+        print_labels(good, as_json, as_csv, min(k, len(predictor.classes)), top_k is not None)
+    else:
+        _print_predictions(good, as_json, as_csv, min(k, len(predictor.classes)))
     if sort_into_dir and good:
         done = sort_into(good, sort_into_dir, min_confidence)
         counts = ", ".join(f"{esc(k)} {v}" for k, v in done["folders"].items())
@@ -118,6 +129,12 @@ def export(
     chosen = model_paths(model)
     with err.status(f"exporting {esc(out_path)}"):
         report = export_model(chosen, out_path, check_images)
+    if report.multi_label:
+        err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max probability "
+                  f"difference {report.max_abs_diff:.2e} (sigmoids; tolerance {ATOL:g}), every label agrees on "
+                  f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
+        out.print(str(report.path), highlight=False, soft_wrap=True)
+        return
     err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max logit difference "
               f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
               f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
@@ -127,20 +144,29 @@ def export(
 @command(epilog="Example: finetune evaluate ./images --model runs/20261123-101500-resnet18/best.pt --json")
 def evaluate(
     data: Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
-        "Labelled folder: its val/ when it has train/ and val/, else every image of its class folders."))],
+        "Labelled folder: its val/ when it has train/ and val/, else every image of its class folders; or a label "
+        "file: its test rows, else its val rows, else every row."))],
     model: o.Models = None, as_json: o.AsJson = False,
     wrong: Annotated[int, typer.Option(metavar="N", help="How many of the most confidently wrong images to list.")
                      ] = 10,
-    tta: o.Tta = False, batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
-    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
+    threshold: o.Threshold = None, tta: o.Tta = False, batch_size: o.InferBatch = 32,
+    device: o.InferDevice = "auto", workers: o.InferWorkers = 2, max_pixels: o.InferMaxPixels = MAX_PIXELS,
+    path_col: o.PathCol = None, label_col: o.LabelCol = None, label_sep: o.LabelSep = None,
+    image_dir: o.ImageDir = None, quiet: o.InferQuiet = False,
 ) -> None:
-    """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes."""
+    """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes
+    (multi-label models: mAP, per-label metrics at the thresholds, the largest errors)."""
     chosen = model_paths(model)
+    labels = LabelFileOptions(path_col, label_col, label_sep, False, image_dir)
     with LazyProgress("evaluating", quiet) as bar:
-        r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance)
+        r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance,
+                            threshold, labels)
     name_model(chosen, r["model_description"], bool(model), quiet)
     if as_json:
         sys.stdout.write(dumps_json(r) + "\n")
+    if r.get("multi_label"):
+        render_multilabel(r)
+        return
     _render_evaluation(r)
 
 

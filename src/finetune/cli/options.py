@@ -19,10 +19,11 @@ def one_of(choices) -> str:
 
 
 Data = Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
-    "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside."))]
+    "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside; or a "
+    "label file (.csv, .tsv, .jsonl: an image path and its label(s) per row)."))]
 OptionalData = Annotated[str | None, typer.Argument(metavar="DATA", show_default=False, help=(
-    "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside. "
-    "Not needed with --resume."))]
+    "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside; or a "
+    "label file (.csv, .tsv, .jsonl: an image path and its label(s) per row). Not needed with --resume."))]
 Model = Annotated[str, typer.Option("--model", "-m", metavar="NAME", rich_help_panel=MODEL, help=(
     "Any torchvision classification model: resnet18, resnet50, wide_resnet50_2, resnext50_32x4d, alexnet, "
     "mobilenet_v2, ..."))]
@@ -81,6 +82,19 @@ Strict = Annotated[bool, typer.Option("--strict", rich_help_panel=DATA, help=(
     "Stop (exit 3) before training if any file cannot be used, instead of skipping it with a warning."))]
 MaxPixels = Annotated[int, typer.Option(metavar="N", rich_help_panel=DATA, help=(
     "Refuse images with more pixels than this (decompression bombs), read from the header."))]
+PathCol = Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=DATA, help=(
+    "Label file: the column of image paths (relative to the file's folder or --image-dir, or absolute; an "
+    "extension may be left out). Default: path, file, image or filename."))]
+LabelCol = Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=DATA, help=(
+    "Label file: the column of labels. Default: label, labels, class or tags (or the other of two columns)."))]
+LabelSep = Annotated[str | None, typer.Option(metavar="SEP", rich_help_panel=DATA, help=(
+    "Label file: what separates several labels in a cell (e.g. ';', '|', space). Default: ';' or '|' when a cell "
+    "holds one; several labels make the dataset multi-label."))]
+MultiLabel = Annotated[bool, typer.Option("--multi-label", rich_help_panel=DATA, help=(
+    "Multi-label even when every row has one label: one sigmoid per class, each label decided on its own."))]
+ImageDir = Annotated[str | None, typer.Option(metavar="FOLDER", rich_help_panel=DATA, help=(
+    "Label file: the folder its relative paths start from. Default: the file's folder, or its one subfolder "
+    "that holds the images (e.g. train/)."))]
 Folds = Annotated[int, typer.Option(metavar="K", rich_help_panel=DATA, help=(
     "k-fold cross-validation: one model per stratified fold (train/ and val/ pooled); mean ± sd val accuracy. "
     "0 = off."))]
@@ -135,3 +149,6 @@ InferMaxPixels = Annotated[int, typer.Option(metavar="N", help=(
     "Refuse images with more pixels than this (decompression bombs), read from the header."))]
 AsJson = Annotated[bool, typer.Option("--json", help="The full result as JSON on stdout.")]
 InferQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no model line on stderr.")]
+Threshold = Annotated[list[str] | None, typer.Option("--threshold", metavar="P|CLASS=P", help=(
+    "Multi-label models: predict a label when its probability is at least P (all classes), or CLASS=P for one "
+    "class; repeatable. Default: the per-class thresholds fitted on the val images, stored in the model."))]

@@ -21,6 +21,7 @@ from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
 from finetune.errors import DivergedError, UsageError
 from finetune.files import dumps_json, timestamped_dir
+from finetune.labelfile import LabelFileOptions
 from finetune.lrfind import lr_find as run_lr_find
 from finetune.lrfind import write_result
 from finetune.tune import Space, run_search
@@ -31,14 +32,16 @@ D = o.D
 @command(epilog="Example: finetune check ./images --json > report.json")
 def check(
     data: o.Data, as_json: o.AsJson = False, val_fraction: o.ValFraction = D["val_fraction"], seed: o.Seed = D["seed"],
-    max_pixels: o.MaxPixels = D["max_pixels"],
+    max_pixels: o.MaxPixels = D["max_pixels"], path_col: o.PathCol = None, label_col: o.LabelCol = None,
+    label_sep: o.LabelSep = None, multi_label: o.MultiLabel = False, image_dir: o.ImageDir = None,
     workers: Annotated[int, typer.Option("--workers", "-j", metavar="N", help="Reading threads.")] = 2,
 ) -> None:
     """Inspect a dataset before training: counts, unusable files, duplicates and train/val leakage."""
+    labels = LabelFileOptions(path_col, label_col, label_sep, multi_label, image_dir)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("checking", total=None)
         report = check_dataset(data, val_fraction, seed, workers, max_pixels,
-                               on_progress=lambda i, n: progress.update(task, completed=i, total=n))
+                               on_progress=lambda i, n: progress.update(task, completed=i, total=n), labels=labels)
     if as_json:
         sys.stdout.write(dumps_json(report) + "\n")
     _render_check(report)
@@ -62,6 +65,12 @@ def _render_check(r: dict) -> None:
                   + ", ".join(f"{m} {n}" for m, n in r["modes"].items()), highlight=False)
     if r["exif_rotated"]:
         err.print(f"{len(r['exif_rotated'])} photo(s) carry an EXIF rotation (applied when loading)")
+    missing = r["rows_without_image"]
+    if missing:
+        err.print(f"[yellow]{len(missing)} row(s) name no image[/] (skipped by train; --strict stops), e.g. "
+                  + esc(", ".join(f"line {m['line']}: {m['path']}" for m in missing[:3])), highlight=False)
+    for note in r["notes"]:
+        err.print(f"[yellow]note:[/] {esc(note)}", highlight=False)
     findings = [("skipped", [f"{s['path']}: {s['reason']}" for s in r["skipped"]])]
     dup = r["duplicates"]
     for key, label in (("train_val_leakage", "identical files in train and val (leakage)"),
@@ -80,6 +89,8 @@ def _render_check(r: dict) -> None:
 @command("lr-find", epilog="Example: finetune lr-find ./images --model resnet50")
 def lr_find(
     ctx: typer.Context, data: o.Data, model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    path_col: o.PathCol = None, label_col: o.LabelCol = None, label_sep: o.LabelSep = None,
+    multi_label: o.MultiLabel = False, image_dir: o.ImageDir = None,
     mode: o.Mode = D["mode"], optimizer: o.Optimizer = D["optimizer"], batch_size: o.BatchSize = D["batch_size"],
     augment: o.Augment = D["augment"], seed: o.Seed = D["seed"], device: o.Device = D["device"],
     workers: o.Workers = D["workers"],
@@ -93,7 +104,8 @@ def lr_find(
 ) -> None:
     """Learning-rate range test: plot loss against an exponentially rising lr and suggest a rate."""
     cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, optimizer=optimizer, batch_size=batch_size,
-                      augment=augment, seed=seed, device=device, workers=workers)
+                      augment=augment, seed=seed, device=device, workers=workers, path_col=path_col,
+                      label_col=label_col, label_sep=label_sep, multi_label=multi_label, image_dir=image_dir)
     with TrainView(quiet) as view:
         result = run_lr_find(cfg, start_lr, end_lr, steps, view)
     files = write_result(Path(output) if output else timestamped_dir("lr-find", model), result)
@@ -131,8 +143,9 @@ def tune(
     mode: Annotated[str, typer.Option(metavar="MODE", help=(
         "Modes to search: both, finetune or feature-extract (fast: backbone features computed once, cached)."))
                     ] = "both",
-    seed: o.Seed = D["seed"], val_fraction: o.ValFraction = D["val_fraction"], device: o.Device = D["device"],
-    workers: o.Workers = D["workers"],
+    seed: o.Seed = D["seed"], val_fraction: o.ValFraction = D["val_fraction"], path_col: o.PathCol = None,
+    label_col: o.LabelCol = None, label_sep: o.LabelSep = None, multi_label: o.MultiLabel = False,
+    image_dir: o.ImageDir = None, device: o.Device = D["device"], workers: o.Workers = D["workers"],
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", help=(
         "Search folder. Default: runs/tune-<date>-<time>-<model>."))] = None,
 ) -> None:
@@ -141,7 +154,8 @@ def tune(
         raise UsageError(f"--mode {mode}: choose both, {', '.join(MODES)}")
     root = Path(output) if output else timestamped_dir("tune", model)
     base = TrainConfig(data=data, model=model, weights=weights, seed=seed, val_fraction=val_fraction, device=device,
-                       workers=workers)
+                       workers=workers, path_col=path_col, label_col=label_col, label_sep=label_sep,
+                       multi_label=multi_label, image_dir=image_dir)
     rows: list = []
     title = f"finetune tune: {esc(str(root))}"
     with Live(_trials_table(rows, title), console=err, refresh_per_second=4, transient=False) as live:

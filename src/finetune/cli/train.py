@@ -28,7 +28,10 @@ NOT_SETTINGS = {"gpus", "resume", "config", "quiet"}
 def train(
     ctx: typer.Context, data: o.OptionalData = None, val_fraction: o.ValFraction = D["val_fraction"],
     seed: o.Seed = D["seed"], strict: o.Strict = D["strict"], max_pixels: o.MaxPixels = D["max_pixels"],
-    folds: o.Folds = D["folds"], fold: o.Fold = D["fold"], model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    folds: o.Folds = D["folds"], fold: o.Fold = D["fold"], path_col: o.PathCol = D["path_col"],
+    label_col: o.LabelCol = D["label_col"], label_sep: o.LabelSep = D["label_sep"],
+    multi_label: o.MultiLabel = D["multi_label"], image_dir: o.ImageDir = D["image_dir"],
+    model: o.Model = D["model"], weights: o.Weights = D["weights"],
     mode: o.Mode = D["mode"], solver: o.Solver = D["solver"], dropout: o.Dropout = D["dropout"], freeze_epochs: o.FreezeEpochs = D["freeze_epochs"],
     backbone_lr_mult: o.BackboneLrMult = D["backbone_lr_mult"], epochs: o.Epochs = D["epochs"],
     time_budget: o.TimeBudget = None,
@@ -128,9 +131,10 @@ def _summary(result, cfg: TrainConfig, quiet: bool) -> None:
         metrics = result.summary.get("val_metrics") or {}
         low, high = metrics.get("accuracy_ci95", (None, None))
         interval = f" (95 % interval {pct(low)}-{pct(high)})" if low is not None else ""
-        for key, value in (("best epoch", f"{result.best_epoch} of {len(result.history)}"),
-                           ("val accuracy", pct(result.best_val_acc) + interval),
-                           ("val loss", f"{result.best_val_loss:.4f}"), ("train accuracy", pct(best["train_acc"])),
+        scores = multilabel_rows(metrics) if metrics.get("multi_label") else [
+            ("val accuracy", pct(result.best_val_acc) + interval), ("val loss", f"{result.best_val_loss:.4f}"),
+            ("train accuracy", pct(best["train_acc"]))]
+        for key, value in (("best epoch", f"{result.best_epoch} of {len(result.history)}"), *scores,
                            ("classes", ", ".join(result.classes[:20]) + (" ..." if len(result.classes) > 20 else "")),
                            ("device", result.device), ("time", f"{result.seconds:.1f} s"),
                            ("model", str(result.model_path))):
@@ -145,6 +149,23 @@ def _summary(result, cfg: TrainConfig, quiet: bool) -> None:
             err.print(f"[yellow]sanity check failed[/]: {pct(v['best_acc'])} at best on the images it trained on. "
                       "Usually: labels that do not match the images, broken preprocessing, a learning rate far too "
                       "low or high, or too few --epochs; try more epochs or another --lr first")
+
+
+def multilabel_rows(m: dict) -> list[tuple[str, str]]:
+    """The multi-label scores as (name, value) rows: mAP and F1 with their intervals, exact match, Hamming loss."""
+    ci = m.get("ci95", {})
+
+    def shown(key: str) -> str:
+        low, high = ci.get(key, (None, None))
+        return f"{m[key]:.3f}" + (f" (95 % interval {low:.3f}-{high:.3f})" if low is not None else "")
+
+    cross = m.get("f1_macro_cross_fitted")
+    return [("val mAP", f"{shown('map_macro')} macro; {m['map_micro']:.3f} micro"),
+            ("val F1", f"{shown('f1_macro')} macro at the fitted thresholds"
+             + (f"; {cross:.3f} on the half of val each fit did not see" if cross is not None else "")),
+            ("exact match", f"{pct(m['subset_accuracy'])} ({m['exact_matches']}/{m['images']} images with every "
+                            "label right)"),
+            ("Hamming loss", f"{m['hamming_loss']:.4f}")]
 
 
 def _cross_validate(cfg: TrainConfig, quiet: bool, main: bool) -> None:
@@ -164,6 +185,9 @@ def _cross_validate(cfg: TrainConfig, quiet: bool, main: bool) -> None:
                           esc(f["model"]))
         table.add_row("mean ± sd", str(summary["images"]), "", f"{pct(summary['mean_val_acc'])} ± "
                       f"{100 * summary['sd_val_acc']:.1f}", esc(summary["path"]), style="bold")
+        if "mean_val_map" in summary:
+            table.caption = f"multi-label: val mAP {summary['mean_val_map']:.3f} ± {summary['sd_val_map']:.3f} " \
+                            "(accuracy above is exact match)"
         err.print(table)
         models = " ".join(f"-m {shlex.quote(f['model'])}" for f in summary["folds"])
         err.print(esc(f"the fold models form an ensemble: finetune predict PHOTOS {models}"), highlight=False)

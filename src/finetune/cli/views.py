@@ -63,7 +63,8 @@ class TrainView:
         self.log(f"[bold]device[/] {device}{ddp}   [bold]weights[/] {esc(weights)}")
         if split.imbalance() >= IMBALANCE_WARNING:
             self.warn(f"imbalanced classes: the largest has {split.imbalance():.1f}x the images of the smallest; "
-                      "consider --balance weighted-loss or sampler")
+                      + ("consider --balance weighted-loss (pos_weight per label)" if split.multi_label
+                         else "consider --balance weighted-loss or sampler"))
 
     def on_plan(self, why):
         self.log(f"[bold]plan[/] {esc(why)}")
@@ -93,6 +94,20 @@ class TrainView:
             self.warn(f"skipped {esc(os.path.relpath(path, root))}: {esc(reason)}")
         more = f" ({len(files) - 20} more in results.json)" if len(files) > 20 else ""
         self.log(f"[yellow]{len(files)} file(s) skipped[/]{more} (--strict makes this an error)")
+
+    def on_missing_rows(self, rows, root, data):
+        line, path = rows[0]
+        self.warn(f"{len(rows)} row(s) of {esc(data)} name no image under {esc(root)}, e.g. line {line}: {esc(path)}; "
+                  "those rows are skipped (all in results.json; --strict makes this an error)")
+
+    def on_note(self, text):
+        self.warn(esc(text))
+
+    def on_thresholds(self, thresholds, images, f1, f1_cross_fitted):
+        shown = ", ".join(f"{esc(c)} {t:.2f}" for c, t in list(thresholds.items())[:12])
+        more = f", ... ({len(thresholds)} labels)" if len(thresholds) > 12 else ""
+        self.log(f"[bold]thresholds[/] per label, fitted on {images} val images (best F1, at least 0.1): {shown}"
+                 f"{more}; stored in the model")
 
     def on_features(self, cached, views):
         self._drop_task("decode_task")
@@ -144,8 +159,9 @@ class TrainView:
         self.progress.advance(self.epoch_task)
         mark = " [green]*best[/]" if improved else ""
         w = len(str(self.epochs))
+        mean_ap = "" if row.get("val_map") is None else f"  mAP {row['val_map']:.3f}"
         self.log(f"epoch {row['epoch']:>{w}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
-                 f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}"
+                 f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}{mean_ap}"
                  f"  {'lr ' + format(row['lr'], '.2e') if row['lr'] is not None else 'probe      '}  "
                  f"{row['seconds']:.1f}s{mark}")
 

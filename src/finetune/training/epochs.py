@@ -7,6 +7,7 @@ from finetune import distributed as dist
 from finetune.dataset import DatasetSplit
 from finetune.errors import DatasetError
 from finetune.images import ImageDataset, collate
+from finetune.multilabel import MultiHot, count_correct
 from finetune.preprocessing import Preprocessing
 from finetune.training.trainer import Trainer, class_weights
 
@@ -57,9 +58,9 @@ def evaluate(trainer: Trainer, loader, on_failed=lambda failed: None,
             x, y = trainer.to_device(x, y)
             with trainer.autocast(training=False):
                 logits = trainer.net.module(x).float()
-            loss_sum += trainer.criterion(logits, y).item() * y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
-            total += y.numel()
+            loss_sum += trainer.criterion(logits, y).item() * len(y)
+            correct += count_correct(logits, y)
+            total += len(y)
             if logits_out is not None:
                 logits_out.append(logits.cpu())
     return loss_sum, correct, total
@@ -78,8 +79,10 @@ class ImageEpochs:
         self.t, self.root, self.world = trainer, split.root, dist.current()
         self.val_paths, self.val_order = [s.path for s in split.val], val_order
         short = pre.resize_size
-        train_ds = ImageDataset(split.train, pre.train_transform(cfg.augment, train_size), short, cache, cfg.max_pixels)
-        val_ds = ImageDataset(split.val, pre.eval_transform(), short, cache, cfg.max_pixels)
+        target = MultiHot(len(split.classes)) if split.multi_label else None
+        train_ds = ImageDataset(split.train, pre.train_transform(cfg.augment, train_size), short, cache, cfg.max_pixels,
+                                target)
+        val_ds = ImageDataset(split.val, pre.eval_transform(), short, cache, cfg.max_pixels, target)
         labels = [s.label for s in split.train]
         weights = class_weights(labels, len(split.classes))[labels] if cfg.balance == "sampler" else None
         even = None
@@ -232,4 +235,4 @@ class FeatureEpochs:
         self.val_logits = logits.cpu()
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
                 "val_loss": t.criterion(logits, self.val_labels).item(),
-                "val_acc": (logits.argmax(1) == self.val_labels).float().mean().item()}
+                "val_acc": count_correct(logits, self.val_labels) / max(len(self.val_labels), 1)}

@@ -18,6 +18,7 @@ from finetune.dataset import DatasetSplit
 from finetune.errors import ResourceError
 from finetune.files import atomic_write, cache_dir
 from finetune.images import ImageDataset, collate
+from finetune.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
 from finetune.training.probe import ProbeEpochs
@@ -124,7 +125,10 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
         if dist.current().main:  # with every file of the key left out, whether decoding or extraction dropped it
             kept, why = {s.path for s in split.train + split.val}, dict(split.skipped)
             save(key, train_feats, val_feats, [[p, why.get(p, "unreadable")] for p in paths if p not in kept])
-    labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
+    if split.multi_label:
+        labels = lambda samples: targets(samples, len(split.classes))  # noqa: E731 - [N, classes] multi-hot
+    else:
+        labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
     epochs = ProbeEpochs if cfg.solver == "lbfgs" or cfg.mode != "feature-extract" else FeatureEpochs
     return epochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
 

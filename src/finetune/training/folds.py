@@ -49,6 +49,12 @@ def summarize_folds(root: Path, results: list) -> dict:
                "sd_val_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "images": sum(f["val_images"] for f in folds), "seconds": sum(r.seconds for r in results),
                "path": str(root / "folds.json")}
+    maps = [r.best_val_map for r in results]
+    if all(m is not None for m in maps):  # multi-label folds: mAP is what chose each fold's model
+        for f, m in zip(folds, maps):
+            f["val_map"] = m
+        summary |= {"mean_val_map": statistics.mean(maps), "sd_val_map": statistics.stdev(maps) if len(maps) > 1
+                    else 0.0}
     write_json_atomic(root / "folds.json", summary)
     return summary
 

@@ -15,6 +15,8 @@ from finetune import distributed as dist
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
+from finetune.mlmetrics import epoch_map
+from finetune.multilabel import targets
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
@@ -35,6 +37,7 @@ class RunResult:
     classes: list[str]
     device: str
     summary: dict
+    best_val_map: float | None = None  # multi-label runs: the best epoch's macro mAP (what chose it)
 
 
 def run_training(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lambda: 0,
@@ -74,6 +77,7 @@ class _Run:
         config = cfg.to_dict() | {
             "lr_used": p.trainer.lr, "train_size_used": p.train_size, "classes": p.split.classes,
             "layout": p.split.layout, "train_images": len(p.split.train), "val_images": len(p.split.val),
+            "data_root": p.split.root, "multi_label": p.split.multi_label,
             "device": str(p.device), "precision": p.trainer.precision, "base_weights": p.choice.label,
             "preprocessing": p.choice.preprocessing.to_dict(), "processes": self.world.size}
         self.saver = RunSaver(folder, config, p.split.classes, enabled=self.world.main)
@@ -81,6 +85,8 @@ class _Run:
         self.t_start = 0.0
         # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
         self.best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": p.net.first_conv_weight()}
+        # Multi-label runs keep the epoch with the best val mAP (threshold-free), not exact-match accuracy.
+        self.val_targets = targets(p.split.val, len(p.split.classes)) if p.split.multi_label else None
 
     @property
     def last(self) -> int:
@@ -141,7 +147,10 @@ class _Run:
         lr_used = t.optimizer.param_groups[0]["lr"] if scheduled else None
         row = {"epoch": epoch, **self._run_epoch(phase, local), "lr": lr_used,
                "update_ratio_head": t.update_ratios["head"], "update_ratio_backbone": t.update_ratios["backbone"]}
+        if self.val_targets is not None:
+            row["val_map"] = epoch_map(phase.run.val_logits, self.val_targets)
         t.check_finite("validation", row["val_loss"], epoch)  # nothing of a diverged epoch is saved
+        score = row["val_acc"] if row.get("val_map") is None else row["val_map"]
         if scheduled:
             for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr):
                 self.emit("update_ratio", **warning)
@@ -151,11 +160,12 @@ class _Run:
         if phase.planned and local == 1:
             self._plan(phase)
         if scheduled:  # the next epoch's lr, on the schedule as planned now (and saved with the state below)
-            t.schedule(row["val_acc"])
-        improved = row["val_acc"] > self.best["val_acc"] or (
-            row["val_acc"] == self.best["val_acc"] and row["val_loss"] < self.best["val_loss"])
+            t.schedule(score)
+        best = self.best.get("score", self.best["val_acc"])
+        improved = score > best or (score == best and row["val_loss"] < self.best["val_loss"])
         if improved:
-            self.best |= {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"],
+            self.best |= {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"], "score": score,
+                          "val_map": row.get("val_map"),
                           "filters": self.p.net.first_conv_weight(), "val_logits": phase.run.val_logits}
             self.saver.best(self._model_file(row))
         self.saver.epoch(self.history, self._state(epoch))
@@ -177,9 +187,12 @@ class _Run:
     def _model_file(self, row: dict) -> ModelFile:
         p = self.p
         metrics = {"best_epoch": row["epoch"]} | {k: row[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")}
+        if row.get("val_map") is not None:
+            metrics["val_map"] = row["val_map"]
         return ModelFile(arch=self.cfg.model, classes=p.split.classes, preprocessing=p.choice.preprocessing,
                          state_dict=p.net.plain_state_dict(), head=p.net.head, dropout=self.cfg.dropout,
-                         base_weights=p.choice.label, metrics=metrics, config=self.saver.config)
+                         base_weights=p.choice.label, metrics=metrics, config=self.saver.config,
+                         multi_label=p.split.multi_label)
 
     def _state(self, epoch: int) -> dict:
         p = self.p
@@ -191,10 +204,15 @@ class _Run:
     def _finish(self, seconds: float) -> RunResult:
         split, best = self.p.split, self.best
         result = RunResult(self.saver.folder, self.saver.model_path, best["epoch"], best["val_acc"], best["val_loss"],
-                           self.history, seconds, split.classes, str(self.p.device), {})
+                           self.history, seconds, split.classes, str(self.p.device), {}, best.get("val_map"))
         if self.world.main:
             summary = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                        "seconds": seconds, "model": str(self.saver.model_path),
                        "skipped": [{"path": p, "reason": r} for p, r in split.skipped]}
+            if split.multi_label:
+                summary["best_val_map"] = best.get("val_map")
+            if split.missing:
+                summary["rows_without_image"] = {"count": len(split.missing), "first": [
+                    {"line": n, "path": w} for n, w in split.missing[:100]]}
             result.summary = self.saver.finish(summary, split, best, self.history, self.cfg, self.emit)
         return result

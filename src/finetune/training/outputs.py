@@ -14,6 +14,8 @@ from finetune.errors import ResourceError, UsageError
 from finetune.files import (TEMP_PREFIX, point_latest, prune_stale_temp_files, timestamped_dir, write_csv_atomic,
                             write_json_atomic)
 from finetune.metrics import classification_report, confident_mistakes
+from finetune.mlmetrics import label_mistakes, multilabel_report
+from finetune.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
 from finetune.report import write_report
 from finetune.training.resume import STATE_FILE, save_state
 
@@ -120,14 +122,17 @@ class RunSaver:
 
     def epoch(self, history: list[dict], state: dict) -> None:
         if self.enabled:
-            write_csv_atomic(self.folder / "metrics.csv", list(METRIC_FIELDS), history)
+            fields = list(METRIC_FIELDS) + (["val_map"] if any("val_map" in r for r in history) else [])
+            write_csv_atomic(self.folder / "metrics.csv", fields, history)
             save_state(self.folder, state)
 
     def finish(self, summary: dict, split, best: dict, history: list[dict], cfg: TrainConfig, emit) -> dict:
         """results.json (val metrics, calibration, mistakes, skipped files) and the report; returns the summary."""
         labels = [s.label for s in split.val]
         logits = best.get("val_logits")
-        if logits is not None and len(logits) == len(labels):
+        if split.multi_label and logits is not None and len(logits) == len(labels):
+            self._multilabel(summary, split, logits, cfg, emit)
+        elif logits is not None and len(logits) == len(labels):
             summary["val_metrics"] = classification_report(labels, logits.argmax(1).tolist(), self.classes)
             summary["calibration"] = self._calibration(cfg, logits, labels, emit)
             probs = (logits / summary["calibration"]["temperature"]).softmax(1)
@@ -143,6 +148,25 @@ class RunSaver:
         else:
             emit("report", paths=paths)
         return summary
+
+    def _multilabel(self, summary: dict, split, logits, cfg: TrainConfig, emit) -> None:
+        """Multi-label: a shared temperature with --calibrate (fitted on every val (image, label) decision), the
+        per-class thresholds fitted on val (stored in the model), the metrics at them, the largest mistakes."""
+        y = targets(split.val, len(self.classes))
+        pairs, decisions = binary_pairs(logits), y.flatten().long()
+        temperature = calibrate.fit_temperature(pairs, decisions) if cfg.calibrate else 1.0
+        probs = probabilities(logits, temperature)
+        thresholds = fit_thresholds(probs, y)
+        update_model_file(self.model_path, thresholds=thresholds, temperature=temperature)
+        report = multilabel_report(probs, y, thresholds, self.classes)
+        report["f1_macro_cross_fitted"] = cross_fitted_f1(probs, y)
+        summary["val_metrics"] = report
+        summary["calibration"] = calibrate.calibration_summary(pairs, decisions, temperature) | {
+            "fitted": cfg.calibrate, "over": "every (image, label) decision"}
+        summary["wrong"] = label_mistakes([s.path for s in split.val], probs, y, thresholds, self.classes, MAX_WRONG,
+                                          split.root)
+        emit("thresholds", thresholds=dict(zip(self.classes, thresholds)), images=len(y),
+             f1=report["f1_macro"], f1_cross_fitted=report["f1_macro_cross_fitted"])
 
     def _calibration(self, cfg: TrainConfig, logits, labels: list[int], emit) -> dict:
         """The best epoch's calibration on the val set; with --calibrate, a temperature fitted (and stored in the

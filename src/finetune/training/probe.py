@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune.multilabel import count_correct, pos_weight
 from finetune.training.trainer import class_weights
 
 L2_GRID = tuple(10.0 ** e for e in range(1, -7, -1))  # strong to weak; then refined around the best (as CLIP)
@@ -28,10 +29,31 @@ class Probe:
     grid: list  # [(l2, mean held-out loss)] as searched
 
 
+def _row_losses(logits, y, weight=None):
+    """Per row: cross-entropy on class indices; on multi-hot targets the mean per-class BCE (weight is then
+    pos_weight)."""
+    import torch
+
+    if y.dim() == 2:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weight,
+                                                                    reduction="none").mean(1)
+    return torch.nn.functional.cross_entropy(logits, y, weight=weight, reduction="none")
+
+
+def _fold_losses(x, y, w, b, weight=None):
+    """[folds, rows] losses of every row under each fold's weights [folds, classes, dim] and biases."""
+    import torch
+
+    folds, classes = w.shape[0], w.shape[1]
+    logits = torch.einsum("rd,fcd->frc", x, w) + b[:, None, :]
+    targets = y.expand(folds, *y.shape).reshape(-1, *y.shape[1:])
+    return _row_losses(logits.reshape(-1, classes), targets, weight).reshape(folds, -1)
+
+
 def _fit(x, y, masks, classes: int, l2: float, class_weights=None):
     """Weights [folds, classes, dim] and biases [folds, classes], one fit per row mask (fold), all at once:
-    each minimises its rows' mean cross-entropy + l2 * ||weight||^2 (full batch, L-BFGS; the folds do not
-    interact, so one optimiser call serves them all)."""
+    each minimises its rows' mean loss + l2 * ||weight||^2 (full batch, L-BFGS; the folds do not interact, so
+    one optimiser call serves them all)."""
     import torch
 
     folds = len(masks)
@@ -45,10 +67,7 @@ def _fit(x, y, masks, classes: int, l2: float, class_weights=None):
 
     def closure():
         opt.zero_grad()
-        logits = torch.einsum("rd,fcd->frc", x, w) + b[:, None, :]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, classes), y.repeat(folds), weight=class_weights,
-                                               reduction="none").reshape(folds, -1)
-        loss = ((ce * masks).sum(1) / counts).sum() + l2 * (w * w).sum()
+        loss = ((_fold_losses(x, y, w, b, class_weights) * masks).sum(1) / counts).sum() + l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -74,10 +93,7 @@ def _cv_losses(x, y, classes: int, masks, class_weights, l2s) -> list[tuple[floa
     held = 1 - masks
     for l2 in l2s:
         w, b = _fit(x, y, masks, classes, l2, class_weights)
-        logits = torch.einsum("rd,fcd->frc", x, w) + b[:, None, :]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, classes), y.repeat(len(masks)),
-                                               reduction="none").reshape(len(masks), -1)
-        out.append((l2, float(((ce * held).sum(1) / held.sum(1)).mean())))
+        out.append((l2, float(((_fold_losses(x, y, w, b) * held).sum(1) / held.sum(1)).mean())))
         rises = rises + 1 if len(out) > 1 and out[-1][1] > out[-2][1] else 0
         if rises == 2:
             break
@@ -94,12 +110,14 @@ def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None,
     if x.dim() == 2:
         x = x[None]
     views, n, _ = x.shape
-    y = torch.as_tensor(labels).repeat(views)
+    labels = torch.as_tensor(labels)
+    y = labels.repeat(views, *[1] * (labels.dim() - 1))  # [images x views] indices, or multi-hot rows
     x = x.reshape(views * n, -1)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-    k = max(2, min(folds, int(torch.bincount(torch.as_tensor(labels)).min())))
+    fewest = int(labels.sum(0).min()) if labels.dim() == 2 else int(torch.bincount(labels).min())
+    k = max(2, min(folds, fewest))
     masks = fold_masks(torch.arange(n).repeat(views), k, seed)
     grid = _cv_losses(z, y, classes, masks, cw, L2_GRID)
     best = min(grid, key=lambda g: g[1])[0]
@@ -137,7 +155,9 @@ class ProbeEpochs:
         import torch
 
         t = self.t
-        weights = class_weights(self.train_labels.tolist(), t.num_classes) if t.cfg.balance != "none" else None
+        multi = self.train_labels.dim() == 2
+        weights = None if t.cfg.balance == "none" else pos_weight(self.train_labels.cpu()) if multi else \
+            class_weights(self.train_labels.tolist(), t.num_classes)
         self.probe = fit_probe(self.train_feats.cpu(), self.train_labels.cpu(), t.num_classes, t.cfg.seed, weights)
         with torch.no_grad():
             self.linear.weight.copy_(self.probe.weight)
@@ -147,12 +167,12 @@ class ProbeEpochs:
         with torch.inference_mode():
             train = head(self.train_feats.reshape(-1, self.train_feats.shape[-1]).to(t.device)).float().cpu()
             val = head(self.val_feats.to(t.device)).float().cpu()
-        y = self.train_labels.cpu().repeat(len(self.train_feats))
+        labels = self.train_labels.cpu()
+        y = labels.repeat(len(self.train_feats), *[1] * (labels.dim() - 1))
         self.val_logits = val
-        ce = torch.nn.functional.cross_entropy
-        return {"train_loss": float(ce(train, y)), "train_acc": float((train.argmax(1) == y).float().mean()),
-                "val_loss": float(ce(val, self.val_labels.cpu())),
-                "val_acc": float((val.argmax(1) == self.val_labels.cpu()).float().mean())}
+        vy = self.val_labels.cpu()
+        return {"train_loss": float(_row_losses(train, y).mean()), "train_acc": count_correct(train, y) / len(y),
+                "val_loss": float(_row_losses(val, vy).mean()), "val_acc": count_correct(val, vy) / max(len(vy), 1)}
 
 
 class _NoGenerator:

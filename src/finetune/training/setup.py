@@ -14,7 +14,9 @@ from finetune.config import TrainConfig, validate
 from finetune.dataset import DatasetSplit, find_dataset
 from finetune.errors import DatasetError, UsageError
 from finetune.images import default_workers
+from finetune.labelfile import options_from
 from finetune.models import Network, build_network, check_model_name
+from finetune.multilabel import check_balance, targets
 from finetune.training.cache import decode_for_training
 from finetune.training.epochs import ImageEpochs
 from finetune.training.features import feature_epochs
@@ -110,7 +112,8 @@ def _check_world(cfg: TrainConfig, world: dist.World, device) -> None:
 
 def _read_split(cfg: TrainConfig, world: dist.World, resume: dict | None) -> tuple[DatasetSplit, DatasetSplit]:
     """The split (scanned once, by rank 0; every rank gets the same) and this rank's share of it."""
-    split = dist.on_main(lambda: find_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold))
+    split = dist.on_main(lambda: find_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold,
+                                              options_from(cfg)))
     if cfg.overfit:
         split = overfit_split(split, cfg.overfit, cfg.seed)
     if resume is not None:
@@ -141,6 +144,22 @@ def _build(cfg: TrainConfig, split: DatasetSplit, choice: WeightsChoice, resume:
     return net
 
 
+def _label_file_checks(cfg: TrainConfig, split: DatasetSplit, emit: Emit) -> None:
+    """A label file's rows without an image: summarised, or the end of a --strict run; notes on the split; and
+    what multi-label data cannot do."""
+    if split.multi_label:
+        check_balance(cfg.balance)
+    if split.missing and cfg.strict:
+        line, path = split.missing[0]
+        raise dist.echoed(DatasetError(f"--strict: {len(split.missing)} row(s) of {cfg.data} name no image, e.g. "
+                                       f"line {line}: {path} (under {split.root}); fix the paths or --image-dir, or "
+                                       "drop --strict to skip those rows"))
+    if split.missing:
+        emit("missing_rows", rows=list(split.missing), root=split.root, data=cfg.data)
+    for note in split.notes:
+        emit("note", text=note)
+
+
 def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lambda: 0,
             resume: dict | None = None) -> Prepared:
     """Validate options, read the data, build the model with its weights, decode or extract features."""
@@ -159,6 +178,7 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     split_files = split.files()
     choice = resolve_weights(cfg.model, cfg.weights)
     emit("dataset", split=split, device=str(device), weights=choice.label, processes=world.size)
+    _label_file_checks(cfg, split, emit)
     if split.skipped:
         emit("skipped", files=list(split.skipped), root=split.root)
     net = _build(cfg, split, choice, resume)
@@ -167,7 +187,8 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     # Feature-extract mode trains the head on every rank alike, one batch per step; images split over ranks.
     per_step = min(cfg.batch_size * (1 if use_features else world.size), len(split.train))
     trainer = Trainer(cfg, net, device, emit, images_per_step=per_step, train_labels=[s.label for s in split.train],
-                      num_classes=len(split.classes), stop=stop, check_initial_loss=resume is None)
+                      num_classes=len(split.classes), stop=stop, check_initial_loss=resume is None,
+                      train_targets=targets(split.train, len(split.classes)) if split.multi_label else None)
     emit("plan", why=plan.why)
     train_size = train_crop(cfg, choice, net)
     if use_features:

@@ -11,6 +11,8 @@ from finetune.config import TrainConfig
 from finetune.devices import autocast_dtype
 from finetune.errors import DivergedError, Interrupted
 from finetune.models import Network
+from finetune.multilabel import count_correct
+from finetune.multilabel import criterion as multilabel_criterion
 from finetune.training.sanity import initial_loss_check, update_ratio
 
 Emit = Callable[..., None]  # emit(event_name, **fields): the CLI renders, the library never prints
@@ -60,7 +62,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, net: Network, device, emit: Emit, *, images_per_step: int,
                  train_labels: list[int], num_classes: int, stop: Callable[[], int] = lambda: 0,
-                 check_initial_loss: bool = True):
+                 check_initial_loss: bool = True, train_targets=None):
         import torch
 
         self.cfg, self.net, self.device, self.emit, self.stop = cfg, net, device, emit, stop
@@ -78,7 +80,12 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.criterion = torch.nn.CrossEntropyLoss()  # for val: metrics stay comparable across --balance
         self.train_criterion = self.criterion
-        if cfg.balance == "weighted-loss":  # rarer classes weigh more in the training loss
+        self.multi_label = train_targets is not None  # [N, classes] multi-hot: one sigmoid per class
+        if self.multi_label:
+            self.criterion = multilabel_criterion()
+            weighted = cfg.balance == "weighted-loss"  # pos_weight: a rare label's positives count more
+            self.train_criterion = multilabel_criterion(train_targets).to(device) if weighted else self.criterion
+        elif cfg.balance == "weighted-loss":  # rarer classes weigh more in the training loss
             weights = class_weights(train_labels, num_classes).to(device)
             self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights)
         self.forward = net.module  # what a training step calls: the model, its compiled form, or its DDP wrapper
@@ -135,7 +142,8 @@ class Trainer:
         self.check_finite("training", value, epoch, step)
         if not self.checked_initial_loss:
             self.checked_initial_loss = True
-            self.emit("initial_loss", **initial_loss_check(value, self.num_classes))
+            # A fresh sigmoid head's BCE is ln 2, as a fresh two-class softmax's cross-entropy.
+            self.emit("initial_loss", **initial_loss_check(value, 2 if self.multi_label else self.num_classes))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         before = self._snapshot() if step == 1 else None  # one measured update per epoch is enough
@@ -144,7 +152,7 @@ class Trainer:
         if before is not None:
             self.update_ratios = self._update_ratios(before)
         self.emit("batch", step=step, loss=value, size=len(y))
-        return value, int((logits.argmax(1) == y).sum())
+        return value, count_correct(logits, y)
 
     def check_finite(self, what: str, value: float, epoch: int, step: int | None = None) -> None:
         """A NaN/inf loss ends the run (exit 6) before anything is saved from it, in every process at once."""
