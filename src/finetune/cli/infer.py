@@ -15,6 +15,7 @@ from finetune.cli.render import LazyProgress, err, esc, out, pct, warn
 from finetune.config import MAX_PIXELS
 from finetune.errors import UsageError
 from finetune.evaluate import evaluate_folder
+from finetune.explain import Explainer, explain_into
 from finetune.export import ATOL, FORMATS, RTOL, export_model
 from finetune.files import dumps_json, latest_model
 from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
@@ -46,6 +47,7 @@ def predict(
         "already there is kept), logged in FOLDER/sorted.csv."))] = None,
     min_confidence: Annotated[float, typer.Option(metavar="P", help=(
         "With --sort-into: images whose top probability is below this go to unsure/."))] = 0.0,
+    explain: o.Explain = None,
     batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
     max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
 ) -> None:
@@ -59,6 +61,9 @@ def predict(
     files, unusable = expand_inputs(paths)
     check_inputs(files, unusable)
     chosen = model_paths(model)
+    if explain and len(chosen) > 1:
+        raise UsageError("--explain: an ensemble's members look at different things; explain one model (-m once)")
+    explainer = Explainer(chosen[0], device, max_pixels) if explain else None  # refused before any prediction
     predictor = load_predictor(chosen, device, tta, max_pixels)
     name_model(chosen, predictor.info.describe(), bool(model), quiet)
     with LazyProgress("predicting", quiet) as bar:
@@ -74,6 +79,12 @@ def predict(
         counts = ", ".join(f"{esc(k)} {v}" for k, v in done["folders"].items())
         err.print(f"sorted {len(good)} image(s) into {esc(sort_into_dir)}/ ({counts}; {done['copied']} copied now, "
                   f"the rest already there); log: {esc(str(done['log']))}", highlight=False)
+    if explainer is not None and good:
+        with LazyProgress("explaining", quiet) as bar:
+            bar.start(len(good))
+            written = explain_into(explainer, good, explain, bar.advance)
+        err.print(f"explanations (Grad-CAM of the top class, and the top {min(top_k, len(predictor.classes))}): "
+                  f"{len(written)} picture(s) in {esc(explain)}/", highlight=False)
     if bad:
         err.print(f"[yellow]{len(bad)} of {len(good) + len(bad)} input(s) skipped[/]")
     if not good:

@@ -80,10 +80,11 @@ def _cv_losses(x, y, classes: int, folds: list, class_weights, l2s) -> list[tupl
     return out
 
 
-def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None, folds: int = CV_FOLDS) -> Probe:
+def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None, folds: int = CV_FOLDS,
+              l2: float | None = None) -> Probe:
     """The probe for features [views, images, dim] (or [images, dim]) and labels [images]. Returned as the
     weight and bias of a Linear layer on the raw features (it is fitted on standardised ones, which L-BFGS
-    converges on in far fewer steps)."""
+    converges on in far fewer steps). A given l2 is used as is: no search (cv_loss is then NaN)."""
     import torch
 
     x = torch.as_tensor(features, dtype=torch.float32)
@@ -97,12 +98,14 @@ def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None,
     cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
     k = max(2, min(folds, int(torch.bincount(torch.as_tensor(labels)).min())))
     parts = _folds(torch.arange(n).repeat(views), k, seed)
-    grid = _cv_losses(z, y, classes, parts, cw, L2_GRID)
-    best = min(grid, key=lambda g: g[1])[0]
-    grid += _cv_losses(z, y, classes, parts, cw, (best * 3, best / 3))  # one refinement step around it
-    l2, loss = min(grid, key=lambda g: g[1])
+    grid, loss = [], math.nan
+    if l2 is None:
+        grid = _cv_losses(z, y, classes, parts, cw, L2_GRID)
+        best = min(grid, key=lambda g: g[1])[0]
+        grid += _cv_losses(z, y, classes, parts, cw, (best * 3, best / 3))  # one refinement step around it
+        l2, loss = min(grid, key=lambda g: g[1])
     w, b = _fit(z, y, classes, l2, cw)
-    if not (torch.isfinite(w).all() and math.isfinite(loss)):
+    if not (torch.isfinite(w).all() and (grid == [] or math.isfinite(loss))):
         raise FloatingPointError("the linear probe did not converge to finite weights")
     weight = w / std  # back to raw features: w.(x - mean)/std + b = (w/std).x + (b - (w/std).mean)
     return Probe(weight, b - weight @ mean, l2, loss, sorted(grid))
