@@ -135,6 +135,7 @@ def duplicate_benchmark(data: Path, work: Path, cfg: dict, count: int) -> dict:
     groups = found["across_classes"] + found["within_class"]
     found_pairs = {frozenset(m["path"] for m in g["members"]) for g in groups}
     return {"copies": len(copies), "min_copy_similarity": min(c["similarity"] for c in copy_sims),
+            "max_copy_similarity": max(c["similarity"] for c in copy_sims),
             "min_by_kind": {k: min(c["similarity"] for c in copy_sims if c["kind"] == k)
                             for k in ("jpeg-q60", "resize-75%")},
             "max_unrelated_similarity": round(unrelated[0], 4), "unrelated_pairs": len(unrelated),
