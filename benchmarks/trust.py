@@ -29,7 +29,8 @@ from PIL import Image
 
 from finetune.config import TrainConfig
 from finetune.similar import NEAR_DUPLICATE, near_duplicates, neighbours
-from finetune.trust import embed, out_of_sample_probabilities, rank_label_issues
+from finetune.training.labels import out_of_sample_probabilities, rank_label_issues
+from finetune.trust import embed
 
 
 def cpu() -> str:

@@ -17,6 +17,7 @@ from finetune import similar, trust
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
+from finetune.training import labels
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = Path(os.environ.get("FINETUNE_TEST_WEIGHTS", REPO.parent / "shared" / "weights" /
@@ -39,9 +40,9 @@ def test_heads_never_score_their_own_images_and_cleanlab_ranks_flips_first():
     x, y = _blobs(200)
     flipped = set(random.Random(1).sample(range(200), 10))
     noisy = [1 - v if i in flipped else v for i, v in enumerate(y)]
-    probs = trust.out_of_sample_probabilities(x, noisy, 2)
+    probs = labels.out_of_sample_probabilities(x, noisy, 2)
     assert probs.shape == (200, 2) and torch.allclose(probs.sum(1), torch.ones(200))
-    flagged, quality = trust.rank_label_issues(noisy, probs)
+    flagged, quality = labels.rank_label_issues(noisy, probs)
     ranked = sorted(range(200), key=lambda i: quality[i])
     assert len(set(ranked[:10]) & flipped) >= 8  # chance: 0.5 of 10
     assert set(flagged) & flipped and len(set(flagged) & flipped) / len(flagged) >= 0.7
@@ -53,8 +54,8 @@ def test_a_class_with_one_image_is_refused():
     from finetune.errors import DatasetError
 
     with pytest.raises(DatasetError, match="at least 2 images of every class"):
-        trust.fold_count([0, 0, 0, 1], 2)
-    assert trust.fold_count([0] * 3 + [1] * 9, 2) == 3  # the smallest class caps K
+        labels.fold_count([0, 0, 0, 1], 2)
+    assert labels.fold_count([0] * 3 + [1] * 9, 2) == 3  # the smallest class caps K
 
 
 def test_near_duplicate_pairs_groups_and_outliers_on_known_vectors():
@@ -157,3 +158,17 @@ def test_check_labels_cli_json_and_review(tmp_path, real_cache):
     assert {"labels", "near_duplicates", "outliers", "review"} <= set(report)
     assert report["labels"]["images"] == 48 and report["labels"]["out_of_sample_accuracy"] > 0.75
     assert all({"path", "given", "suggested", "confidence"} <= set(s) for s in report["labels"]["suspects"])
+
+
+@pytest.mark.slow
+def test_a_feature_extract_run_reports_label_issues_and_a_finetune_run_says_how(tiny_data, tmp_path):
+    from finetune.training import run_training
+
+    fe = run_training(TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", augment="none",
+                                  output=str(tmp_path / "fe"), workers=1))
+    issues = json.loads((fe.run_dir / "results.json").read_text())["label_issues"]
+    assert issues["folds"] == 5 and issues["images"] == 18 and 0 <= issues["out_of_sample_accuracy"] <= 1
+    assert "Likely label errors" in (fe.run_dir / "report.html").read_text()
+    ft = run_training(TrainConfig(data=str(tiny_data), weights="none", epochs=1, output=str(tmp_path / "ft"),
+                                  workers=1))
+    assert "finetune check" in ft.summary["label_issues"]["skipped"]

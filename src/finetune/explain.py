@@ -80,6 +80,8 @@ class Explainer:
         self.getter, self.layout = TARGETS[family(mf.arch)]
         self.device = resolve_device(device)
         self.module = network_from(mf, mf.arch, mf.state_dict, mf.dropout).module.to(self.device).eval()
+        for p in self.module.parameters():  # Grad-CAM needs gradients of one layer's output only: half the time
+            p.requires_grad_(False)
         self.transform = mf.preprocessing.eval_transform()
 
     def explain(self, path: str, target: int) -> Explanation:
@@ -89,7 +91,7 @@ class Explainer:
         pre = self.info.preprocessing
         photo = load_image(path, max_pixels=self.max_pixels)
         x = self.transform(F.pil_to_tensor(F.resize(photo, pre.resize_size, antialias=True)))
-        heat = self.grad_cam(x[None].to(self.device), target)[0]
+        heat = self.grad_cam(x[None].contiguous().to(self.device), target)[0]
         return Explanation(path, photo, place(heat, photo.size, pre.resize_size), target)
 
     def grad_cam(self, batch, target: int):
@@ -184,3 +186,19 @@ def explain_into(explainer: Explainer, predictions, out_dir: str | os.PathLike,
         written.append(draw(out_dir / f"{name}.png", e, p.top))
         on_progress(1)
     return written
+
+
+def heatmaps_for(model_path: str | os.PathLike, items: list[dict]) -> dict:
+    """{path: Grad-CAM map of the item's predicted class} for the report's tiles; empty without finetune[explain]
+    (the tiles are then plain). A photo that cannot be explained now keeps its plain tile."""
+    try:
+        explainer = Explainer(model_path, "cpu")
+    except UsageError:
+        return {}
+    out = {}
+    for item in items:
+        try:
+            out[item["path"]] = explainer.explain(item["path"], explainer.info.classes.index(item["predicted"])).heatmap
+        except Exception:  # noqa: BLE001 - moved, changed or unreadable since training: a plain tile
+            continue
+    return out

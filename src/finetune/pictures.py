@@ -109,8 +109,10 @@ def _top_confusions(path: Path, top: list[dict], n: int, best_epoch) -> Path:
     return save(fig, path)
 
 
-def wrong(path: Path, items: list[dict], heatmaps: dict | None = None) -> Path:
-    """The most confidently wrong images; with heatmaps ({path: Grad-CAM map}), each under its map."""
+def wrong(path: Path, items: list[dict], heatmaps: dict | None = None, words: tuple[str, str] = ("true", "pred")
+          ) -> Path:
+    """The most confidently wrong images (or any images with two labels: words names them); with heatmaps
+    ({path: Grad-CAM map}), each under its map."""
     from matplotlib.patches import Rectangle
 
     items = items[:MAX_WRONG]
@@ -133,8 +135,8 @@ def wrong(path: Path, items: list[dict], heatmaps: dict | None = None) -> Path:
             heat = (heatmaps or {}).get(item["path"])
             ax.imshow(image if heat is None else blend(image, heat))
         name = Path(item["path"]).name
-        ax.set_title(plain(f"{name[:28]}\ntrue {item['true']} / pred {item['predicted']} ({item['probability']:.2f})"),
-                     fontsize=8)
+        ax.set_title(plain(f"{name[:28]}\n{words[0]} {item['true']} / {words[1]} {item['predicted']} "
+                           f"({item['probability']:.2f})"), fontsize=8)
     return save(fig, path)
 
 

@@ -25,7 +25,8 @@ from finetune.files import dumps_json, timestamped_dir
 from finetune.lrfind import lr_find as run_lr_find
 from finetune.lrfind import write_result
 from finetune.similar import NEAR_DUPLICATE
-from finetune.trust import LABEL_FOLDS, check_trust, require_cleanlab
+from finetune.training.labels import LABEL_FOLDS, require_cleanlab
+from finetune.trust import check_trust
 from finetune.tune import Space, run_search
 
 D = o.D

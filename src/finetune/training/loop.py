@@ -17,6 +17,7 @@ from finetune.training.outputs import RunSaver, check_run_folder, open_run_folde
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
 from finetune.training.setup import Prepared, prepare, silent, torch_flags
+from finetune.training.labels import run_label_issues
 from finetune.training.trainer import Emit
 
 
@@ -159,6 +160,8 @@ class _Run:
         if self.world.main:
             summary = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                        "seconds": seconds, "model": str(self.saver.model_path),
-                       "skipped": [{"path": p, "reason": r} for p, r in split.skipped]}
+                       "skipped": [{"path": p, "reason": r} for p, r in split.skipped],
+                       "label_issues": run_label_issues(self.p)}
+            self.emit("label_issues", **summary["label_issues"])
             result.summary = self.saver.finish(summary, split, best, self.history, self.cfg, self.emit)
         return result
