@@ -36,11 +36,11 @@ def check_family(model: str, weights: str) -> None:
 
 def embed(cfg: TrainConfig, emit=silent) -> Embeddings:
     """Frozen-backbone features (eval preprocessing, no augmentation) of every image; cached like training's."""
+    import torch
+
     check_family(cfg.model, cfg.weights)
     cfg = dataclasses.replace(cfg, mode="feature-extract", solver="lbfgs", augment="none", folds=0, fold=0,
                               overfit=0)
-    import torch
-
     with torch_flags(cfg):
         p = prepare(cfg, emit)
     if not isinstance(p.epochs, ProbeEpochs):  # check_family refuses these first; never a silent wrong answer
@@ -93,7 +93,7 @@ def check_trust(cfg: TrainConfig, folds: int = LABEL_FOLDS, similarity: float = 
     if review:
         check_review_folder(cfg.data, review)
     emb = embed(cfg, emit)
-    emit("label_heads", images=len(emb.paths), folds=fold_count(emb.labels, len(emb.classes), folds))
+    emit("label_heads", images=len(emb.paths), folds=fold_count(emb.labels, emb.classes, folds))
     out = {"labels": label_issues(emb, folds, cfg.seed), "near_duplicates": near_duplicates(emb, similarity)}
     out["outliers"] = out["near_duplicates"].pop("outliers")
     if review:

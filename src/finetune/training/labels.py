@@ -44,12 +44,14 @@ def require_cleanlab() -> None:
         raise UsageError(f"--labels ranks label issues with cleanlab, which is not installed: {INSTALL}") from None
 
 
-def fold_count(labels: list[int], classes: int, folds: int = LABEL_FOLDS) -> int:
-    """K: the folds asked for, fewer when the smallest class has fewer images (each fold needs one of each)."""
-    counts = [labels.count(c) for c in range(classes)]
+def fold_count(labels: list[int], classes: int | list[str], folds: int = LABEL_FOLDS) -> int:
+    """K: the folds asked for, fewer when the smallest class has fewer images (each fold needs one of each).
+    classes: their number, or their names (named in the error)."""
+    names = classes if isinstance(classes, list) else [str(c) for c in range(classes)]
+    counts = [labels.count(c) for c in range(len(names))]
     if min(counts) < 2:
-        raise DatasetError(f"class {counts.index(min(counts))} has {min(counts)} image(s): finding label issues "
-                           "needs at least 2 images of every class")
+        raise DatasetError(f"class {names[counts.index(min(counts))]} has {min(counts)} image(s): finding label "
+                           "issues needs at least 2 images of every class")
     return max(2, min(folds, min(counts)))
 
 
@@ -105,12 +107,13 @@ def rank_label_issues(labels: list[int], probs) -> tuple[list[int], list[float]]
 
 def label_issues(emb: Embeddings, folds: int = LABEL_FOLDS, seed: int = 0, l2: float | None = None) -> dict:
     """The suspects of a dataset, most likely mislabelled first, with how well the K heads did (JSON-ready)."""
+    k = fold_count(emb.labels, emb.classes, folds)  # a class too small is named before any work
     probs = out_of_sample_probabilities(emb.features, emb.labels, len(emb.classes), folds, seed, emb.paths,
                                         emb.root, l2)
     flagged, quality = rank_label_issues(emb.labels, probs)
     rows = [suspect(emb, i, probs[i], quality[i]) for i in flagged]
     accuracy = float((probs.argmax(1) == probs.new_tensor(emb.labels).long()).float().mean())
-    return {"folds": fold_count(emb.labels, len(emb.classes), folds), "images": len(emb.labels),
+    return {"folds": k, "images": len(emb.labels),
             "out_of_sample_accuracy": accuracy, "weights": emb.weights, "suspects": rows}
 
 
