@@ -120,3 +120,12 @@ def test_real_model_looks_at_the_insect_more_than_at_the_background(real_model):
         ratios.append(e.heatmap[insect & seen].mean() / max(e.heatmap[~insect & seen].mean(), 1e-6))
     assert sum(r > 1 for r in ratios) >= len(ratios) - 1, ratios  # one photo may fool it (see the JSON's note)
     assert float(np.median(ratios)) > 2, ratios
+
+
+def test_report_tiles_get_the_heatmap_of_their_predicted_class(trained_model, tiny_data, monkeypatch):
+    photos = sorted(str(p) for p in (tiny_data / "val" / "ants").iterdir())[:2]
+    maps = explain.heatmaps_for(trained_model, [{"path": photos[0], "predicted": "bees"},
+                                                {"path": photos[1] + ".gone", "predicted": "ants"}])
+    assert list(maps) == [photos[0]] and maps[photos[0]].max() <= 1  # a photo gone since training: a plain tile
+    monkeypatch.setitem(sys.modules, "captum", None)
+    assert explain.heatmaps_for(trained_model, [{"path": photos[0], "predicted": "bees"}]) == {}
