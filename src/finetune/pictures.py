@@ -109,7 +109,10 @@ def _top_confusions(path: Path, top: list[dict], n: int, best_epoch) -> Path:
     return save(fig, path)
 
 
-def wrong(path: Path, items: list[dict]) -> Path:
+def wrong(path: Path, items: list[dict], heatmaps: dict | None = None, words: tuple[str, str] = ("true", "pred")
+          ) -> Path:
+    """The most confidently wrong images (or any images with two labels: words names them); with heatmaps
+    ({path: Grad-CAM map}), each under its map."""
     from matplotlib.patches import Rectangle
 
     items = items[:MAX_WRONG]
@@ -129,10 +132,11 @@ def wrong(path: Path, items: list[dict]) -> Path:
             ax.add_patch(Rectangle((0, 0), 1, 1, color="0.92", transform=ax.transAxes))
             ax.text(0.5, 0.5, "could not read", ha="center", va="center", fontsize=8, transform=ax.transAxes)
         else:
-            ax.imshow(image)
+            heat = (heatmaps or {}).get(item["path"])
+            ax.imshow(image if heat is None else blend(image, heat))
         name = Path(item["path"]).name
-        ax.set_title(plain(f"{name[:28]}\ntrue {item['true']} / pred {item['predicted']} ({item['probability']:.2f})"),
-                     fontsize=8)
+        ax.set_title(plain(f"{name[:28]}\n{words[0]} {item['true']} / {words[1]} {item['predicted']} "
+                           f"({item['probability']:.2f})"), fontsize=8)
     return save(fig, path)
 
 
@@ -144,6 +148,22 @@ def _thumbnail(path):
         return image
     except Exception:  # noqa: BLE001 - a moved or broken file must not cost the whole report
         return None
+
+
+def blend(image, heat, side: int = THUMB, alpha: float = 0.6):
+    """The photo shrunk to side (longer side) under a heatmap in [0, 1] of any size, as an RGB float array; the
+    colour is opaque where the heat is high and absent where it is 0, so the cold parts show the photo as it is."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    small = image.copy()
+    small.thumbnail((side, side))
+    heat = Image.fromarray(np.asarray(heat, dtype=np.float32), "F").resize(small.size, Image.BILINEAR)
+    heat = np.clip(np.asarray(heat), 0, 1)
+    weight = alpha * np.sqrt(heat)[..., None]
+    colours = colormaps["jet"](heat)[..., :3]
+    return np.clip((1 - weight) * np.asarray(small, dtype=np.float32) / 255 + weight * colours, 0, 1)
 
 
 def relative_change(before, after) -> float:

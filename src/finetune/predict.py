@@ -244,7 +244,7 @@ def sort_into(predictions: Sequence[Prediction], dest: str | os.PathLike, min_co
         for cls, prob, name in places:
             folder = dest / name
             folder.mkdir(parents=True, exist_ok=True)
-            target, copied = _place(Path(p.path), folder)
+            target, copied = copy_into(Path(p.path), folder)
             counts[folder.name] = counts.get(folder.name, 0) + 1
             rows.append({"source": p.path, "predicted": cls, "probability": f"{prob:.6f}", "copied_to": str(target),
                          "action": "copied" if copied else "already there"})
@@ -263,7 +263,7 @@ def _earlier_rows(log: Path) -> list[dict]:
         return []
 
 
-def _place(source: Path, folder: Path) -> tuple[Path, bool]:
+def copy_into(source: Path, folder: Path) -> tuple[Path, bool]:
     """(where source is in folder, whether it was copied now): the first free name, or an identical file."""
     candidate, n = folder / source.name, 2
     while candidate.exists():

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from finetune import pictures, pictures_ml
+from finetune.explain import heatmaps_for
 from finetune.report_ml import multilabel_facts, multilabel_sections
 from finetune.files import write_text_atomic
 from finetune.metrics import top_confusions
@@ -18,16 +19,18 @@ from finetune.metrics import top_confusions
 HISTORY_COLUMNS = (("epoch", "epoch"), ("train_loss", "train loss"), ("train_acc", "train acc"),
                    ("val_loss", "val loss"), ("val_acc", "val acc"), ("lr", "lr"))
 PICTURES = (("curves", "Training curves"), ("confusion", "Confusion"),
-            ("wrong", "Most confidently wrong validation images"), ("reliability", "Calibration (reliability)"),
-            ("filters", "First-layer filters"))
+            ("wrong", "Most confidently wrong validation images (heat: what drove the prediction, Grad-CAM)"),
+            ("reliability", "Calibration (reliability)"), ("filters", "First-layer filters"),
+            ("label_issues", "Likely label errors (given / suggested label)"))
 # Settings shown as used: the key of what was used instead of the requested value, and the label.
 USED_INSTEAD = {"lr": "lr_used", "train_size": "train_size_used", "amp": "precision", "weights": "base_weights"}
 NOT_SHOWN = set(USED_INSTEAD.values()) | {"preprocessing", "classes"}
 
 
 def write_report(run_dir: str | os.PathLike, *, history: list[dict], classes: list[str], wrong: list[dict],
-                 filters_before, filters_after, config: dict, summary: dict) -> dict[str, Path]:
-    """Write the run's pictures and report.html into run_dir; return their paths."""
+                 filters_before, filters_after, config: dict, summary: dict, model=None) -> dict[str, Path]:
+    """Write the run's pictures and report.html into run_dir; return their paths. With model (its file), the
+    wrong images carry a Grad-CAM heatmap of the predicted class where finetune[explain] is installed."""
     run_dir = Path(run_dir)
     best_epoch = summary.get("best_epoch")
     metrics = summary.get("val_metrics") or {}
@@ -41,7 +44,12 @@ def write_report(run_dir: str | os.PathLike, *, history: list[dict], classes: li
     else:
         paths["confusion"] = pictures.confusion(run_dir / "confusion.png", matrix, classes, best_epoch,
                                                 top_confusions(matrix, classes, pictures.TOP_CONFUSIONS))
-        paths["wrong"] = pictures.wrong(run_dir / "wrong.png", tiles)
+        paths["wrong"] = pictures.wrong(run_dir / "wrong.png", tiles, heatmaps_for(model, tiles) if model else None)
+    suspects = (summary.get("label_issues") or {}).get("suspects")
+    if suspects:
+        paths["label_issues"] = pictures.wrong(run_dir / "label_issues.png", [
+            {"path": os.path.join(root, s["path"]) if root else s["path"], "true": s["given"],
+             "predicted": s["suggested"], "probability": s["confidence"]} for s in suspects], words=("given", "sugg."))
     # Runs whose first layer could not be found, or did not move (a frozen backbone), get no filters picture.
     if filters_before is not None and filters_after is not None:
         drawn = pictures.filters(run_dir / "filters.png", filters_before, filters_after)
@@ -125,11 +133,26 @@ def _sections(summary: dict, classes: list[str], wrong: list[dict]) -> list[str]
         out += ["<h2>Most confidently wrong (files)</h2>",
                 *_table(["image", "true", "predicted", "probability"],
                         [[w["path"], w["true"], w["predicted"], f"{w['probability']:.3f}"] for w in wrong])]
+    out += _label_issues(summary.get("label_issues"))
     skipped = summary.get("skipped") or []
     out += [f"<h2>Skipped files ({len(skipped)})</h2>"]
     out += _table(["file", "reason"], [[s["path"], s["reason"]] for s in skipped]) if skipped \
         else ["<p>none: every file was used</p>"]
     return out
+
+
+def _label_issues(issues: dict | None) -> list[str]:
+    """Likely label errors of a feature-extract run (out-of-sample probes + cleanlab), or why there are none."""
+    if not issues:
+        return []
+    out = ["<h2>Likely label errors</h2>"]
+    if "skipped" in issues:
+        return out + [f"<p>not computed: {html.escape(issues['skipped'])}</p>"]
+    out.append(f"<p>{len(issues['suspects'])} image(s) flagged by confident learning on out-of-sample probabilities "
+               f"({issues['folds']} linear probes on the pretrained backbone's features, each scoring the images it "
+               f"was not fitted on; their accuracy {100 * issues['out_of_sample_accuracy']:.1f} %)</p>")
+    rows = [[s["path"], s["split"], s["given"], s["suggested"], f"{s['confidence']:.3f}"] for s in issues["suspects"]]
+    return out + (_table(["image", "split", "given", "suggested", "confidence"], rows) if rows else [])
 
 
 def _settings(config: dict) -> list[list]:

@@ -16,6 +16,7 @@ from finetune.cli.render import LazyProgress, err, esc, out, pct, warn
 from finetune.config import MAX_PIXELS
 from finetune.errors import UsageError
 from finetune.evaluate import evaluate_folder
+from finetune.explain import Explainer, explain_into
 from finetune.export import ATOL, FORMATS, RTOL, export_model
 from finetune.files import dumps_json, latest_model
 from finetune.lite import cache_export, light_predictor
@@ -52,25 +53,24 @@ def predict(
         "FOLDER/sorted.csv."))] = None,
     min_confidence: Annotated[float, typer.Option(metavar="P", help=(
         "With --sort-into: images whose top probability is below this go to unsure/."))] = 0.0,
+    explain: o.Explain = None,
     batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
     max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
 ) -> None:
     """Classify images with a trained model: top-k classes with probabilities."""
-    if not 0 <= min_confidence <= 1:
-        raise UsageError(f"--min-confidence {min_confidence}: must be between 0 and 1")
-    if as_json and as_csv:
-        raise UsageError("--json and --csv: choose one")
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"--top-k {top_k}: must be at least 1")
+    _check_predict_options(min_confidence, as_json, as_csv, top_k)
     files, unusable = expand_inputs(paths)
     check_inputs(files, unusable)
     chosen = model_paths(model)
-    light = light_predictor(chosen, device, tta, max_pixels) if not threshold else None
+    if explain and len(chosen) > 1:
+        raise UsageError("--explain: an ensemble's members look at different things; explain one model (-m once)")
+    explainer = Explainer(chosen[0], device, max_pixels) if explain else None  # refused before any prediction
+    light = light_predictor(chosen, device, tta, max_pixels) if not (threshold or explain) else None
     predictor = light or load_predictor(chosen, device, tta, max_pixels, threshold)
     name_model(chosen, predictor.info.describe(), bool(model), quiet)
     multi = getattr(predictor, "multi_label", False)
     # Multi-label: the labels above their thresholds; the top-k scores too when -k is given (always in JSON/CSV).
-    k = top_k or (len(predictor.classes) if multi else 3)
+    k = min(top_k or (len(predictor.classes) if multi else 3), len(predictor.classes))
     with LazyProgress("predicting", quiet) as bar:
         bar.start(len(files))
         results = list(predictor.predict(files, k, batch_size, workers, bar.advance))
@@ -79,21 +79,42 @@ def predict(
     for f in bad:
         warn(f"skipped {esc(f.path)}: {esc(f.reason)}")
     if multi:
-        print_labels(good, as_json, as_csv, min(k, len(predictor.classes)), top_k is not None)
+        print_labels(good, as_json, as_csv, k, top_k is not None)
     else:
-        _print_predictions(good, as_json, as_csv, min(k, len(predictor.classes)))
-    if sort_into_dir and good:
-        done = sort_into(good, sort_into_dir, min_confidence)
-        counts = ", ".join(f"{esc(k)} {v}" for k, v in done["folders"].items())
-        err.print(f"sorted {len(good)} image(s) into {esc(sort_into_dir)}/ ({counts}; {done['copied']} copied now, "
-                  f"the rest already there); log: {esc(str(done['log']))}", highlight=False)
+        _print_predictions(good, as_json, as_csv, k)
+    _use_predictions(good, sort_into_dir, min_confidence, explainer, explain, k, quiet)
     if bad:
         err.print(f"[yellow]{len(bad)} of {len(good) + len(bad)} input(s) skipped[/]")
     if not good:
         raise typer.Exit(1)
-    if light is None and len(chosen) == 1 and device in ("auto", "cpu") and cache_export(chosen[0], [good[0].path]) \
-            and not quiet:
+    if light is None and not multi and device in ("auto", "cpu") and len(chosen) == 1 and \
+            cache_export(chosen[0], [good[0].path]) and not quiet:
         err.print("[dim]cached an ONNX export of this model: the next predictions with it start without torch[/]")
+
+
+def _check_predict_options(min_confidence: float, as_json: bool, as_csv: bool, top_k: int | None) -> None:
+    if not 0 <= min_confidence <= 1:
+        raise UsageError(f"--min-confidence {min_confidence}: must be between 0 and 1")
+    if as_json and as_csv:
+        raise UsageError("--json and --csv: choose one")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be at least 1")
+
+
+def _use_predictions(good: list, sort_into_dir, min_confidence: float, explainer, explain, k: int,
+                     quiet: bool) -> None:
+    """--sort-into copies, --explain pictures."""
+    if sort_into_dir and good:
+        done = sort_into(good, sort_into_dir, min_confidence)
+        counts = ", ".join(f"{esc(name)} {n}" for name, n in done["folders"].items())
+        err.print(f"sorted {len(good)} image(s) into {esc(sort_into_dir)}/ ({counts}; {done['copied']} copied now, "
+                  f"the rest already there); log: {esc(str(done['log']))}", highlight=False)
+    if explainer is not None and good:
+        with LazyProgress("explaining", quiet) as bar:
+            bar.start(len(good))
+            written = explain_into(explainer, good, explain, bar.advance)
+        err.print(f"explanations (Grad-CAM of the top class, and the top {k}): {len(written)} picture(s) in "
+                  f"{esc(explain)}/", highlight=False)
 
 
 def _print_predictions(good: list, as_json: bool, as_csv: bool, k: int) -> None:

@@ -136,6 +136,20 @@ Config = Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=OUTP
     "Settings from a JSON file (a best.json from `finetune tune`); options on the command line override them."))]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress output.")]
 
+# check --labels.
+Labels = Annotated[bool, typer.Option("--labels", rich_help_panel=CHECKS, help=(
+    "Also embed every image with a pretrained backbone (--model, --weights; computed once, cached) and rank likely "
+    "label errors (K-fold linear heads + confident learning), near-duplicates and outliers. Needs "
+    "finetune[labels]."))]
+LabelFolds = Annotated[int, typer.Option(metavar="K", rich_help_panel=CHECKS, help=(
+    "With --labels: heads fitted, each scoring the images it did not see."))]
+Similarity = Annotated[float, typer.Option(metavar="COS", rich_help_panel=CHECKS, help=(
+    "With --labels: cosine similarity of embeddings at which two photos are near-duplicates (measured for "
+    "MobileNetV2 on re-encoded and resized copies; see docs/data.md)."))]
+ReviewInto = Annotated[str | None, typer.Option("--review-into", metavar="FOLDER", rich_help_panel=CHECKS, help=(
+    "With --labels: copy each suspect into FOLDER/<given>-><suggested>/ for a person to look at (copies: the "
+    "dataset is never changed), listed in FOLDER/review.csv."))]
+
 # Inference commands.
 Models = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
     "Model file (best.pt, or an export: .pt, .safetensors, .pt2, .onnx); repeat for an ensemble. Default: the "
@@ -148,6 +162,9 @@ InferDevice = Annotated[str, typer.Option(metavar="DEVICE", help=f"{one_of(DEVIC
 InferMaxPixels = Annotated[int, typer.Option(metavar="N", help=(
     "Refuse images with more pixels than this (decompression bombs), read from the header."))]
 AsJson = Annotated[bool, typer.Option("--json", help="The full result as JSON on stdout.")]
+Explain = Annotated[str | None, typer.Option("--explain", metavar="FOLDER", help=(
+    "Also write FOLDER/<image>.png per image: the photo under a Grad-CAM heatmap of what drove the top class, "
+    "beside the top-k bars. One model (no ensemble, no .onnx/.pt2). Needs finetune[explain]."))]
 InferQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no model line on stderr.")]
 Threshold = Annotated[list[str] | None, typer.Option("--threshold", metavar="P|CLASS=P", help=(
     "Multi-label models: predict a label when its probability is at least P (all classes), or CLASS=P for one "

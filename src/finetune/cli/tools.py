@@ -17,6 +17,7 @@ from finetune.cli import options as o
 from finetune.cli.app import command
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.train import command_line
+from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
 from finetune.errors import DivergedError, UsageError
@@ -24,27 +25,49 @@ from finetune.files import dumps_json, timestamped_dir
 from finetune.labelfile import LabelFileOptions
 from finetune.lrfind import lr_find as run_lr_find
 from finetune.lrfind import write_result
+from finetune.similar import NEAR_DUPLICATE
+from finetune.training.labels import LABEL_FOLDS, require_cleanlab
+from finetune.trust import check_trust
 from finetune.tune import Space, run_search
 
 D = o.D
 
 
-@command(epilog="Example: finetune check ./images --json > report.json")
+@command(epilog="Example: finetune check ./images --labels --review-into ./to-review --json > report.json")
 def check(
     data: o.Data, as_json: o.AsJson = False, val_fraction: o.ValFraction = D["val_fraction"], seed: o.Seed = D["seed"],
     max_pixels: o.MaxPixels = D["max_pixels"], path_col: o.PathCol = None, label_col: o.LabelCol = None,
     label_sep: o.LabelSep = None, multi_label: o.MultiLabel = False, image_dir: o.ImageDir = None,
     workers: Annotated[int, typer.Option("--workers", "-j", metavar="N", help="Reading threads.")] = 2,
+    labels: o.Labels = False, model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    label_folds: o.LabelFolds = LABEL_FOLDS, similarity: o.Similarity = NEAR_DUPLICATE,
+    review: o.ReviewInto = None, device: o.Device = D["device"], batch_size: o.BatchSize = D["batch_size"],
 ) -> None:
-    """Inspect a dataset before training: counts, unusable files, duplicates and train/val leakage."""
-    labels = LabelFileOptions(path_col, label_col, label_sep, multi_label, image_dir)
+    """Inspect a dataset before training: counts, unusable files, duplicates and train/val leakage; with --labels,
+    likely label errors, near-duplicates and outliers."""
+    label_file = LabelFileOptions(path_col, label_col, label_sep, multi_label, image_dir)
+    if review and not labels:
+        raise UsageError("--review-into: copies the suspects --labels finds; add --labels")
+    if labels:
+        require_cleanlab()  # before any work: a missing extra is said at once
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("checking", total=None)
         report = check_dataset(data, val_fraction, seed, workers, max_pixels,
-                               on_progress=lambda i, n: progress.update(task, completed=i, total=n), labels=labels)
+                               on_progress=lambda i, n: progress.update(task, completed=i, total=n), labels=label_file)
+    if labels:
+        if report.get("multi_label"):
+            raise UsageError("--labels: label errors are ranked for single-label data (one class per image); this "
+                             "dataset is multi-label")
+        cfg = TrainConfig(data=data, model=model, weights=weights, val_fraction=val_fraction, seed=seed,
+                          max_pixels=max_pixels, workers=workers, device=device, batch_size=batch_size,
+                          path_col=path_col, label_col=label_col, label_sep=label_sep, image_dir=image_dir)
+        with TrustView(False) as view:
+            report |= check_trust(cfg, label_folds, similarity, review, view)
     if as_json:
         sys.stdout.write(dumps_json(report) + "\n")
     _render_check(report)
+    if labels:
+        render_trust(report)
 
 
 def _render_check(r: dict) -> None:

@@ -169,6 +169,11 @@ class TrainView:
         self.warn(f"{group} update/weight ratio {ratio:.1e} is outside the healthy {band[0]:g}..{band[1]:g} for a "
                   f"{'pretrained backbone' if group == 'backbone' else 'new head'}: {advice}")
 
+    def on_label_issues(self, suspects=None, skipped=None, **_):
+        if suspects is not None:  # feature-extract runs; a fine-tuned run's report says how to get them
+            self.log(f"[bold]labels[/] {len(suspects)} likely label error(s) among the train and val images "
+                     "(out-of-sample probes + cleanlab): see report.html")
+
     def on_probe(self, l2, cv_loss, tried):
         self.log(f"[bold]probe[/] linear head fitted to convergence (L-BFGS); L2 {l2:.2g} chosen from {tried} by "
                  f"cross-validation on the training images (held-out loss {cv_loss:.3f})")

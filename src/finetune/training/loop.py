@@ -20,6 +20,7 @@ from finetune.multilabel import targets
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
+from finetune.training.labels import run_label_issues
 from finetune.training.plan import planned_epochs
 from finetune.training.setup import Phase, Prepared, prepare, silent, torch_flags
 from finetune.training.trainer import Emit
@@ -208,11 +209,13 @@ class _Run:
         if self.world.main:
             summary = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                        "seconds": seconds, "model": str(self.saver.model_path),
-                       "skipped": [{"path": p, "reason": r} for p, r in split.skipped]}
+                       "skipped": [{"path": p, "reason": r} for p, r in split.skipped],
+                       "label_issues": run_label_issues(self.p)}
             if split.multi_label:
                 summary["best_val_map"] = best.get("val_map")
             if split.missing:
                 summary["rows_without_image"] = {"count": len(split.missing), "first": [
                     {"line": n, "path": w} for n, w in split.missing[:100]]}
+            self.emit("label_issues", **summary["label_issues"])
             result.summary = self.saver.finish(summary, split, best, self.history, self.cfg, self.emit)
         return result

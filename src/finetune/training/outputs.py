@@ -24,7 +24,7 @@ METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 LOCK_FILE = ".finetune.lock"
 # What a run writes into its folder: --overwrite removes these (and nothing else).
 RUN_FILES = ("best.pt", STATE_FILE, "config.json", "split.json", "metrics.csv", "results.json", "report.html",
-             "curves.png", "confusion.png", "wrong.png", "filters.png", "reliability.png")
+             "curves.png", "confusion.png", "wrong.png", "filters.png", "reliability.png", "label_issues.png")
 MAX_WRONG = 16
 
 
@@ -142,7 +142,7 @@ class RunSaver:
         try:
             paths = write_report(self.folder, history=history, classes=self.classes, wrong=summary.get("wrong", []),
                                  filters_before=best.get("filters_before"), filters_after=best.get("filters"),
-                                 config=self.config, summary=summary)
+                                 config=self.config, summary=summary, model=self.model_path)
         except (Exception, MemoryError) as e:  # noqa: BLE001 - pictures are a bonus; never lose a finished run
             emit("report_failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         else:

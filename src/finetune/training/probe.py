@@ -100,10 +100,11 @@ def _cv_losses(x, y, classes: int, masks, class_weights, l2s) -> list[tuple[floa
     return out
 
 
-def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None, folds: int = CV_FOLDS) -> Probe:
+def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None, folds: int = CV_FOLDS,
+              l2: float | None = None) -> Probe:
     """The probe for features [views, images, dim] (or [images, dim]) and labels [images]. Returned as the
     weight and bias of a Linear layer on the raw features (it is fitted on standardised ones, which L-BFGS
-    converges on in far fewer steps)."""
+    converges on in far fewer steps). A given l2 is used as is: no search (cv_loss is then NaN)."""
     import torch
 
     x = torch.as_tensor(features, dtype=torch.float32)
@@ -119,13 +120,15 @@ def fit_probe(features, labels, classes: int, seed: int = 0, class_weights=None,
     fewest = int(labels.sum(0).min()) if labels.dim() == 2 else int(torch.bincount(labels).min())
     k = max(2, min(folds, fewest))
     masks = fold_masks(torch.arange(n).repeat(views), k, seed)
-    grid = _cv_losses(z, y, classes, masks, cw, L2_GRID)
-    best = min(grid, key=lambda g: g[1])[0]
-    grid += _cv_losses(z, y, classes, masks, cw, (best * 3, best / 3))  # one refinement step around it
-    l2, loss = min(grid, key=lambda g: g[1])
+    grid, loss = [], math.nan
+    if l2 is None:
+        grid = _cv_losses(z, y, classes, masks, cw, L2_GRID)
+        best = min(grid, key=lambda g: g[1])[0]
+        grid += _cv_losses(z, y, classes, masks, cw, (best * 3, best / 3))  # one refinement step around it
+        l2, loss = min(grid, key=lambda g: g[1])
     w, b = _fit(z, y, torch.ones(1, len(y)), classes, l2, cw)
     w, b = w[0], b[0]
-    if not (torch.isfinite(w).all() and math.isfinite(loss)):
+    if not (torch.isfinite(w).all() and (grid == [] or math.isfinite(loss))):
         raise FloatingPointError("the linear probe did not converge to finite weights")
     weight = w / std  # back to raw features: w.(x - mean)/std + b = (w/std).x + (b - (w/std).mean)
     return Probe(weight, b - weight @ mean, l2, loss, sorted(grid))
