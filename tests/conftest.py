@@ -38,12 +38,13 @@ def flat_data(tmp_path_factory, tiny_data) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, tiny_data) -> Path:
-    """A resnet18 model file trained for one epoch from random init on tiny_data."""
+    """A resnet18 model file fine-tuned for one epoch (SGD) from random init on tiny_data."""
     from finetune.config import TrainConfig
     from finetune.training import run_training
 
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=1, batch_size=8, output=str(out), workers=1)
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=1, batch_size=8, output=str(out),
+                      workers=1)
     return run_training(cfg).model_path
 
 

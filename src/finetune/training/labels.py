@@ -75,7 +75,7 @@ def out_of_sample_probabilities(features, labels: list[int], classes: int, folds
     l2 = fit_probe(x, y, classes, seed, folds=k).l2 if l2 is None else l2
     probs = torch.zeros(len(labels), classes)
     for held in stratified_folds([Sample(p, int(c)) for p, c in zip(paths, y)], k, seed, twins):
-        held_idx = torch.tensor([position[s.path] for s in held])
+        held_idx = torch.tensor([position[s.path] for s in held], dtype=torch.long)
         keep = torch.ones(len(labels), dtype=torch.bool)
         keep[held_idx] = False
         probe = fit_probe(x[keep], y[keep], classes, seed, l2=l2)
