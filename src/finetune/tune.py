@@ -21,6 +21,7 @@ from pathlib import Path
 from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
 from finetune.distributed import single_process
 from finetune.errors import DivergedError, Interrupted, UsageError
+from finetune.extras import require
 from finetune.files import write_csv_atomic, write_json_atomic
 from finetune.training import run_training
 from finetune.training.outputs import RunLock
@@ -126,6 +127,7 @@ def run_search(base: TrainConfig, root: Path, trials: int = 20, coarse_epochs: i
     signal number ends the search after the running trial's step (Interrupted); it resumes from the study.
     """
     single_process("tune")
+    require("optuna", "tune", "finetune tune")
     _check(trials, coarse_epochs, fine_epochs, pruner)
     base = dataclasses.replace(base, solver="sgd")  # the searched lr, epochs and batch size act on an SGD head
     validate(base)

@@ -13,6 +13,7 @@ from finetune import distributed as dist
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
+from finetune.tracking import tracked
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
@@ -52,7 +53,8 @@ def run_training(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] 
         folder, held["lock"] = open_run_folder(cfg, resuming)
         return folder
 
-    with torch_flags(cfg):
+    # --log: the trackers observe the events (and are opened now, before any long work)
+    with torch_flags(cfg), tracked(cfg, emit, resuming) as emit:
         p = prepare(cfg, emit, stop, resume)
         folder = dist.on_main(open_folder)  # rank 0 writes, under the folder's lock
         try:
@@ -89,6 +91,7 @@ class _Run:
             first = self.resume["epoch"] + 1
         else:
             self.saver.start(p.split_files)
+        self.emit("run_config", run_dir=self.saver.folder, config=self.saver.config, resumed=first > 1)
         self.emit("start", run_dir=self.saver.folder, epochs=self.last, batches=p.epochs.batches,
                   lr=p.trainer.lr, first=first, sizes=(p.train_size, p.choice.preprocessing.crop_size),
                   resumed_from=self.resume["config"]["epochs"] if self.resume is not None else None)
@@ -161,4 +164,5 @@ class _Run:
                        "seconds": seconds, "model": str(self.saver.model_path),
                        "skipped": [{"path": p, "reason": r} for p, r in split.skipped]}
             result.summary = self.saver.finish(summary, split, best, self.history, self.cfg, self.emit)
+            self.emit("finish", run_dir=self.saver.folder, model=self.saver.model_path, summary=result.summary)
         return result
