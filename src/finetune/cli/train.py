@@ -18,6 +18,7 @@ from finetune.configfile import load_config
 from finetune.errors import Interrupted, UsageError
 from finetune.training import run_training
 from finetune.training.folds import cross_validate
+from finetune.training.initfrom import init_arch
 from finetune.training.resume import STATE_FILE, resume_config
 from finetune.training.sanity import overfit_config, overfit_verdict
 
@@ -77,12 +78,23 @@ def _config(ctx: typer.Context, config: str | None, resume: str | None):
             raise UsageError("--resume and --config: a resumed run keeps its own settings; give one of them")
         return distributed.on_main(lambda: resume_config(resume, given))
     settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
-    if config:
-        settings |= {k: v for k, v in load_config(config).items() if k not in given}
+    from_file = load_config(config) if config else {}
+    settings |= {k: v for k, v in from_file.items() if k not in given}
     if settings.get("data") is None:
         raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
+    if settings.get("init_from"):
+        _init_model(settings, given | from_file)
     cfg = TrainConfig(**settings)
     return (overfit_config(cfg) if cfg.overfit else cfg), None
+
+
+def _init_model(settings: dict, given: dict) -> None:
+    """--init-from: the architecture is the model file's unless --model is given (it is then checked against
+    it); --weights does not apply."""
+    if "weights" in given and given["weights"] != "DEFAULT":
+        raise UsageError("--weights and --init-from: the weights come from the --init-from model file; give one")
+    if "model" not in given:
+        settings["model"] = init_arch(settings["init_from"])
 
 
 def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool):
