@@ -67,9 +67,11 @@ class Preprocessing:
         scale = (0.35, 1.0) if augment == "light" else (0.08, 1.0)
         geometric = [v2.RandomResizedCrop(crop, scale=scale, interpolation=interp, antialias=True),
                      v2.RandomHorizontalFlip()]
-        policy = {"standard": lambda: v2.RandomRotation(10, interpolation=interp),
-                  "trivial": lambda: v2.TrivialAugmentWide(interpolation=interp),
-                  "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9, interpolation=interp)}
+        # Rotations and affine warps of tensors take nearest or bilinear only (timm models often ask bicubic).
+        warp = interp if interp in (InterpolationMode.NEAREST, InterpolationMode.BILINEAR) else InterpolationMode.BILINEAR
+        policy = {"standard": lambda: v2.RandomRotation(10, interpolation=warp),
+                  "trivial": lambda: v2.TrivialAugmentWide(interpolation=warp),
+                  "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9, interpolation=warp)}
         if augment in policy:  # the policies work on uint8 images, before the conversion to float
             geometric.append(policy[augment]())
         return v2.Compose([v2.ToImage(), *geometric, v2.ToDtype(torch.float32, scale=True),

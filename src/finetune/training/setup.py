@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from finetune import distributed as dist
+from finetune import timm_models
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.dataset import DatasetSplit, find_dataset
@@ -145,7 +146,8 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     split, local = _read_split(cfg, world, resume)
     split_files = split.files()
     init = load_init(cfg)  # --init-from: a trained finetune model instead of --weights
-    choice = init_choice(cfg, init) if init is not None else resolve_weights(cfg.model, cfg.weights)
+    resolve = timm_models.resolve_weights if timm_models.is_timm(cfg.model) else resolve_weights
+    choice = init_choice(cfg, init) if init is not None else resolve(cfg.model, cfg.weights)
     emit("dataset", split=split, device=str(device), weights=choice.label, processes=world.size)
     if split.skipped:
         emit("skipped", files=list(split.skipped), root=split.root)
