@@ -97,7 +97,7 @@ def _typed(p: Path, name: str, value):
     if value is None:
         if optional:
             return None
-        raise UsageError(f"--config {p}: {name} is empty; give a {kind.__name__} (or leave {name} out)")
+        raise UsageError(f"--config {p}: {name} is empty; give {_kind_name(kind)} (or leave {name} out)")
     try:
         if kind is bool:
             if isinstance(value, bool):
