@@ -101,3 +101,54 @@ def test_overwrite_removes_the_tensorboard_folder_of_the_earlier_run(tiny_data, 
     again = run_training(_cfg(tiny_data, tmp_path, "tensorboard", overwrite=True))
     now = sorted((again.run_dir / tracking.TENSORBOARD_DIR).iterdir())
     assert len(now) == 1 and now != old  # one run's events, not two runs' mixed in one folder
+
+
+class _Fake:
+    """A tracker that records what it is given."""
+
+    name = "tensorboard"
+    calls: list = []
+
+    def __init__(self, cfg, resuming):
+        self.calls.append(("open", resuming))
+
+    def where(self, run_dir):
+        return f"fake in {run_dir}"
+
+    def run_config(self, run_dir, config, resumed):
+        self.calls.append(("run_config", config["lr_used"], resumed))
+
+    def epoch(self, row):
+        self.calls.append(("epoch", row["epoch"]))
+
+    def finish(self, run_dir, summary, paths, best_epoch):
+        self.calls.append(("finish", sorted(paths), best_epoch))
+
+    def close(self, status):
+        self.calls.append(("close", status))
+
+
+@pytest.mark.parametrize("outcome, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"),
+                                             (RuntimeError, "FAILED")])
+def test_trackers_see_the_events_and_end_as_the_run_ends(tmp_path, monkeypatch, outcome, status):
+    _Fake.calls = []
+    monkeypatch.setitem(tracking.TRACKERS, "tensorboard", _Fake)
+    seen = []
+
+    def run():
+        with tracking.tracked(TrainConfig(data="x", log="tensorboard"), lambda e, **k: seen.append(e)) as emit:
+            emit("run_config", run_dir=tmp_path, config={"lr_used": 0.01}, resumed=False)
+            emit("epoch_end", row={"epoch": 1}, improved=True)
+            emit("report", paths={"confusion": tmp_path / "c.png"})
+            emit("finish", run_dir=tmp_path, model=tmp_path / "best.pt", summary={"best_epoch": 1})
+            if outcome is not None:
+                raise outcome()
+
+    if outcome is None:
+        run()
+    else:
+        with pytest.raises(outcome):
+            run()
+    assert seen == ["run_config", "tracking", "epoch_end", "report", "finish"]  # every event passed on, in order
+    assert _Fake.calls == [("open", False), ("run_config", 0.01, False), ("epoch", 1), ("finish", ["confusion"], 1),
+                           ("close", status)]
