@@ -20,6 +20,7 @@ from finetune.cli.train import command_line
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig
 from finetune.errors import DivergedError, Interrupted, UsageError
+from finetune.extras import require
 from finetune.files import dumps_json, timestamped_dir
 from finetune.lrfind import lr_find as run_lr_find
 from finetune.lrfind import write_result
@@ -160,9 +161,19 @@ def tune(
     """Hyper-parameter search (Optuna: TPE, pruning); writes every trial and the best settings (best.json)."""
     if mode not in ("both", *MODES):
         raise UsageError(f"--mode {mode}: choose both, {', '.join(MODES)}")
+    require("optuna", "tune", "finetune tune")  # before the live table starts
     root = Path(output) if output else timestamped_dir("tune", model)
     base = TrainConfig(data=data, model=model, weights=weights, seed=seed, val_fraction=val_fraction, device=device,
                        workers=workers)
+    space = Space(mode=MODES if mode == "both" else (mode,))
+    result = _live_search(root, lambda view, stop: run_search(
+        base, root, trials, coarse_epochs, fine_epochs, _seconds(budget), seed, space, view, pruner=pruner, stop=stop))
+    _tune_outcome(result, trials, data, root)
+
+
+def _live_search(root: Path, search):
+    """search(view, stop) under a live table of its trials; a first Ctrl-C/SIGTERM stops after the running
+    trial's step, and says how to resume."""
     rows: list = []
     title = f"finetune tune: {esc(str(root))}"
     requested = {"signal": 0}
@@ -183,9 +194,7 @@ def tune(
                     rows.append(kw["trial"])
                 live.update(_trials_table(rows, title))
 
-            space = Space(mode=MODES if mode == "both" else (mode,))
-            result = run_search(base, root, trials, coarse_epochs, fine_epochs, _seconds(budget), seed, space, view,
-                                pruner=pruner, stop=lambda: requested["signal"])
+            result = search(view, lambda: requested["signal"])
     except Interrupted as e:
         err.print(esc(f"interrupted: the study is in {root / 'study.db'}; resume with the same command"),
                   highlight=False)
@@ -194,7 +203,7 @@ def tune(
         state["soft_stop"] = None
     if not err.is_terminal:
         err.print()  # Live leaves its last frame without a line end when stderr is a file or pipe
-    _tune_outcome(result, trials, data, root)
+    return result
 
 
 def _tune_outcome(result, trials: int, data: str, root: Path) -> None:
