@@ -12,7 +12,7 @@ from finetune import tune as U
 from finetune.cli import app
 from finetune.config import MODES, TrainConfig
 from finetune.configfile import load_config
-from finetune.errors import DivergedError, FinetuneError, Interrupted
+from finetune.errors import DivergedError, FinetuneError, Interrupted, ResourceError
 
 runner = CliRunner()
 
@@ -113,6 +113,20 @@ def test_resuming_with_other_settings_is_refused_by_name(tmp_path):
     (tmp_path / "old" / "trial-001").mkdir(parents=True)
     with pytest.raises(FinetuneError, match="no study.db"):
         _search(tmp_path, "old", trials=2)
+
+
+def test_a_trial_out_of_memory_is_recorded_and_the_search_goes_on(tmp_path):
+    inner = _fake_run()
+
+    def run(cfg, emit):
+        if cfg.batch_size == 64:
+            raise ResourceError("out of CPU memory at batch size 64; try -b 32")
+        return inner(cfg, emit)
+
+    r = _search(tmp_path, trials=8, run=run)
+    failed = [t for t in r.trials if t.status == "failed"]
+    assert len(r.trials) == 8 and failed and all(t.params["batch_size"] == 64 and "memory" in t.error for t in failed)
+    assert r.best is not None and r.best.params["batch_size"] != 64
 
 
 def test_budget_pruner_choice_and_bad_config_files(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
 from finetune.distributed import single_process
-from finetune.errors import DivergedError, Interrupted, UsageError
+from finetune.errors import DivergedError, Interrupted, ResourceError, UsageError
 from finetune.extras import require
 from finetune.files import write_csv_atomic, write_json_atomic
 from finetune.training import run_training
@@ -73,7 +73,7 @@ class Trial:
     sampler: str  # random (a start-up trial) | tpe
     epochs: int  # the epochs it may run; the pruner may stop it sooner
     params: dict
-    status: str = "running"  # ok | pruned | diverged | interrupted
+    status: str = "running"  # ok | pruned | diverged | failed (out of memory) | interrupted
     val_acc: float | None = None  # the best epoch's (for a pruned trial: the best before it was stopped)
     best_epoch: int | None = None
     epochs_run: int = 0
@@ -259,6 +259,7 @@ class _Search:
         return Trial(**record)
 
     def finished(self) -> int:
+        """Trials that count towards --trials (an interrupted one is run again)."""
         return sum(t.status != "interrupted" for t in self.done)
 
     def go(self, budget: float | None) -> TuneResult:
@@ -301,8 +302,11 @@ class _Search:
             trial.status, state = "pruned", optuna.trial.TrialState.PRUNED
         except DivergedError as e:  # a learning rate too high for this setting: a result, not a failure
             trial.status, trial.error, value = "diverged", str(e), 0.0
-        except (Interrupted, KeyboardInterrupt):
-            trial.status, trial.seconds = "interrupted", time.perf_counter() - t0
+        except ResourceError as e:  # e.g. out of memory at this batch size: the search goes on without it
+            trial.status, trial.error, state = "failed", str(e), optuna.trial.TrialState.FAIL
+        except BaseException as e:  # Ctrl-C, or an error every trial would meet: the search stops; resumed, the
+            trial.status, trial.error = "interrupted", str(e)  # trial is run again
+            trial.seconds = time.perf_counter() - t0
             self._tell(asked, trial, None, optuna.trial.TrialState.FAIL)
             raise
         trial.seconds = time.perf_counter() - t0

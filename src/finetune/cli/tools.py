@@ -214,9 +214,13 @@ def _tune_outcome(result, trials: int, data: str, root: Path) -> None:
     pruned = sum(t.status == "pruned" for t in result.trials)
     if pruned:
         err.print(f"{pruned} trial(s) stopped early by the pruner (val accuracy below the other trials')")
-    failed = sum(t.status == "diverged" for t in result.trials)
+    diverged = sum(t.status == "diverged" for t in result.trials)
+    if diverged:
+        err.print(f"[yellow]{diverged} trial(s) diverged[/] (loss NaN/inf: learning rate too high for them)")
+    failed = [t for t in result.trials if t.status == "failed"]
     if failed:
-        err.print(f"[yellow]{failed} trial(s) diverged[/] (loss NaN/inf: learning rate too high for them)")
+        err.print(esc(f"{len(failed)} trial(s) failed, e.g. trial {failed[0].number}: {failed[0].error}"),
+                  style="yellow", highlight=False)
     if result.best is None:
         raise DivergedError("no trial finished: every one diverged (or the budget ended first); lower the learning "
                             "rates (they are searched log-uniformly) or check the data with `finetune check`")
