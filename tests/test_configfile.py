@@ -34,6 +34,7 @@ def test_the_three_formats_give_the_same_settings(tmp_path):
     assert load_config(yaml) == expected | {"backbone_lr_mult": None}
     assert load_config(toml) == expected and load_config(as_json) == expected
     assert isinstance(load_config(_write(tmp_path, "i.yaml", "epochs: 3.0\n"))["epochs"], int)
+    assert load_config(_write(tmp_path, "l.yaml", "log: [tensorboard, mlflow]\n")) == {"log": "tensorboard,mlflow"}
 
 
 @pytest.mark.parametrize("text, message", [

@@ -109,6 +109,8 @@ def _typed(p: Path, name: str, value):
                     or (kind is int and not float(number).is_integer()):
                 raise ValueError
             return kind(number)
+        if name == "log" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # log: [tensorboard, mlflow]
         if isinstance(value, (dict, list)):
             raise ValueError
         return str(value)

@@ -3,6 +3,7 @@ and checked before torch reads it, or loaded from a local file; never unpickling
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def hub_weights(repo: str, files: tuple, label: str) -> Path:
     """A weight file of a Hugging Face repository: from the local cache (HF_HOME), else downloaded into it unless
     HF_HUB_OFFLINE is set; its content checked against the SHA-256 the hub stores it under."""
     import huggingface_hub as hf
+    from huggingface_hub import constants, errors, utils
 
     for name in files:
         cached = hf.try_to_load_from_cache(repo, name)
@@ -107,17 +109,29 @@ def hub_weights(repo: str, files: tuple, label: str) -> Path:
             return verify_hub_file(Path(cached))
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     reason = "HF_HUB_OFFLINE is set"
-    for name in files if not offline else ():
-        try:
-            return verify_hub_file(Path(hf.hf_hub_download(repo, name)))
-        except hf.errors.EntryNotFoundError:
-            continue
-        except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
-            reason = _short(e)
-            break
+    quiet, hub_log = utils.are_progress_bars_disabled(), logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    utils.disable_progress_bars()  # the library stays silent: no download bars, no retry warnings on stderr
+    hub_log.setLevel(logging.ERROR)
+    try:
+        for name in files if not offline else ():
+            try:
+                return verify_hub_file(Path(hf.hf_hub_download(repo, name)))
+            except errors.RemoteEntryNotFoundError:  # the repository has no such file: try the next name
+                continue
+            except errors.LocalEntryNotFoundError:
+                reason = "no connection to the Hugging Face Hub and not in the cache"
+                break
+            except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
+                reason = _short(e)
+                break
+    finally:
+        hub_log.setLevel(level)
+        if not quiet:
+            utils.enable_progress_bars()
     raise ResourceError(
         f"could not get {label} weights ({reason}). Needed file: {files[0]} of https://huggingface.co/{repo}; put "
-        f"it in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}, e.g. `hf download {repo}` on a connected "
+        f"it in the Hugging Face cache ({constants.HF_HUB_CACHE}, e.g. `hf download {repo}` on a connected "
         "machine, then copy the cache), or use --weights PATH to a state_dict file, or --weights none to train from "
         "random initialisation (much lower accuracy)")
 
