@@ -13,8 +13,8 @@ from finetune.training import run_training
 
 
 def _cfg(data, tmp_path, log, **kw):
-    return TrainConfig(data=str(data), weights="none", mode="feature-extract", solver="sgd", epochs=3, batch_size=4,
-                       output=str(tmp_path / "run"), workers=1, log=log, **kw)
+    return TrainConfig(data=str(data), weights="none", mode="feature-extract", solver="sgd", batch_size=4,
+                       output=str(tmp_path / "run"), workers=1, log=log, **{"epochs": 3} | kw)
 
 
 @pytest.fixture
@@ -152,3 +152,29 @@ def test_trackers_see_the_events_and_end_as_the_run_ends(tmp_path, monkeypatch, 
     assert seen == ["run_config", "tracking", "epoch_end", "report", "finish"]  # every event passed on, in order
     assert _Fake.calls == [("open", False), ("run_config", 0.01, False), ("epoch", 1), ("finish", ["confusion"], 1),
                            ("close", status)]
+
+
+@pytest.mark.slow  # MLflow's store and two runs
+def test_an_interrupted_run_is_killed_in_mlflow_and_resuming_continues_the_same_mlflow_run(tiny_data, tmp_path,
+                                                                                           local_mlflow):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from finetune.errors import Interrupted
+    from finetune.training.resume import resume_config
+
+    epochs = []
+    cfg = _cfg(tiny_data, tmp_path, "mlflow", epochs=3)
+    with pytest.raises(Interrupted):
+        run_training(cfg, lambda e, **k: epochs.append(1) if e == "epoch_end" else None,
+                     stop=lambda: signal.SIGINT if len(epochs) >= 2 else 0)
+    client = MlflowClient()
+    run_id = json.loads((tmp_path / "run" / tracking.MLFLOW_FILE).read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    again, state = resume_config(tmp_path / "run", {})
+    run_training(again, resume=state)
+    assert json.loads((tmp_path / "run" / tracking.MLFLOW_FILE).read_text())["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2, 3]
