@@ -37,13 +37,13 @@ def train(
     momentum: o.Momentum = D["momentum"], weight_decay: o.WeightDecay = D["weight_decay"],
     scheduler: o.Scheduler = D["scheduler"], augment: o.Augment = D["augment"], train_size: o.TrainSize = D["train_size"],
     mixup: o.Mixup = D["mixup"], cutmix: o.Cutmix = D["cutmix"], label_smoothing: o.LabelSmoothing = D["label_smoothing"],
-    erasing: o.Erasing = D["erasing"], init_from: o.InitFrom = D["init_from"], log: o.Log = D["log"],
+    erasing: o.Erasing = D["erasing"], init_from: o.InitFrom = D["init_from"],
     balance: o.Balance = D["balance"], patience: o.Patience = D["patience"], calibrate: o.Calibrate = D["calibrate"],
     overfit: o.Overfit = D["overfit"], deterministic: o.Deterministic = D["deterministic"],
     device: o.Device = D["device"], workers: o.Workers = D["workers"], amp: o.Amp = D["amp"],
     channels_last: o.ChannelsLast = D["channels_last"], gpus: o.Gpus = 1, sync_bn: o.SyncBn = D["sync_bn"],
     output: o.Output = D["output"], overwrite: o.Overwrite = D["overwrite"], resume: o.Resume = None,
-    config: o.Config = None, quiet: o.Quiet = False,
+    config: o.Config = None, log: o.Log = D["log"], quiet: o.Quiet = False,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
     if gpus != 1:
