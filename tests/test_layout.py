@@ -12,7 +12,8 @@ MAX_FUNCTION_LINES = 60
 # The deliberate lazy imports: heavy or optional libraries, imported inside the functions that use them so that
 # `finetune --help` and every module import stay fast (and an optional extra is needed only when used).
 LAZY = {"torch", "torchvision", "numpy", "PIL", "matplotlib", "safetensors", "onnx", "onnxscript", "onnxruntime",
-        "pillow_heif", "fcntl", "cleanlab", "captum"}
+        "pillow_heif", "fcntl", "cleanlab", "captum", "optuna", "sqlalchemy", "yaml", "tensorboard", "mlflow", "timm",
+        "huggingface_hub"}
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -14,6 +14,7 @@ from finetune.errors import ModelFileError
 from finetune.files import atomic_write
 from finetune.models import Network, build_network
 from finetune.preprocessing import Preprocessing
+from finetune.timm_models import is_timm
 
 FORMAT = "finetune-model"
 FORMAT_VERSION = 2  # the newest this finetune reads; 2: multi_label and thresholds (only multi-label files need it)
@@ -185,7 +186,7 @@ def network_from(mf: ModelFile, arch: str, state: dict, dropout: float) -> Netwo
     """Build arch for mf's classes and load state (torchvision key names) into it."""
     import torchvision
 
-    if arch not in torchvision.models.list_models(module=torchvision.models):
+    if not is_timm(arch) and arch not in torchvision.models.list_models(module=torchvision.models):
         raise ModelFileError(f"{mf.source}: names architecture {arch!r}, which this torchvision "
                              f"({torchvision.__version__}) does not have; upgrade torchvision or re-export the model")
     net = build_network(arch, len(mf.classes), dropout)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from finetune.errors import UsageError
 
@@ -20,7 +18,8 @@ SCHEDULERS = ("cosine", "step", "plateau", "none")
 MODES = ("auto", "finetune", "feature-extract")
 BALANCE = ("none", "weighted-loss", "sampler")
 SOLVERS = ("lbfgs", "sgd")
-AUGMENTATIONS = ("none", "light", "standard")
+AUGMENTATIONS = ("none", "light", "standard", "trivial", "randaugment")
+TRACKERS = ("tensorboard", "mlflow")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # Pillow's own decompression-bomb error threshold (2 x 89.5 MP): larger images are refused from the header.
 MAX_PIXELS = 178_956_970
@@ -75,6 +74,13 @@ class TrainConfig:
     calibrate: bool = False  # fit a softmax temperature on the val set after training (stored in the model)
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs and resumes on CPU
     sync_bn: bool = False  # several GPU processes: BatchNorm statistics over the global batch
+    # Issue 18: experiment tracking, continued training, batch mixing and regularisation.
+    log: str = "none"  # none | tensorboard | mlflow | tensorboard,mlflow: where the run is also recorded
+    init_from: str | None = None  # a finetune model file whose weights start this run (its head kept if same classes)
+    mixup: float = 0.0  # MixUp's Beta(alpha, alpha) for whole-image blends; 0 = off
+    cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) for pasted patches; 0 = off
+    label_smoothing: float = 0.0  # share of the target spread over all classes
+    erasing: float = 0.0  # probability of erasing a random rectangle of each training view
 
     def to_dict(self) -> dict:
         """Plain-types view, safe to store inside a model file."""
@@ -118,7 +124,16 @@ _RULES = (  # (setting, test of its value, what it must be)
     ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
     ("workers", lambda v: v >= -1, "must be -1 (automatic) or 0 or more"),
     ("time_budget", lambda v: v >= 0 and math.isfinite(v), "must be a duration, e.g. 10m (0 = none)"),
+    ("mixup", lambda v: 0 <= v <= 10, "must be 0 (off) or a Beta alpha such as 0.2"),
+    ("cutmix", lambda v: 0 <= v <= 10, "must be 0 (off) or a Beta alpha such as 1.0"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1"),
+    ("erasing", lambda v: 0 <= v <= 1, "must be a probability in [0, 1], e.g. 0.25"),
+    ("log", lambda v: all(t in TRACKERS for t in trackers(v)), f"choose none or any of {', '.join(TRACKERS)}, "
+     "comma-separated"),
 )
+# What config.json records about a run besides its settings (finetune.training.loop); `--config` ignores them.
+RUN_FACTS = ("lr_used", "train_size_used", "classes", "layout", "train_images", "val_images", "device", "precision",
+             "base_weights", "preprocessing", "processes")
 _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
             "balance": BALANCE, "solver": SOLVERS}
 
@@ -141,6 +156,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--fold {cfg.fold}: must be between 1 and --folds {cfg.folds} (0 = every fold)")
     if cfg.fold and not cfg.folds:
         raise UsageError(f"--fold {cfg.fold}: needs --folds K")
+    _check_regularisation(cfg)
     return cfg
 
 
@@ -161,6 +177,22 @@ def parse_duration(text: str | float | None, option_name: str) -> float:
     return value
 
 
+def trackers(log: str) -> list[str]:
+    """--log's trackers: "tensorboard,mlflow" -> ["tensorboard", "mlflow"]; "none" -> []."""
+    return [t.strip().lower() for t in log.split(",") if t.strip() and t.strip().lower() != "none"]
+
+
+def _check_regularisation(cfg: TrainConfig) -> None:
+    """Batch mixing needs images through the whole model; the L-BFGS probe has its own (L2) regularisation."""
+    if cfg.mode == "feature-extract":
+        for name in ("mixup", "cutmix"):
+            if getattr(cfg, name):
+                raise UsageError(f"{option(name)}: mixes images before the backbone, so it needs --mode finetune")
+        if cfg.solver == "lbfgs" and cfg.label_smoothing:
+            raise UsageError("--label-smoothing: the L-BFGS probe fits hard labels; add --solver sgd or use "
+                             "--mode finetune")
+
+
 def check_names(names, known, what: str) -> None:
     """Refuse unknown setting names, naming the closest known one."""
     for name in names:
@@ -168,20 +200,3 @@ def check_names(names, known, what: str) -> None:
             close = difflib.get_close_matches(name, list(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
             raise UsageError(f"{what}: unknown setting {name!r}{hint}")
-
-
-def load_config(path: str | Path) -> dict:
-    """Settings from a config file: best.json from `finetune tune`, or a flat JSON mapping of settings."""
-    p = Path(path)
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"--config {p}: cannot read it ({e.strerror})") from None
-    except ValueError:
-        raise UsageError(f"--config {p}: not JSON; pass a best.json written by `finetune tune` or a JSON object "
-                         "of settings") from None
-    settings = obj.get("settings", obj) if isinstance(obj, dict) else None
-    if not isinstance(settings, dict):
-        raise UsageError(f"--config {p}: not an object of settings; pass a best.json written by `finetune tune`")
-    check_names(settings, set(SETTINGS) - {"data", "output"}, f"--config {p}")
-    return settings

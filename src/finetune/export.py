@@ -14,10 +14,12 @@ from finetune.checkpoint import EXPORT_FORMAT, ModelFile, load_model_file, netwo
 from finetune.dataset import images_under
 from finetune.ensemble import ENSEMBLE_OUTPUT, combine
 from finetune.errors import FinetuneError, UsageError
+from finetune.extras import require
 from finetune.files import atomic_write
 from finetune.images import decode_to_tensor
 from finetune.predict import expand_inputs
 from finetune.runtimes import load_runnable
+from finetune.timm_models import PREFIX as TIMM_PREFIX
 
 FORMATS = (".pt", ".safetensors", ".pt2", ".onnx")
 # Exported logits must match eager PyTorch within |a - b| <= ATOL + RTOL * |b|, and give the same top-1 class
@@ -183,14 +185,19 @@ def _compare_sigmoids(expected, got, mf: ModelFile, out: Path) -> tuple[float, i
 
 
 def _run_plain_pt(path, x):
-    """Load exactly as the docs tell users to: torch.load(weights_only=True) + torchvision.get_model."""
+    """Load exactly as the docs tell users to: torch.load(weights_only=True) + torchvision.get_model (or
+    timm.create_model for a timm:NAME model)."""
     import torch
     import torchvision
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "members" in ckpt:  # an ensemble: finetune's own loader, as the docs say
         return load_runnable(path, "cpu").forward(x)
-    m = torchvision.models.get_model(ckpt["arch"], num_classes=len(ckpt["classes"]))
+    arch, n = ckpt["arch"], len(ckpt["classes"])
+    if arch.startswith(TIMM_PREFIX):  # as the docs say: timm is then the one extra dependency
+        m = require("timm", "timm", f"checking a {arch} export").create_model(arch[len(TIMM_PREFIX):], num_classes=n)
+    else:
+        m = torchvision.models.get_model(arch, num_classes=n)
     m.load_state_dict(ckpt["state_dict"])
     with torch.inference_mode():
         return m.eval()(x)

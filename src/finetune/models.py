@@ -6,7 +6,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from finetune import timm_models
 from finetune.errors import FinetuneError, ModelFileError, UsageError
+from finetune.timm_models import is_timm
 from finetune.weights import strip_wrapper_prefixes
 
 
@@ -18,7 +20,9 @@ def available_models() -> list[str]:
 
 
 def check_model_name(name: str) -> str:
-    """Return name if torchvision has it, else raise naming the closest valid names."""
+    """Return name if torchvision (or, for timm:NAME, timm) has it, else raise naming the closest valid names."""
+    if is_timm(name):
+        return timm_models.check_name(name)
     names = available_models()
     if name in names:
         return name
@@ -143,15 +147,20 @@ def _replace_head(model, head: str, num_classes: int, dropout: float) -> None:
 
 
 def build_network(arch: str, num_classes: int, dropout: float = 0.0, pretrained_state: dict | None = None) -> Network:
-    """torchvision model with ImageNet (or random) backbone weights and a fresh head for num_classes."""
+    """torchvision (or timm:NAME) model with pretrained (or random) backbone weights and a fresh head for
+    num_classes."""
     import torchvision
 
-    try:
-        model = torchvision.models.get_model(arch, weights=None)
-    except ValueError:
-        check_model_name(arch)
-        raise
-    head = find_head(model)
+    if is_timm(arch):
+        model, head = timm_models.create(arch)
+        head = head or find_head(model)
+    else:
+        try:
+            model = torchvision.models.get_model(arch, weights=None)
+        except ValueError:
+            check_model_name(arch)
+            raise
+        head = find_head(model)
     if pretrained_state is not None:
         _load_backbone(model, pretrained_state, head, arch)
     _replace_head(model, head, num_classes, dropout)

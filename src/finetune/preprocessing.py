@@ -50,22 +50,29 @@ class Preprocessing:
             v2.Normalize(list(self.mean), list(self.std)),
         ])
 
-    def train_transform(self, augment: str, size: int | None = None):
-        """Training view: random resized crop (to size, default the eval crop), flips and small rotations on
-        top of the eval normalisation."""
+    def train_transform(self, augment: str, size: int | None = None, erasing: float = 0.0):
+        """Training view: random resized crop (to size, default the eval crop) and flips, then per augment small
+        rotations or a policy of torchvision's (TrivialAugmentWide, RandAugment), then the eval normalisation and,
+        with probability erasing, a random rectangle erased (torchvision's RandomErasing)."""
         import torch
         from torchvision.transforms import InterpolationMode, v2
 
         if augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {augment!r}; choose from {AUGMENTATIONS}")
+        erase = [v2.RandomErasing(p=erasing, value=0)] if erasing > 0 else []  # 0 after Normalize: the mean colour
         if augment == "none":
-            return self.eval_transform()
+            return v2.Compose([self.eval_transform(), *erase])
         interp = InterpolationMode(self.interpolation)
         crop = size or self.crop_size
         scale = (0.35, 1.0) if augment == "light" else (0.08, 1.0)
         geometric = [v2.RandomResizedCrop(crop, scale=scale, interpolation=interp, antialias=True),
                      v2.RandomHorizontalFlip()]
-        if augment == "standard":
-            geometric.append(v2.RandomRotation(10, interpolation=interp))
+        # Rotations and affine warps of tensors take nearest or bilinear only (timm models often ask bicubic).
+        warp = interp if interp in (InterpolationMode.NEAREST, InterpolationMode.BILINEAR) else InterpolationMode.BILINEAR
+        policy = {"standard": lambda: v2.RandomRotation(10, interpolation=warp),
+                  "trivial": lambda: v2.TrivialAugmentWide(interpolation=warp),
+                  "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9, interpolation=warp)}
+        if augment in policy:  # the policies work on uint8 images, before the conversion to float
+            geometric.append(policy[augment]())
         return v2.Compose([v2.ToImage(), *geometric, v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(list(self.mean), list(self.std))])
+                           v2.Normalize(list(self.mean), list(self.std)), *erase])

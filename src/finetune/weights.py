@@ -3,6 +3,7 @@ and checked before torch reads it, or loaded from a local file; never unpickling
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class WeightsChoice:
     path: str | None  # local state_dict file, or None
     label: str  # stored in the model file as base_weights
     preprocessing: Preprocessing
+    hub: tuple | None = None  # (Hugging Face repository, weight file names to try): timm's pretrained weights
 
 
 def resolve_weights(arch: str, spec: str) -> WeightsChoice:
@@ -70,6 +72,8 @@ def load_pretrained_state(choice: WeightsChoice) -> dict | None:
 
     if choice.path is not None:
         return load_state_dict_file(choice.path)
+    if choice.hub is not None:
+        return load_state_dict_file(str(hub_weights(*choice.hub, choice.label)))
     if choice.enum is None:
         return None
     url = choice.enum.url
@@ -91,6 +95,55 @@ def load_pretrained_state(choice: WeightsChoice) -> dict | None:
     except Exception as e:  # noqa: BLE001 - UnpicklingError and friends from a tampered cache file
         raise ModelFileError(f"{target}: cached weights for {choice.label} could not be loaded safely "
                              f"({type(e).__name__}); delete the file and run again") from None
+
+
+def hub_weights(repo: str, files: tuple, label: str) -> Path:
+    """A weight file of a Hugging Face repository: from the local cache (HF_HOME), else downloaded into it unless
+    HF_HUB_OFFLINE is set; its content checked against the SHA-256 the hub stores it under."""
+    import huggingface_hub as hf
+    from huggingface_hub import constants, errors, utils
+
+    for name in files:
+        cached = hf.try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return verify_hub_file(Path(cached))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    reason = "HF_HUB_OFFLINE is set"
+    quiet, hub_log = utils.are_progress_bars_disabled(), logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    utils.disable_progress_bars()  # the library stays silent: no download bars, no retry warnings on stderr
+    hub_log.setLevel(logging.ERROR)
+    try:
+        for name in files if not offline else ():
+            try:
+                return verify_hub_file(Path(hf.hf_hub_download(repo, name)))
+            except errors.RemoteEntryNotFoundError:  # the repository has no such file: try the next name
+                continue
+            except errors.LocalEntryNotFoundError:
+                reason = "no connection to the Hugging Face Hub and not in the cache"
+                break
+            except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
+                reason = _short(e)
+                break
+    finally:
+        hub_log.setLevel(level)
+        if not quiet:
+            utils.enable_progress_bars()
+    raise ResourceError(
+        f"could not get {label} weights ({reason}). Needed file: {files[0]} of https://huggingface.co/{repo}; put "
+        f"it in the Hugging Face cache ({constants.HF_HUB_CACHE}, e.g. `hf download {repo}` on a connected "
+        "machine, then copy the cache), or use --weights PATH to a state_dict file, or --weights none to train from "
+        "random initialisation (much lower accuracy)")
+
+
+def verify_hub_file(path: Path) -> Path:
+    """Refuse a cached hub file whose content does not match the SHA-256 it is stored under (the hub names large
+    files' blobs by their SHA-256); returns path."""
+    blob = Path(os.path.realpath(path))
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name) and full_hash(str(blob)) != blob.name:
+        raise ModelFileError(f"{path}: cached weights do not match their published SHA-256 (corrupt or tampered); "
+                             f"delete {blob} and run again to download it afresh")
+    return path
 
 
 def verify_cached_weights(path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from finetune.config import (AUGMENTATIONS, BALANCE, DEVICES, LR_PER_IMAGE, MODES, OPTIMIZERS, SCHEDULERS,
-                             defaults)
+                             TRACKERS, defaults)
 
 D = defaults()
 DATA, MODEL, OPTIM, CHECKS, OUTPUT, PERF = "Data", "Model", "Optimisation", "Checks", "Output", "Performance"
@@ -23,13 +23,17 @@ Data = Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
     "label file (.csv, .tsv, .jsonl: an image path and its label(s) per row)."))]
 OptionalData = Annotated[str | None, typer.Argument(metavar="DATA", show_default=False, help=(
     "Folder of class folders (DATA/<class>/*.jpg), or with train/ and val/ (or valid/, validation/) inside; or a "
-    "label file (.csv, .tsv, .jsonl: an image path and its label(s) per row). Not needed with --resume."))]
+    "label file (.csv, .tsv, .jsonl: an image path and its label(s) per row). Not needed with --resume, nor with a "
+    "--config file that names it."))]
 Model = Annotated[str, typer.Option("--model", "-m", metavar="NAME", rich_help_panel=MODEL, help=(
     "Any torchvision classification model: resnet18, resnet50, wide_resnet50_2, resnext50_32x4d, alexnet, "
-    "mobilenet_v2, ..."))]
+    "mobilenet_v2, ...; or timm:NAME for any timm model, e.g. timm:convnext_tiny.fb_in1k (the timm extra)."))]
 Weights = Annotated[str, typer.Option(metavar="WEIGHTS", rich_help_panel=MODEL, help=(
-    "DEFAULT (ImageNet, downloaded once), an enum name such as IMAGENET1K_V2, none (random init), or a path to a "
-    "state_dict file."))]
+    "DEFAULT (ImageNet, downloaded once; timm: from the Hugging Face cache), an enum name such as IMAGENET1K_V2, "
+    "none (random init), or a path to a state_dict file."))]
+InitFrom = Annotated[str | None, typer.Option(metavar="MODEL", rich_help_panel=MODEL, help=(
+    "Start from a finetune model file (best.pt): its architecture, weights and preprocessing; its head is kept "
+    "when the classes are the same, else replaced. --model and --weights then do not apply."))]
 Mode = Annotated[str, typer.Option(metavar="MODE", rich_help_panel=MODEL, help=(
     f"{one_of(MODES)}. finetune: every layer trains; feature-extract: the backbone stays frozen and only the "
     "head is fitted; auto: finetune on a GPU, on a CPU a converged linear probe (seconds), then fine-tuning "
@@ -62,7 +66,18 @@ Scheduler = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, h
     f"Learning-rate schedule: {one_of(SCHEDULERS)}."))]
 Augment = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, help=(
     f"Training augmentation, {one_of(AUGMENTATIONS)}: light = crop 35-100 % + flip; standard = crop 8-100 %, "
-    "flip, rotation up to 10 deg."))]
+    "flip, rotation up to 10 deg; trivial = crop 8-100 %, flip + TrivialAugmentWide; randaugment = crop 8-100 %, "
+    "flip + RandAugment (2 ops, magnitude 9)."))]
+Mixup = Annotated[float, typer.Option(metavar="ALPHA", rich_help_panel=OPTIM, help=(
+    "MixUp: blend pairs of training images and their labels, weight ~ Beta(ALPHA, ALPHA), e.g. 0.2 (0 = off). "
+    "With --cutmix, each batch gets one of the two."))]
+Cutmix = Annotated[float, typer.Option(metavar="ALPHA", rich_help_panel=OPTIM, help=(
+    "CutMix: paste a patch of another training image, labels mixed by area ~ Beta(ALPHA, ALPHA), e.g. 1.0 "
+    "(0 = off)."))]
+LabelSmoothing = Annotated[float, typer.Option(metavar="EPS", rich_help_panel=OPTIM, help=(
+    "Label smoothing: this share of each target spread over all classes, e.g. 0.1 (0 = off)."))]
+Erasing = Annotated[float, typer.Option(metavar="P", rich_help_panel=OPTIM, help=(
+    "Random erasing: erase a random rectangle of a training view with this probability, e.g. 0.25 (0 = off)."))]
 TrainSize = Annotated[int, typer.Option(metavar="PX", rich_help_panel=OPTIM, help=(
     "Training crop in pixels. 0 = automatic: 80 % of the eval crop in finetune mode (176 for 224), which matches "
     "the apparent object size of random crops and trains faster; else the eval crop."))]
@@ -133,7 +148,12 @@ Resume = Annotated[str | None, typer.Option(metavar="RUN", rich_help_panel=OUTPU
     "Continue a run folder from its last completed epoch, with that run's settings (a larger --epochs trains "
     "it further)."))]
 Config = Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=OUTPUT, help=(
-    "Settings from a JSON file (a best.json from `finetune tune`); options on the command line override them."))]
+    "Settings from a .yaml, .toml or .json file (keys as the options' names, e.g. batch_size: 64; a best.json from "
+    "`finetune tune`; a run folder's config.json repeats that run, DATA included); options typed override it."))]
+Log = Annotated[str, typer.Option(metavar="TRACKER", rich_help_panel=OUTPUT, help=(
+    f"Also record the run in {one_of(TRACKERS)} (comma-separated for both; none = off): tensorboard writes "
+    "RUN/tensorboard/; mlflow logs to MLFLOW_TRACKING_URI, else ./mlflow.db with files under ./mlruns/. Each needs "
+    "its extra: pip install 'finetune[tensorboard]' / 'finetune[mlflow]'."))]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, help="No progress output.")]
 
 # check --labels.

@@ -14,13 +14,14 @@ from rich.table import Table
 
 from finetune.check import check_dataset
 from finetune.cli import options as o
-from finetune.cli.app import command
+from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.train import command_line
 from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
-from finetune.errors import DivergedError, UsageError
+from finetune.errors import DivergedError, Interrupted, UsageError
+from finetune.extras import require
 from finetune.files import dumps_json, timestamped_dir
 from finetune.labelfile import LabelFileOptions
 from finetune.lrfind import lr_find as run_lr_find
@@ -141,14 +142,16 @@ def lr_find(
 
 
 def _trials_table(rows: list, title: str) -> Table:
-    t = Table("#", "stage", "mode", "optimizer", "lr", "wd", "dropout", "batch", "augment", "epochs", "val acc", "s",
+    t = Table("#", "by", "mode", "optimizer", "lr", "wd", "dropout", "batch", "augment", "epochs", "val acc", "s",
               title=title, title_justify="left")
     best = max((r.val_acc for r in rows if r.status == "ok"), default=None)
     for r in rows:
         p = r.params
-        acc = pct(r.val_acc) if r.status == "ok" else ("..." if r.status == "running" else r.status)
-        t.add_row(str(r.number), str(r.stage), p["mode"], p["optimizer"], f"{p['lr']:.2g}", f"{p['weight_decay']:.1g}",
-                  f"{p['dropout']:.2f}", str(p["batch_size"]), p["augment"], str(r.epochs), acc, f"{r.seconds:.0f}",
+        acc = pct(r.val_acc) if r.val_acc is not None else "..."
+        acc += {"ok": "", "running": "", "pruned": " pruned"}.get(r.status, f" {r.status}")
+        t.add_row(str(r.number), r.sampler, p.get("mode", "?"), p.get("optimizer", "?"), f"{p.get('lr', 0):.2g}",
+                  f"{p.get('weight_decay', 0):.1g}", f"{p.get('dropout', 0):.2f}", str(p.get("batch_size", "?")),
+                  p.get("augment", "?"), f"{r.epochs_run}/{r.epochs}", acc, f"{r.seconds:.0f}",
                   style="bold green" if r.status == "ok" and r.val_acc == best else None)
     return t
 
@@ -157,10 +160,15 @@ def _trials_table(rows: list, title: str) -> Table:
 def tune(
     data: o.Data, model: o.Model = D["model"], weights: o.Weights = D["weights"],
     trials: Annotated[int, typer.Option(metavar="N", help=(
-        "Trials in all: about 70 % coarse (wide ranges, --coarse-epochs), then fine (ranges narrowed around the "
-        "best 3, --fine-epochs)."))] = 20,
-    coarse_epochs: Annotated[int, typer.Option(metavar="N", help="Epochs per stage-1 trial.")] = 3,
-    fine_epochs: Annotated[int, typer.Option(metavar="N", help="Epochs per stage-2 trial.")] = 10,
+        "Trials in the search in all: about 30 % random, then TPE (Optuna). The same command again resumes an "
+        "interrupted search; a larger N adds trials to a finished one."))] = 20,
+    coarse_epochs: Annotated[int, typer.Option(metavar="N", help=(
+        "Epochs every trial runs before the pruner may stop it."))] = 3,
+    fine_epochs: Annotated[int, typer.Option(metavar="N", help=(
+        "Epochs of a trial the pruner lets run to the end."))] = 10,
+    pruner: Annotated[str, typer.Option(metavar="NAME", help=(
+        "Stops worse trials early from their val accuracy per epoch: median (below the median of finished trials "
+        "at the same epoch), halving (successive halving), none."))] = "median",
     budget: Annotated[str | None, typer.Option(metavar="TIME", help=(
         "Time budget (900, 15m, 2h): no trial starts after it."))] = None,
     mode: Annotated[str, typer.Option(metavar="MODE", help=(
@@ -170,43 +178,76 @@ def tune(
     label_col: o.LabelCol = None, label_sep: o.LabelSep = None, multi_label: o.MultiLabel = False,
     image_dir: o.ImageDir = None, device: o.Device = D["device"], workers: o.Workers = D["workers"],
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", help=(
-        "Search folder. Default: runs/tune-<date>-<time>-<model>."))] = None,
+        "Search folder (the study is FOLDER/study.db). Default: runs/tune-<date>-<time>-<model>."))] = None,
 ) -> None:
-    """Random hyper-parameter search, coarse then fine; writes every trial and the best settings (best.json)."""
+    """Hyper-parameter search (Optuna: TPE, pruning); writes every trial and the best settings (best.json)."""
     if mode not in ("both", *MODES):
         raise UsageError(f"--mode {mode}: choose both, {', '.join(MODES)}")
+    require("optuna", "tune", "finetune tune")  # before the live table starts
     root = Path(output) if output else timestamped_dir("tune", model)
     base = TrainConfig(data=data, model=model, weights=weights, seed=seed, val_fraction=val_fraction, device=device,
                        workers=workers, path_col=path_col, label_col=label_col, label_sep=label_sep,
                        multi_label=multi_label, image_dir=image_dir)
+    space = Space(mode=MODES if mode == "both" else (mode,))
+    result = _live_search(root, lambda view, stop: run_search(
+        base, root, trials, coarse_epochs, fine_epochs, parse_duration(budget, "--budget") or None, seed, space, view,
+        pruner=pruner, stop=stop))
+    _tune_outcome(result, trials, data, root)
+
+
+def _live_search(root: Path, search):
+    """search(view, stop) under a live table of its trials; a first Ctrl-C/SIGTERM stops after the running
+    trial's step, and says how to resume."""
     rows: list = []
     title = f"finetune tune: {esc(str(root))}"
-    with Live(_trials_table(rows, title), console=err, refresh_per_second=4, transient=False) as live:
-        def view(event: str, **kw) -> None:
-            if event == "trial_start":
-                rows.append(kw["trial"])
-            if event == "stage":
-                around = ", ".join(map(str, kw["around"])) or "none (no trial succeeded)"
-                live.console.print(f"[bold]stage 2[/]: ranges narrowed around trials {around}")
-            live.update(_trials_table(rows, title))
+    requested = {"signal": 0}
 
-        space = Space(mode=MODES if mode == "both" else (mode,))
-        result = run_search(base, root, trials, coarse_epochs, fine_epochs, parse_duration(budget, "--budget") or None,
-                            seed, space, view)
+    def soft_stop(signum: int) -> None:
+        requested["signal"] = signum
+        err.print("[yellow]stopping after this step (again to stop at once)[/]")
+
+    state["soft_stop"] = soft_stop
+    try:
+        with Live(_trials_table(rows, title), console=err, refresh_per_second=4, transient=False) as live:
+            def view(event: str, **kw) -> None:
+                if event == "resumed":
+                    rows.extend(kw["trials"])
+                    live.console.print(f"[bold]resuming[/] the search in {esc(str(root))}: {kw['finished']} of "
+                                       f"{kw['total']} trials done")
+                if event == "trial_start":
+                    rows.append(kw["trial"])
+                live.update(_trials_table(rows, title))
+
+            result = search(view, lambda: requested["signal"])
+    except Interrupted as e:
+        err.print(esc(f"interrupted: the study is in {root / 'study.db'}; resume with the same command"),
+                  highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        state["soft_stop"] = None
     if not err.is_terminal:
         err.print()  # Live leaves its last frame without a line end when stderr is a file or pipe
-    _tune_outcome(result, trials, data, root)
+    return result
 
 
 def _tune_outcome(result, trials: int, data: str, root: Path) -> None:
     if result.stopped_by_budget:
-        err.print(f"[yellow]time budget spent[/]: {len(result.trials)} of {trials} trials ran")
-    failed = sum(t.status != "ok" for t in result.trials)
+        finished = sum(t.status != "interrupted" for t in result.trials)
+        err.print(f"[yellow]time budget spent[/]: {finished} of {trials} trials finished; the same command "
+                  "resumes the search")
+    pruned = sum(t.status == "pruned" for t in result.trials)
+    if pruned:
+        err.print(f"{pruned} trial(s) stopped early by the pruner (val accuracy below the other trials')")
+    diverged = sum(t.status == "diverged" for t in result.trials)
+    if diverged:
+        err.print(f"[yellow]{diverged} trial(s) diverged[/] (loss NaN/inf: learning rate too high for them)")
+    failed = [t for t in result.trials if t.status == "failed"]
     if failed:
-        err.print(f"[yellow]{failed} trial(s) diverged[/] (loss NaN/inf: learning rate too high for them)")
+        err.print(esc(f"{len(failed)} trial(s) failed, e.g. trial {failed[0].number}: {failed[0].error}"),
+                  style="yellow", highlight=False)
     if result.best is None:
-        raise DivergedError("no trial finished: every one diverged; lower the learning rates (they are searched "
-                            "log-uniformly) or check the data with `finetune check`")
+        raise DivergedError("no trial finished: every one diverged (or the budget ended first); lower the learning "
+                            "rates (they are searched log-uniformly) or check the data with `finetune check`")
     err.print(esc(f"best: trial {result.best.number}, val accuracy {pct(result.best.val_acc)}; all trials in "
                   f"{root / 'trials.csv'}; reproduce with: finetune train {shlex.quote(data)} --config "
                   f"{result.best_config}"), highlight=False)

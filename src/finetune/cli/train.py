@@ -13,10 +13,12 @@ from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.views import TrainView
-from finetune.config import SETTINGS, TrainConfig, load_config, parse_duration
+from finetune.config import SETTINGS, TrainConfig, parse_duration
+from finetune.configfile import load_config
 from finetune.errors import Interrupted, UsageError
 from finetune.training import run_training
 from finetune.training.folds import cross_validate
+from finetune.training.initfrom import init_arch
 from finetune.training.resume import STATE_FILE, resume_config
 from finetune.training.sanity import overfit_config, overfit_verdict
 
@@ -38,19 +40,21 @@ def train(
     batch_size: o.BatchSize = D["batch_size"], lr: o.Lr = D["lr"], optimizer: o.Optimizer = D["optimizer"],
     momentum: o.Momentum = D["momentum"], weight_decay: o.WeightDecay = D["weight_decay"],
     scheduler: o.Scheduler = D["scheduler"], augment: o.Augment = D["augment"], train_size: o.TrainSize = D["train_size"],
+    mixup: o.Mixup = D["mixup"], cutmix: o.Cutmix = D["cutmix"], label_smoothing: o.LabelSmoothing = D["label_smoothing"],
+    erasing: o.Erasing = D["erasing"], init_from: o.InitFrom = D["init_from"],
     balance: o.Balance = D["balance"], patience: o.Patience = D["patience"], calibrate: o.Calibrate = D["calibrate"],
     overfit: o.Overfit = D["overfit"], deterministic: o.Deterministic = D["deterministic"],
     device: o.Device = D["device"], workers: o.Workers = D["workers"], amp: o.Amp = D["amp"],
     channels_last: o.ChannelsLast = D["channels_last"], compile: o.Compile = D["compile"], gpus: o.Gpus = 1, sync_bn: o.SyncBn = D["sync_bn"],
     output: o.Output = D["output"], overwrite: o.Overwrite = D["overwrite"], resume: o.Resume = None,
-    config: o.Config = None, quiet: o.Quiet = False,
+    config: o.Config = None, log: o.Log = D["log"], quiet: o.Quiet = False,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
     if gpus != 1:
         raise typer.Exit(_launch(ctx, gpus, device))
     world = distributed.init(device)
     quiet = quiet or not world.main
-    cfg, resume_state = _config(ctx, data, config, resume)
+    cfg, resume_state = _config(ctx, config, resume)
     if cfg.folds and not cfg.fold and resume_state is None:
         _cross_validate(cfg, quiet, world.main)
         return
@@ -73,21 +77,32 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _config(ctx: typer.Context, data: str | None, config: str | None, resume: str | None):
+def _config(ctx: typer.Context, config: str | None, resume: str | None):
     """The run's TrainConfig: defaults < --config file < options typed; or, resuming, the run's own settings."""
     given = given_settings(ctx)
     if resume:  # read by rank 0 (other machines may not share its disk) and handed to all
         if config:
             raise UsageError("--resume and --config: a resumed run keeps its own settings; give one of them")
         return distributed.on_main(lambda: resume_config(resume, given))
-    if data is None:
-        raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
     settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
+    from_file = load_config(config) if config else {}
+    settings |= {k: v for k, v in from_file.items() if k not in given}
     settings["time_budget"] = parse_duration(settings["time_budget"], "--time-budget")
-    if config:
-        settings |= {k: v for k, v in load_config(config).items() if k not in given}
+    if settings.get("data") is None:
+        raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
+    if settings.get("init_from"):
+        _init_model(settings, given | from_file)
     cfg = TrainConfig(**settings)
     return (overfit_config(cfg) if cfg.overfit else cfg), None
+
+
+def _init_model(settings: dict, given: dict) -> None:
+    """--init-from: the architecture is the model file's unless --model is given (it is then checked against
+    it); --weights does not apply."""
+    if "weights" in given and given["weights"] != "DEFAULT":
+        raise UsageError("--weights and --init-from: the weights come from the --init-from model file; give one")
+    if "model" not in given:
+        settings["model"] = init_arch(settings["init_from"])
 
 
 def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool):

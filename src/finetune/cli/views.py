@@ -178,6 +178,20 @@ class TrainView:
         self.log(f"[bold]probe[/] linear head fitted to convergence (L-BFGS); L2 {l2:.2g} chosen from {tried} by "
                  f"cross-validation on the training images (held-out loss {cv_loss:.3f})")
 
+    def on_init_from(self, path, head_kept, classes):
+        what = "head kept (same classes)" if head_kept else \
+            f"head replaced (it was for {len(classes)} other classes: {esc(', '.join(classes[:6]))}" + \
+            (" ..." if len(classes) > 6 else "") + ")"
+        self.log(f"[bold]init from[/] {esc(str(path))}: its weights and preprocessing; {what}")
+
+    def on_tracking(self, where):
+        for name, place in where.items():
+            self.log(f"[bold]{name}[/] {esc(place)}")
+
+    def on_tracking_failed(self, tracker, reason):
+        self.warn(f"--log {tracker} stopped recording ({esc(reason)}); the run goes on, its files are in the run "
+                  "folder")
+
     def on_lr_find_start(self, steps):
         self._drop_task("decode_task")
         self.lr_task = self.add_task("lr range test", total=steps)

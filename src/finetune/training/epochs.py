@@ -80,8 +80,8 @@ class ImageEpochs:
         self.val_paths, self.val_order = [s.path for s in split.val], val_order
         short = pre.resize_size
         target = MultiHot(len(split.classes)) if split.multi_label else None
-        train_ds = ImageDataset(split.train, pre.train_transform(cfg.augment, train_size), short, cache, cfg.max_pixels,
-                                target)
+        train_ds = ImageDataset(split.train, pre.train_transform(cfg.augment, train_size, cfg.erasing), short, cache,
+                                cfg.max_pixels, target)
         val_ds = ImageDataset(split.val, pre.eval_transform(), short, cache, cfg.max_pixels, target)
         labels = [s.label for s in split.train]
         weights = class_weights(labels, len(split.classes))[labels] if cfg.balance == "sampler" else None

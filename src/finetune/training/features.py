@@ -42,7 +42,8 @@ def feature_key(cfg: TrainConfig, choice: WeightsChoice, train_size: int, views:
         st = os.stat(choice.path)
         wfile = (os.path.abspath(choice.path), st.st_size, st.st_mtime_ns)
     pre = choice.preprocessing.to_dict() | {"train_size": train_size}
-    blob = json.dumps([__version__, cfg.model, choice.label, wfile, pre, cfg.augment, views, cfg.seed, files])
+    augment = cfg.augment + (f"+erasing{cfg.erasing:g}" if cfg.erasing else "")  # earlier keys stay valid
+    blob = json.dumps([__version__, cfg.model, choice.label, wfile, pre, augment, views, cfg.seed, files])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -111,7 +112,7 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
     import torch
 
     cfg = trainer.cfg
-    views = 1 if cfg.augment == "none" else min(FEATURE_VIEWS, cfg.epochs)
+    views = 1 if cfg.augment == "none" and not cfg.erasing else min(FEATURE_VIEWS, cfg.epochs)
     paths = [s.path for s in split.train + split.val]
     key = feature_key(cfg, choice, train_size, views, paths)
     hit = load(key)
@@ -142,8 +143,8 @@ def _compute(trainer, split, local, choice, workers, emit, train_size, views, ca
     emit("features", cached=False, views=views)
     bs = inference_batch(trainer.device, cfg.batch_size)
     torch.manual_seed(cfg.seed + world.rank)
-    train_ds = ImageDataset(local.train, pre.train_transform(cfg.augment, train_size), pre.resize_size, cache,
-                            cfg.max_pixels)
+    train_ds = ImageDataset(local.train, pre.train_transform(cfg.augment, train_size, cfg.erasing), pre.resize_size,
+                            cache, cfg.max_pixels)
     runs = [extract(trainer, train_ds, bs) for _ in range(views)]
     val_paths, val_feats, val_failed = extract(trainer, ImageDataset(local.val, pre.eval_transform(), pre.resize_size,
                                                                      cache, cfg.max_pixels), bs)

@@ -17,6 +17,7 @@ from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
 from finetune.mlmetrics import epoch_map
 from finetune.multilabel import targets
+from finetune.tracking import tracked
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
@@ -59,7 +60,8 @@ def run_training(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] 
         folder, held["lock"] = open_run_folder(cfg, resuming)
         return folder
 
-    with torch_flags(cfg):
+    # --log: the trackers observe the events (and are opened now, before any long work)
+    with torch_flags(cfg), tracked(cfg, emit, resuming) as emit:
         p = prepare(cfg, emit, stop, resume)
         folder = dist.on_main(open_folder)  # rank 0 writes, under the folder's lock
         try:
@@ -104,6 +106,7 @@ class _Run:
             first = self.resume["epoch"] + 1
         else:
             self.saver.start(p.split_files)
+        self.emit("run_config", run_dir=self.saver.folder, config=self.saver.config, resumed=first > 1)
         steps = [ph for ph in p.phases if getattr(ph.run, "scheduled", True)]
         self.emit("start", run_dir=self.saver.folder, epochs=self.last, batches=p.epochs.batches,
                   lr=p.trainer.lr if steps else None, first=first,
@@ -218,4 +221,5 @@ class _Run:
                     {"line": n, "path": w} for n, w in split.missing[:100]]}
             self.emit("label_issues", **summary["label_issues"])
             result.summary = self.saver.finish(summary, split, best, self.history, self.cfg, self.emit)
+            self.emit("finish", run_dir=self.saver.folder, model=self.saver.model_path, summary=result.summary)
         return result

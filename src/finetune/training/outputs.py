@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from finetune import calibrate
@@ -17,6 +18,7 @@ from finetune.metrics import classification_report, confident_mistakes
 from finetune.mlmetrics import label_mistakes, multilabel_report
 from finetune.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
 from finetune.report import write_report
+from finetune.tracking import MLFLOW_FILE, TENSORBOARD_DIR
 from finetune.training.resume import STATE_FILE, save_state
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "update_ratio_head",
@@ -24,7 +26,9 @@ METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 LOCK_FILE = ".finetune.lock"
 # What a run writes into its folder: --overwrite removes these (and nothing else).
 RUN_FILES = ("best.pt", STATE_FILE, "config.json", "split.json", "metrics.csv", "results.json", "report.html",
-             "curves.png", "confusion.png", "wrong.png", "filters.png", "reliability.png", "label_issues.png")
+             "curves.png", "confusion.png", "wrong.png", "filters.png", "reliability.png", "label_issues.png",
+             MLFLOW_FILE)
+RUN_FOLDERS = (TENSORBOARD_DIR,)  # --log tensorboard's event files
 MAX_WRONG = 16
 
 
@@ -98,6 +102,9 @@ def _clear(folder: Path) -> None:
     """--overwrite: remove what an earlier run wrote (and only that)."""
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            shutil.rmtree(folder / name)
     if _leftovers(folder):
         raise UsageError(f"-o {folder}: --overwrite removes only the files a run writes, and the folder also holds "
                          f"{', '.join(_leftovers(folder)[:4])}; choose another -o")

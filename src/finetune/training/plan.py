@@ -29,6 +29,10 @@ def make_plan(cfg: TrainConfig, device) -> Plan:
     if device.type != "cpu":
         return Plan("finetune", False, budget, f"auto on {device.type.upper()}: full fine-tuning"
                     + _budget_words(budget, cfg.epochs))
+    sgd_only = [o for o in ("mixup", "cutmix", "label_smoothing") if getattr(cfg, o, 0)]
+    if sgd_only:  # regularisers of SGD steps through the whole model: the run is a fine-tuning one
+        return Plan("finetune", False, budget, f"auto on a CPU with --{sgd_only[0].replace('_', '-')}: fine-tuning "
+                    "(what it regularises)" + _budget_words(budget, cfg.epochs))
     if not budget:
         return Plan("feature-extract", False, 0.0, "auto on a CPU: a converged linear probe on the frozen backbone "
                     "(seconds); --time-budget 10m fine-tunes from it as well, --mode finetune fine-tunes outright")

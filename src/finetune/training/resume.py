@@ -73,7 +73,7 @@ def resume_config(run_dir: str | os.PathLike, given: dict) -> tuple[TrainConfig,
     state = load_resume_state(run_dir)
     stored = {k: v for k, v in state["config"].items() if k in SETTINGS}
     for name, value in given.items():
-        if name in ("data", "output", "epochs", "workers", "device") or stored.get(name) == value:
+        if name in ("data", "output", "epochs", "workers", "device", "log") or stored.get(name) == value:
             continue
         raise UsageError(f"--resume {run_dir}: {option(name)} {value} differs from that run's {stored.get(name)!r}; "
                          f"a resumed run keeps its settings (leave {option(name)} out, or start a new run)")
@@ -83,7 +83,7 @@ def resume_config(run_dir: str | os.PathLike, given: dict) -> tuple[TrainConfig,
         done = state["epoch"] - offset
         raise UsageError(f"--resume {run_dir}: that run already completed {done} of its {planned} epochs; give "
                          f"--epochs larger than {done} to train it further")
-    cfg = TrainConfig(**stored | {k: given[k] for k in ("data", "workers", "device") if k in given}
+    cfg = TrainConfig(**stored | {k: given[k] for k in ("data", "workers", "device", "log") if k in given}
                       | {"output": str(run_dir), "epochs": epochs})
     return cfg, state
 

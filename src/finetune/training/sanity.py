@@ -52,7 +52,8 @@ def update_ratio_warnings(ratios: dict, lr_now: float, lr_base: float) -> list[d
 
 def overfit_config(cfg: TrainConfig) -> TrainConfig:
     """The sanity check's settings: no augmentation, no regularisation, so memorising is possible."""
-    return dataclasses.replace(cfg, augment="none", weight_decay=0.0, dropout=0.0, balance="none", patience=0)
+    return dataclasses.replace(cfg, augment="none", weight_decay=0.0, dropout=0.0, balance="none", patience=0,
+                               mixup=0.0, cutmix=0.0, label_smoothing=0.0, erasing=0.0)
 
 
 def overfit_split(split: DatasetSplit, n: int, seed: int) -> DatasetSplit:

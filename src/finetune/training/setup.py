@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from finetune import distributed as dist
+from finetune import timm_models
+from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.dataset import DatasetSplit, find_dataset
 from finetune.errors import DatasetError, UsageError
@@ -20,6 +22,7 @@ from finetune.multilabel import check_balance, targets
 from finetune.training.cache import decode_for_training
 from finetune.training.epochs import ImageEpochs
 from finetune.training.features import feature_epochs
+from finetune.training.initfrom import init_choice, kept_head, load_init
 from finetune.training.plan import Plan, make_plan
 from finetune.training.resume import check_same_split
 from finetune.training.sanity import overfit_split
@@ -129,12 +132,20 @@ def _read_split(cfg: TrainConfig, world: dist.World, resume: dict | None) -> tup
     return split, local
 
 
-def _build(cfg: TrainConfig, split: DatasetSplit, choice: WeightsChoice, resume: dict | None) -> Network:
+def _build(cfg: TrainConfig, split: DatasetSplit, choice: WeightsChoice, resume: dict | None,
+           init: ModelFile | None, emit: Emit) -> Network:
     import torch
 
     # A resumed run gets its weights from the state; no download needed. Rank 0 downloads, then the others read.
-    state = dist.main_first(lambda: load_pretrained_state(choice)) if resume is None else None
+    state = None
+    if resume is None:
+        state = init.state_dict if init is not None else dist.main_first(lambda: load_pretrained_state(choice))
     net = build_network(cfg.model, len(split.classes), cfg.dropout, state)
+    if init is not None and resume is None:  # --init-from: the backbone is loaded; the head too if it fits
+        whole = kept_head(init, split.classes, net.head)
+        if whole is not None:
+            net.load_plain_state(whole)
+        emit("init_from", path=cfg.init_from, head_kept=whole is not None, classes=init.classes)
     if cfg.sync_bn and dist.current().distributed:  # BatchNorm statistics over the global batch (same keys)
         net.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net.module)
     if resume is not None:
@@ -171,17 +182,19 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     device = dist.device(cfg.device)
     plan = make_plan(cfg, device) if resume is None else Plan(**resume["plan"]) if "plan" in resume else \
         make_plan(cfg, device)
-    cfg = dataclasses.replace(cfg, mode=plan.mode)
+    cfg = validate(dataclasses.replace(cfg, mode=plan.mode))
     _check_world(cfg, world, device)
     torch.manual_seed(cfg.seed)
     split, local = _read_split(cfg, world, resume)
     split_files = split.files()
-    choice = resolve_weights(cfg.model, cfg.weights)
+    init = load_init(cfg)  # --init-from: a trained finetune model instead of --weights
+    resolve = timm_models.resolve_weights if timm_models.is_timm(cfg.model) else resolve_weights
+    choice = init_choice(cfg, init) if init is not None else resolve(cfg.model, cfg.weights)
     emit("dataset", split=split, device=str(device), weights=choice.label, processes=world.size)
     _label_file_checks(cfg, split, emit)
     if split.skipped:
         emit("skipped", files=list(split.skipped), root=split.root)
-    net = _build(cfg, split, choice, resume)
+    net = _build(cfg, split, choice, resume, init, emit)
     workers = default_workers(world.local_size) if cfg.workers < 0 else cfg.workers
     use_features = cfg.mode == "feature-extract" and net.head_gives_logits(choice.preprocessing.crop_size)
     # Feature-extract mode trains the head on every rank alike, one batch per step; images split over ranks.

@@ -49,6 +49,18 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.scheduler, cfg.epochs))
 
 
+def batch_mixer(cfg: TrainConfig, num_classes: int):
+    """--mixup / --cutmix as torchvision's MixUp / CutMix on each training batch (one of the two, drawn per batch,
+    when both are on): (images, labels) -> (mixed images, soft labels); None when both are off."""
+    from torchvision.transforms import v2
+
+    mixers = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
+        ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 def class_weights(labels: list[int], num_classes: int):
     """Inverse-frequency weights, normalised so a balanced dataset gets all ones."""
     import torch
@@ -78,16 +90,16 @@ class Trainer:
         self.lr = cfg.base_lr(images_per_step)
         self.optimizer = make_optimizer(cfg, net, self.lr)
         self.scheduler = make_scheduler(cfg, self.optimizer)
-        self.criterion = torch.nn.CrossEntropyLoss()  # for val: metrics stay comparable across --balance
-        self.train_criterion = self.criterion
+        self.criterion = torch.nn.CrossEntropyLoss()  # for val: metrics stay comparable across these options
         self.multi_label = train_targets is not None  # [N, classes] multi-hot: one sigmoid per class
         if self.multi_label:
             self.criterion = multilabel_criterion()
             weighted = cfg.balance == "weighted-loss"  # pos_weight: a rare label's positives count more
             self.train_criterion = multilabel_criterion(train_targets).to(device) if weighted else self.criterion
-        elif cfg.balance == "weighted-loss":  # rarer classes weigh more in the training loss
-            weights = class_weights(train_labels, num_classes).to(device)
-            self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights)
+        else:  # rarer classes weigh more with weighted-loss; soft targets from mixing work as well
+            weights = class_weights(train_labels, num_classes).to(device) if cfg.balance == "weighted-loss" else None
+            self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        self.mix = None if self.multi_label else batch_mixer(cfg, num_classes)
         self.forward = net.module  # what a training step calls: the model, its compiled form, or its DDP wrapper
         if cfg.compile:
             self.forward = torch.compile(net.module)
@@ -135,9 +147,12 @@ class Trainer:
             raise dist.echoed(Interrupted(int(signum)))
         if empty:
             return None
+        target = y
+        if self.mix is not None:  # accuracy stays measured against the images' own labels
+            x, target = self.mix(x, y)
         with self.autocast():
             logits = forward(x)
-            loss = self.train_criterion(logits.float(), y)
+            loss = self.train_criterion(logits.float(), target)
         value = loss.item()
         self.check_finite("training", value, epoch, step)
         if not self.checked_initial_loss:
