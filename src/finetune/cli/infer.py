@@ -18,6 +18,7 @@ from finetune.evaluate import evaluate_folder
 from finetune.export import ATOL, FORMATS, RTOL, export_model
 from finetune.files import dumps_json, latest_model
 from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
+from finetune.quantize import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 
 
 def model_paths(models: list[str] | None) -> list[str]:
@@ -97,26 +98,46 @@ def _print_predictions(good: list, as_json: bool, as_csv: bool, k: int) -> None:
         out.print(table)
 
 
-@command(epilog="Example: finetune export model.onnx --model runs/20261123-101500-resnet18/best.pt")
+@command(epilog="Example: finetune export model.xml --int8 --model runs/20261123-101500-resnet18/best.pt")
 def export(
     out_path: Annotated[str, typer.Argument(metavar="OUT", show_default=False, help=(
         f"Output file, by suffix: {', '.join(FORMATS)} (.pt: torchvision state_dict + metadata; .pt2: "
-        "torch.export program)."))],
+        "torch.export program; .xml: OpenVINO IR, its weights in the .bin beside it)."))],
     model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
         "Model file; repeat to export an ensemble as one file (same classes and preprocessing). Default: the "
         "latest run's best model."))] = None,
     check_images: Annotated[str | None, typer.Option(metavar="IMAGES", help=(
         "Images to verify the export on. Default: the run's val images."))] = None,
-    quiet: o.InferQuiet = False,
+    int8: o.Int8 = False, calibration_images: o.CalibrationImages = None,
+    calibration_count: o.CalibrationCount = CALIBRATION_COUNT, max_accuracy_drop: o.MaxAccuracyDrop = MAX_ACCURACY_DROP,
+    force: o.Force = False, quiet: o.InferQuiet = False,
 ) -> None:
     """Write a model that loads without finetune, checked against PyTorch on real images."""
     chosen = model_paths(model)
+    if int8:
+        with err.status(f"quantizing {esc(out_path)} to int8"):
+            r = export_int8(chosen, out_path, check_images, calibration_images, calibration_count, max_accuracy_drop,
+                            force)
+        _render_int8(r, max_accuracy_drop)
+        return
     with err.status(f"exporting {esc(out_path)}"):
         report = export_model(chosen, out_path, check_images)
     err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max logit difference "
               f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
               f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
     out.print(str(report.path), highlight=False, soft_wrap=True)
+
+
+def _render_int8(r, max_drop: float) -> None:
+    accuracy = (f"accuracy int8 {pct(r.int8_accuracy)} vs fp32 {pct(r.fp32_accuracy)} (allowed drop {max_drop:g} "
+                "points)" if r.int8_accuracy is not None else "accuracy not checked (no labels)")
+    err.print(f"int8, calibrated on {r.calibration_images} images ({esc(r.calibration_source)}); checked on "
+              f"{r.checked_images} images ({esc(r.image_source)}): top-1 agrees with fp32 on {pct(r.agreement)}, "
+              f"{accuracy}; {r.seconds:.1f} s", highlight=False)
+    if r.forced:
+        warn("kept because of --force although the accuracy check " + ("failed" if r.int8_accuracy is not None
+                                                                        else "could not run"))
+    out.print(str(r.path), highlight=False, soft_wrap=True)
 
 
 @command(epilog="Example: finetune evaluate ./images --model runs/20261123-101500-resnet18/best.pt --json")
