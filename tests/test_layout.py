@@ -12,7 +12,7 @@ MAX_FUNCTION_LINES = 60
 # The deliberate lazy imports: heavy or optional libraries, imported inside the functions that use them so that
 # `finetune --help` and every module import stay fast (and an optional extra is needed only when used).
 LAZY = {"torch", "torchvision", "numpy", "PIL", "matplotlib", "safetensors", "onnx", "onnxscript", "onnxruntime",
-        "pillow_heif", "fcntl"}
+        "pillow_heif", "fcntl", "openvino", "nncf", "fastapi", "starlette", "uvicorn", "swagger_ui_bundle"}
 
 
 def _modules() -> dict[str, ast.Module]:

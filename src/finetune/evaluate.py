@@ -18,13 +18,13 @@ from finetune.predict import Failure, load_predictor
 def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,
                     workers: int = 2, wrong: int = 10, tta: bool = False, max_pixels: int = MAX_PIXELS,
                     on_start: Callable[[int], None] = lambda n: None,
-                    on_progress: Callable[[int], None] = lambda n: None) -> dict:
+                    on_progress: Callable[[int], None] = lambda n: None, runtime: str = "auto") -> dict:
     """Run the model (or an ensemble of several) over a labelled folder and report metrics plus the most
     confidently wrong images; for an ensemble, each member's accuracy and ECE too."""
     import torch
 
     model_paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
-    predictor = load_predictor(model_paths, device, tta, max_pixels)
+    predictor = load_predictor(model_paths, device, tta, max_pixels, runtime)
     classes = predictor.classes
     samples, skipped, root = labelled_samples(data, classes)
     on_start(len(samples))

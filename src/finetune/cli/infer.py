@@ -26,6 +26,12 @@ def model_paths(models: list[str] | None) -> list[str]:
     return list(models) if models else [str(latest_model())]
 
 
+def runtime_note(predictor) -> str:
+    """", runtime openvino" (the runtimes of an ensemble's members, once each)."""
+    members = getattr(predictor, "members", [predictor])
+    return ", runtime " + "/".join(dict.fromkeys(m.model.runtime for m in members))
+
+
 def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> None:
     """One line on stderr: which model (path, arch, classes, val accuracy), and why when it was not given."""
     if not quiet:
@@ -47,8 +53,8 @@ def predict(
         "already there is kept), logged in FOLDER/sorted.csv."))] = None,
     min_confidence: Annotated[float, typer.Option(metavar="P", help=(
         "With --sort-into: images whose top probability is below this go to unsure/."))] = 0.0,
-    batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
-    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
+    batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", runtime: o.Runtime = "auto",
+    workers: o.InferWorkers = 2, max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
 ) -> None:
     """Classify images with a trained model: top-k classes with probabilities."""
     if not 0 <= min_confidence <= 1:
@@ -60,8 +66,8 @@ def predict(
     files, unusable = expand_inputs(paths)
     check_inputs(files, unusable)
     chosen = model_paths(model)
-    predictor = load_predictor(chosen, device, tta, max_pixels)
-    name_model(chosen, predictor.info.describe(), bool(model), quiet)
+    predictor = load_predictor(chosen, device, tta, max_pixels, runtime)
+    name_model(chosen, predictor.info.describe() + runtime_note(predictor), bool(model), quiet)
     with LazyProgress("predicting", quiet) as bar:
         bar.start(len(files))
         results = list(predictor.predict(files, top_k, batch_size, workers, bar.advance))
@@ -147,13 +153,14 @@ def evaluate(
     model: o.Models = None, as_json: o.AsJson = False,
     wrong: Annotated[int, typer.Option(metavar="N", help="How many of the most confidently wrong images to list.")
                      ] = 10,
-    tta: o.Tta = False, batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
-    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
+    tta: o.Tta = False, batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", runtime: o.Runtime = "auto",
+    workers: o.InferWorkers = 2, max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
 ) -> None:
     """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes."""
     chosen = model_paths(model)
     with LazyProgress("evaluating", quiet) as bar:
-        r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance)
+        r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance,
+                            runtime)
     name_model(chosen, r["model_description"], bool(model), quiet)
     if as_json:
         sys.stdout.write(dumps_json(r) + "\n")
