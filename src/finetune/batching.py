@@ -32,6 +32,7 @@ class Batcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._in_flight = 0
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -51,8 +52,9 @@ class Batcher:
             self._pool.shutdown(wait=True)
 
     @property
-    def waiting(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+    def in_flight(self) -> int:
+        """Items submitted whose results are not back yet (queued, collected or computing)."""
+        return self._in_flight
 
     async def submit(self, items: Sequence) -> list:
         """The results of items (all or none are queued), in order. Raises Busy when the queue is full."""
@@ -64,7 +66,11 @@ class Batcher:
         futures = [loop.create_future() for _ in items]
         for item, future in zip(items, futures):
             self._queue.put_nowait((item, future))
-        return list(await asyncio.gather(*futures))
+        self._in_flight += len(items)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            self._in_flight -= len(items)
 
     async def _collect(self) -> list:
         """The next batch: the first waiting item, then whatever arrives within max_wait, up to max_batch."""

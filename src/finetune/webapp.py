@@ -92,7 +92,7 @@ def _api(app, fastapi) -> None:
     async def health():
         stats = app.state.batcher.stats
         return {"status": "ok", "uptime_s": round(time.time() - app.state.started, 1),
-                "images_served": app.state.served, "waiting": app.state.batcher.waiting, "batches": stats.batches,
+                "images_served": app.state.served, "in_flight": app.state.batcher.in_flight, "batches": stats.batches,
                 "mean_batch": round(stats.items / stats.batches, 2) if stats.batches else None,
                 "largest_batch": stats.largest}
 

@@ -54,7 +54,8 @@ function addCard(file) {
   const card = el("li", "card pending");
   card.dataset.file = file.name;
   const img = el("img", "thumb");
-  img.alt = file.name;
+  img.alt = "";
+  img.addEventListener("error", () => img.classList.add("broken")); // not something the browser can show either
   img.src = URL.createObjectURL(file);
   const body = el("div", "body");
   body.append(el("p", "name", file.name), el("p", "state", "waiting…"));
