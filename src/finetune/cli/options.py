@@ -115,7 +115,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT, he
 
 # Inference commands.
 Models = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
-    "Model file (best.pt, or an export: .pt, .safetensors, .pt2, .onnx); repeat for an ensemble. Default: the "
+    "Model file (best.pt, or an export: .pt, .safetensors, .pt2, .onnx, .xml); repeat for an ensemble. Default: the "
     "latest run's best model (runs/latest.json)."))]
 Tta = Annotated[bool, typer.Option("--tta", help=(
     "Test-time augmentation: average the logits of each image and its mirror image (two forward passes)."))]
