@@ -29,6 +29,7 @@ from finetune.runtimes import load_runnable
 # (name, file suffix, int8, runtime)
 VARIANTS = [("eager fp32", "best.pt", False, "torch"), ("ONNX fp32 (onnxruntime)", ".onnx", False, "onnx"),
             ("ONNX fp32 (OpenVINO)", ".onnx", False, "openvino"), ("ONNX int8 (onnxruntime)", "-int8.onnx", True, "onnx"),
+            ("ONNX int8 (OpenVINO)", "-int8.onnx", True, "openvino"),
             ("OpenVINO fp32", ".xml", False, "openvino"), ("OpenVINO int8", "-int8.xml", True, "openvino")]
 
 

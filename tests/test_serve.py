@@ -316,3 +316,28 @@ def test_bad_page_text_is_never_parsed_as_html():
     script = (Path(__file__).resolve().parents[1] / "src" / "finetune" / "static" / "app.js").read_text()
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "textContent" in script
 
+
+
+def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(trained_model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from finetune.checkpoint import update_model_file
+    from finetune.preprocessing import Preprocessing
+    from finetune.served import ServedModel
+    from finetune.webapp import create_app
+
+    other = tmp_path / "other.pt"
+    other.write_bytes(Path(trained_model).read_bytes())
+    update_model_file(other, temperature=2.5, preprocessing=Preprocessing(200, 176, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                                                                           "bicubic"))
+    paths = [str(trained_model), str(other)]
+    predictor = load_predictor(paths, "cpu", tta=True)
+    expected = {r.path: r.top for r in predictor.predict([str(BEE), str(ANT)])}
+    with TestClient(create_app(ServedModel(predictor), paths)) as client:
+        r = client.post("/predict", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in (BEE, ANT)])
+        card = client.get("/model").json()
+    assert r.status_code == 200
+    for got, path in zip(r.json(), (BEE, ANT)):
+        assert [(p["class"], p["probability"]) for p in got["predictions"]] == [
+            (c, pytest.approx(p, abs=1e-5)) for c, p in expected[str(path)]]
+    assert [m["file"] for m in card["members"]] == ["best.pt", "other.pt"] and card["tta"] is True

@@ -21,7 +21,7 @@ class ServedModel:
         self.classes: list[str] = predictor.classes
         self.info = predictor.info
         self.max_pixels = max_pixels
-        # An image is decoded once, then prepared once per distinct preprocessing among the members.
+        # An image is prepared once per distinct preprocessing among the members.
         self.preprocessings = list(dict.fromkeys(m.info.preprocessing for m in self.members))
         self.group = [self.preprocessings.index(m.info.preprocessing) for m in self.members]
         self.transforms = [p.eval_transform() for p in self.preprocessings]
@@ -30,11 +30,12 @@ class ServedModel:
         """One input per distinct preprocessing, from an image's bytes (raises what decoding raises)."""
         from torchvision.transforms.v2 import functional as F
 
-        img = decode_bytes(data, min_side=max(p.resize_size for p in self.preprocessings), max_pixels=self.max_pixels)
         inputs = []
         for pre, transform in zip(self.preprocessings, self.transforms):
-            one = F.resize(img, pre.resize_size, antialias=True) if min(img.size) > pre.resize_size else img
-            inputs.append(transform(F.pil_to_tensor(one)))
+            # Decoded for each preprocessing, as predict does: a JPEG's reduced-size decode depends on the size.
+            img = decode_bytes(data, min_side=pre.resize_size, max_pixels=self.max_pixels)
+            img = F.resize(img, pre.resize_size, antialias=True) if min(img.size) > pre.resize_size else img
+            inputs.append(transform(F.pil_to_tensor(img)))
         return tuple(inputs)
 
     def probabilities(self, items: Sequence[tuple]):
