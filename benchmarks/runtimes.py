@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -26,8 +27,8 @@ from finetune.export import export_model
 from finetune.quantize import export_int8
 from finetune.runtimes import load_runnable
 
-# (name, file suffix, int8, runtime)
-VARIANTS = [("eager fp32", "best.pt", False, "torch"), ("ONNX fp32 (onnxruntime)", ".onnx", False, "onnx"),
+# (name, file suffix, int8, runtime); "1 thread": OMP_NUM_THREADS=1 (torch's default on this machine is 2)
+VARIANTS = [("eager fp32", "best.pt", False, "torch"), ("eager fp32, 1 thread", "best.pt", False, "torch"), ("ONNX fp32 (onnxruntime)", ".onnx", False, "onnx"),
             ("ONNX fp32 (OpenVINO)", ".onnx", False, "openvino"), ("ONNX int8 (onnxruntime)", "-int8.onnx", True, "onnx"),
             ("ONNX int8 (OpenVINO)", "-int8.onnx", True, "openvino"),
             ("OpenVINO fp32", ".xml", False, "openvino"), ("OpenVINO int8", "-int8.xml", True, "openvino")]
@@ -80,16 +81,18 @@ def measure_one(path: str, runtime: str, iterations: int) -> dict:
     return {"latency": latency, "images_per_s": 32 / statistics.median(batch_times)}
 
 
-def measure(name: str, model: Path, out: Path, rounds: int, iterations: int) -> list[dict]:
+def measure(name: str, model: Path, out: Path, rounds: int, iterations: int, only: str | None) -> list[dict]:
     made = files_for(name, model, out)
-    runs = {label: [] for label, *_ in VARIANTS}
+    variants = [v for v in VARIANTS if only is None or only in v[0]]
+    runs = {label: [] for label, *_ in variants}
     for _ in range(rounds):  # rounds alternate the variants, each in a fresh process
-        for label, suffix, _, runtime in VARIANTS:
+        for label, suffix, _, runtime in variants:
+            env = os.environ | ({"OMP_NUM_THREADS": "1"} if "1 thread" in label else {})
             p = subprocess.run([sys.executable, __file__, "--one", str(made["paths"][suffix]), runtime,
-                                str(iterations)], capture_output=True, text=True, check=True)
+                                str(iterations)], capture_output=True, text=True, check=True, env=env)
             runs[label].append(json.loads(p.stdout.strip().splitlines()[-1]))
     rows = []
-    for label, suffix, _, runtime in VARIANTS:
+    for label, suffix, _, runtime in variants:
         middle = sorted(runs[label], key=lambda r: statistics.median(r["latency"]))[rounds // 2]["latency"]
         rows.append({"model": name, "variant": label, "runtime": runtime, "file": Path(made["paths"][suffix]).name,
                      "latency_ms_median": round(statistics.median(middle) * 1000, 2),
@@ -121,15 +124,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--results", default="benchmarks/results-runtimes.json")
+    ap.add_argument("--only", metavar="TEXT", help="measure only the variants whose name contains TEXT; their rows "
+                    "replace those already in --results")
     args = ap.parse_args()
     rows = []
     for spec in args.model:
         name, path = spec.split("=", 1)
-        rows += measure(name, Path(path), Path(args.out), args.rounds, args.iterations)
-        for row in rows[-len(VARIANTS):]:
+        new = measure(name, Path(path), Path(args.out), args.rounds, args.iterations, args.only)
+        rows += new
+        for row in new:
             print(f"{row['model']:>14} {row['variant']:<26} {row['latency_ms_median']:8.2f} ms/image "
                   f"(p90 {row['latency_ms_p90']:.2f})  {row['images_per_s_batch32']:7.1f} images/s at batch 32")
-    Path(args.results).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+    if args.only and Path(args.results).is_file():
+        done = {(r["model"], r["variant"]): r for r in rows}
+        kept = [done.pop((r["model"], r["variant"]), r) for r in json.loads(Path(args.results).read_text())["rows"]]
+        rows = kept + list(done.values())
+        order = [v[0] for v in VARIANTS]
+        rows.sort(key=lambda r: (r["model"] != "resnet18", order.index(r["variant"])))
+    Path(args.results).write_text(json.dumps({"machine": machine() | {"load_average_after": os.getloadavg()},
+                                              "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

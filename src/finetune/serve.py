@@ -24,7 +24,9 @@ class ServeSettings:
     max_upload: int = 20 * MB  # bytes in one request body (the page sends one photo per request)
     max_files: int = 16  # files in one multipart request
     max_batch: int = 16  # images in one forward pass
-    batch_wait_ms: float = 10.0  # how long a forward pass waits for more images to join it
+    # How long a forward pass waits for more images to join it. 0: none; images that arrive while the model is busy
+    # still share the next pass, and a lone request is not delayed (benchmarks/README.md#serving-under-load).
+    batch_wait_ms: float = 0.0
     max_queue: int = 256  # images waiting for the model; beyond it requests get 503 at once
     token: str | None = None  # when set, /predict and /model need `Authorization: Bearer <token>`
     max_pixels: int = MAX_PIXELS

@@ -41,7 +41,8 @@ def serve(
     max_files: Annotated[int, typer.Option(metavar="N", help="Most files in one request.")] = D.max_files,
     max_batch: Annotated[int, typer.Option(metavar="N", help="Most images in one forward pass.")] = D.max_batch,
     batch_wait: Annotated[float, typer.Option(metavar="MS", help=(
-        "How long a forward pass waits for concurrent requests to join its batch."))] = D.batch_wait_ms,
+        "How long a forward pass waits for more requests to join its batch. 0: it starts at once with every image "
+        "that queued while the previous pass ran."))] = D.batch_wait_ms,
     max_queue: Annotated[int, typer.Option(metavar="N", help=(
         "Most images waiting for the model; requests beyond it get 503 with Retry-After."))] = D.max_queue,
     device: o.InferDevice = "auto", max_pixels: o.InferMaxPixels = MAX_PIXELS,
