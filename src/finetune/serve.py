@@ -30,6 +30,9 @@ class ServeSettings:
     max_queue: int = 256  # images waiting for the model; beyond it requests get 503 at once
     token: str | None = None  # when set, /predict and /model need `Authorization: Bearer <token>`
     max_pixels: int = MAX_PIXELS
+    # Requests whose bodies are read and decoded at once: memory holds at most this many bodies of --max-upload
+    # (others wait, their bytes still with their senders); decoding threads beyond the cores gain nothing.
+    max_intake: int = 16
 
 
 class ApiError(Exception):
@@ -106,16 +109,23 @@ async def _form_files(request, body: bytes, max_files: int) -> list[tuple[str, b
     return out
 
 
-async def predict(app, items: list[tuple[str, bytes]], top_k: int) -> list[dict]:
-    """[{"file", "predictions"} or {"file", "error"}] per upload, in order; 422 when no upload is an image."""
+async def intake(app, request) -> list[tuple[str, tuple | None, str | None]]:
+    """(name, model inputs or None, why not) per upload of request, read and decoded a few requests at a time."""
     from starlette.concurrency import run_in_threadpool
 
+    async with app.state.intake:
+        items = await uploads(request, app.state.settings)
+        decoded = await asyncio.gather(*(run_in_threadpool(_prepare, app.state.model, data) for _, data in items))
+    return [(name, x, why) for (name, _), (x, why) in zip(items, decoded)]
+
+
+async def predict(app, uploaded: list[tuple[str, tuple | None, str | None]], top_k: int) -> list[dict]:
+    """[{"file", "predictions"} or {"file", "error"}] per upload, in order; 422 when no upload is an image."""
     model: ServedModel = app.state.model
-    decoded = await asyncio.gather(*(run_in_threadpool(_prepare, model, data) for _, data in items))
-    good = [x for x, _ in decoded if x is not None]
+    good = [x for _, x, _ in uploaded if x is not None]
     if not good:
-        reasons = "; ".join(f"{name}: {why}" for (name, _), (_, why) in zip(items, decoded))
-        raise ApiError(422, reasons if len(items) > 1 else decoded[0][1])
+        reasons = "; ".join(f"{name}: {why}" for name, _, why in uploaded)
+        raise ApiError(422, reasons if len(uploaded) > 1 else uploaded[0][2])
     try:
         probs = iter(await app.state.batcher.submit(good))
     except Busy:
@@ -123,7 +133,7 @@ async def predict(app, items: list[tuple[str, bytes]], top_k: int) -> list[dict]
                             "shortly", {"Retry-After": "1"}) from None
     app.state.served += len(good)
     return [{"file": name, "predictions": model.top(next(probs), top_k)} if x is not None
-            else {"file": name, "error": why} for (name, _), (x, why) in zip(items, decoded)]
+            else {"file": name, "error": why} for name, x, why in uploaded]
 
 
 def _prepare(model: ServedModel, data: bytes):

@@ -5,13 +5,14 @@ load is served by the app itself (package data and the swagger-ui-bundle package
 No `from __future__ import annotations` here: FastAPI reads the routes' parameter types (Request, Header), which
 are imported inside the functions that define the routes."""
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
 
 from finetune.batching import Batcher
 from finetune.errors import UsageError
-from finetune.serve import ApiError, ServeSettings, check_token, predict, uploads
+from finetune.serve import ApiError, ServeSettings, check_token, intake, predict
 from finetune.served import ServedModel
 
 # The page may load only what the app serves (and show the photos the user picked, as blob: URLs).
@@ -59,6 +60,7 @@ def create_app(model: ServedModel, paths: Sequence[str], settings: ServeSettings
                           summary=f"Image classifier: {model.info.describe()}")
     app.state.model, app.state.paths, app.state.settings = model, list(paths), settings
     app.state.batcher, app.state.started, app.state.served = batcher, time.time(), 0
+    app.state.intake = asyncio.Semaphore(settings.max_intake)
     _api(app, fastapi)
     _pages(app, fastapi)
     _errors(app)
@@ -79,7 +81,7 @@ def _api(app, fastapi) -> None:
         `finetune predict --json`. A file that is not a usable image gets an `error` instead of `predictions`;
         when none is, the answer is 422."""
         check_token(settings, authorization)
-        return await predict(app, await uploads(request, settings), top_k or settings.top_k)
+        return await predict(app, await intake(app, request), top_k or settings.top_k)
 
     @app.get("/model", summary="The model: classes, preprocessing, metrics")
     async def model_route(authorization: str | None = Header(None)):
