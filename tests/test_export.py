@@ -96,11 +96,12 @@ def test_the_loading_snippet_in_the_docs_runs_as_printed(trained_model, tiny_dat
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
     snippet = re.search(r"## Loading without finetune.*?```python\n(.*?)```", docs, re.S).group(1)
-    for suffix in (".pt", ".safetensors", ".pt2", ".onnx"):
+    for suffix in (".pt", ".safetensors", ".pt2", ".onnx", ".xml"):
         E.export_model(trained_model, tmp_path / f"model{suffix}")
     shutil.copy(sorted((tiny_data / "val" / "bees").iterdir())[0], tmp_path / "photo.jpg")
     code = 'import sys\nsys.modules["finetune"] = None\n' + snippet
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     first, last = p.stdout.split("\n")[0].split()[0], p.stdout.strip().split("\n")[-1]
-    assert first in ("ants", "bees") and last == first  # the .pt and the .onnx paths agree
+    lines = p.stdout.strip().split("\n")
+    assert first in ("ants", "bees") and last == first and lines[-2] == first  # .pt, .onnx and .xml agree

@@ -54,7 +54,7 @@ def test_predict_and_evaluate_accept_every_export_with_the_checkpoints_results(t
 
 def test_predict_names_the_model_it_used(trained_model, tiny_data, in_tmp):
     r = invoke("predict", tiny_data / "val", "-m", trained_model)
-    assert re.search(r"model .*best\.pt \(resnet18, 2 classes, val accuracy \d+\.\d%\)", r.stderr)
+    assert re.search(r"model .*best\.pt \(resnet18, 2 classes, val accuracy \d+\.\d%, runtime torch\)", r.stderr)
     (in_tmp / "runs").mkdir()
     (in_tmp / "runs" / "latest.json").write_text(json.dumps({"model": str(trained_model)}))
     r = invoke("predict", tiny_data / "val")

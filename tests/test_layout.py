@@ -13,7 +13,7 @@ MAX_FUNCTION_LINES = 60
 # `finetune --help` and every module import stay fast (and an optional extra is needed only when used).
 LAZY = {"torch", "torchvision", "numpy", "PIL", "matplotlib", "safetensors", "onnx", "onnxscript", "onnxruntime",
         "pillow_heif", "fcntl", "cleanlab", "captum", "optuna", "sqlalchemy", "yaml", "tensorboard", "mlflow", "timm",
-        "huggingface_hub"}
+        "huggingface_hub", "openvino", "nncf", "fastapi", "starlette", "uvicorn", "swagger_ui_bundle"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -119,4 +119,4 @@ def test_option_tables_in_docs_are_those_of_help():
     docs = SRC.parents[1] / "docs"
     assert sync(docs, check=True) == [], "run `python -m finetune.cli.reference` to regenerate them"
     blocks = sum(p.read_text(encoding="utf-8").count("<!-- options:") for p in docs.glob("*.md"))
-    assert blocks == 7  # train, lr-find, tune, predict, evaluate, export, check
+    assert blocks == 8  # train, lr-find, tune, predict, evaluate, export, check, serve

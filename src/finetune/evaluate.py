@@ -22,13 +22,13 @@ def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto"
                     workers: int = 2, wrong: int = 10, tta: bool = False, max_pixels: int = MAX_PIXELS,
                     on_start: Callable[[int], None] = lambda n: None,
                     on_progress: Callable[[int], None] = lambda n: None, thresholds: list[str] | None = None,
-                    labels: LabelFileOptions | None = None) -> dict:
+                    labels: LabelFileOptions | None = None, runtime: str = "auto") -> dict:
     """Run the model (or an ensemble of several) over a labelled folder and report metrics plus the most
     confidently wrong images; for an ensemble, each member's accuracy and ECE too."""
     import torch
 
     model_paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
-    predictor = load_predictor(model_paths, device, tta, max_pixels, thresholds)
+    predictor = load_predictor(model_paths, device, tta, max_pixels, thresholds, runtime)
     classes = predictor.classes
     multi = getattr(predictor, "multi_label", False)
     samples, skipped, root = labelled_samples(data, classes, labels, multi)

@@ -1,8 +1,10 @@
-"""Export a trained model as .pt (plain torchvision state_dict), .safetensors, .pt2 (torch.export) or .onnx,
-then re-run the exported file against eager PyTorch on real images before calling it done."""
+"""Export a trained model as .pt (plain torchvision state_dict), .safetensors, .pt2 (torch.export), .onnx or
+OpenVINO IR (.xml + .bin), then re-run the exported file against eager PyTorch on real images before calling it
+done. int8 exports: quantize.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import openvino_ir
 from finetune.checkpoint import EXPORT_FORMAT, ModelFile, load_model_file, network_from, versions
 from finetune.dataset import images_under
 from finetune.ensemble import ENSEMBLE_OUTPUT, combine
@@ -21,7 +24,8 @@ from finetune.predict import expand_inputs
 from finetune.runtimes import load_runnable
 from finetune.timm_models import PREFIX as TIMM_PREFIX
 
-FORMATS = (".pt", ".safetensors", ".pt2", ".onnx")
+FORMATS = (".pt", ".safetensors", ".pt2", ".onnx", ".xml")
+RUNTIME_OF = {".onnx": "onnx", ".xml": "openvino"}  # what verifies each program format: what its users run
 # Exported logits must match eager PyTorch within |a - b| <= ATOL + RTOL * |b|, and give the same top-1 class
 # wherever eager's top-1 margin exceeds the tolerance (ties may legitimately flip).
 ATOL, RTOL = 1e-3, 1e-3
@@ -132,19 +136,36 @@ def export_model(model_path: str | os.PathLike | list, out: str | os.PathLike,
 
     def write_and_verify(tmp: str) -> None:
         # Verify the temp file before it replaces anything: a failed check leaves the old file intact.
-        writer(module, mf, info, x, tmp)
-        got = _run(tmp, fmt, x)
-        checked["diff"], checked["agree"] = _compare_sigmoids(expected, got, mf, out) if mf.multi_label \
-            else _compare(expected, got, out)
+        with companion(tmp, out):
+            writer(module, mf, info, x, tmp)
+            got = _run(tmp, fmt, x)
+            checked["diff"], checked["agree"] = _compare_sigmoids(expected, got, mf, out) if mf.multi_label \
+                else _compare(expected, got, out)
 
     atomic_write(out, write_and_verify, "choose another OUT path")
     return ExportReport(out, fmt, len(x), source, checked["diff"], checked["agree"], time.perf_counter() - t0,
                         mf.multi_label)
 
 
+@contextlib.contextmanager
+def companion(tmp: str, out: Path):
+    """An OpenVINO IR's weights (.bin beside the temp .xml) take their place beside out once the block succeeds,
+    just before the .xml itself replaces out; on failure the temp .bin is removed."""
+    if out.suffix.lower() != ".xml":
+        yield
+        return
+    try:
+        yield
+        os.replace(openvino_ir.weights_path(tmp), openvino_ir.weights_path(out))
+    except BaseException:
+        openvino_ir.weights_path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _run(tmp: str, fmt: str, x):
-    """The exported file run as a user would: plain torch + torchvision for .pt, else finetune's loaders."""
-    return _run_plain_pt(tmp, x) if fmt == ".pt" else load_runnable(tmp, "cpu").forward(x)
+    """The exported file run as a user would: plain torch + torchvision for .pt, else finetune's loaders on the
+    runtime its users run it with."""
+    return _run_plain_pt(tmp, x) if fmt == ".pt" else load_runnable(tmp, "cpu", RUNTIME_OF.get(fmt, "torch")).forward(x)
 
 
 def _compare(expected, got, out: Path) -> tuple[float, int]:
@@ -245,4 +266,10 @@ def _write_onnx(module, mf, info, x, tmp):
     program.save(tmp, external_data=False)
 
 
-_WRITERS = {".pt": _write_pt, ".safetensors": _write_safetensors, ".pt2": _write_pt2, ".onnx": _write_onnx}
+def _write_xml(module, mf, info, x, tmp):
+    model = openvino_ir.to_ir(_export_program(module, x), mf.preprocessing.crop_size)
+    openvino_ir.save_ir(model, info, tmp)
+
+
+_WRITERS = {".pt": _write_pt, ".safetensors": _write_safetensors, ".pt2": _write_pt2, ".onnx": _write_onnx,
+            ".xml": _write_xml}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
@@ -15,6 +16,8 @@ from finetune.config import MAX_PIXELS
 # torchvision's ImageFolder list, matched case-insensitively (phones write .JPG).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HEIF_EXTENSIONS = (".heic", ".heif")
+# Pillow format names tried on images sent as bytes (JPEG also opens the MPO files phones write).
+BYTES_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 # Files and folders that operating systems and tools drop into photo folders; never classes or samples.
 IGNORED_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
 # Composited under transparent pixels.
@@ -90,24 +93,41 @@ def load_image(path: str | os.PathLike, min_side: int | None = None, max_pixels:
     that many pixels, which is all the resize that follows needs. Non-regular files, unsupported types,
     decompression bombs and extreme aspect ratios are refused before any pixel is allocated.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     reason = irregular_reason(path) or (None if is_image_file(path) else unsupported_reason(os.fspath(path)))
     if reason:
         raise ImageRejected(reason)
     with Image.open(path) as img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageRejected(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the --max-pixels limit of "
-                                f"{max_pixels / 1e6:.0f}")
-        if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
-            raise ImageRejected(f"{w}x{h} is more than {MAX_ASPECT}:1; not a photo a classifier can use")
-        if min_side and img.format == "JPEG" and min(w, h) / min_side >= 2:
-            scale = min(w, h) / min_side
-            img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
-        img.seek(0)
-        img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
+        return _decode(img, min_side, max_pixels)
+
+
+def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS):
+    """An image sent as bytes (an upload: no file name to trust) decoded as load_image does, trying only the
+    formats photo files come in."""
+    from PIL import Image
+
+    formats = BYTES_FORMATS + (("HEIF",) if heif_ready() else ())
+    with Image.open(io.BytesIO(data), formats=formats) as img:
+        return _decode(img, min_side, max_pixels)
+
+
+def _decode(img, min_side: int | None, max_pixels: int):
+    """The checks and conversions of load_image on an opened image."""
+    from PIL import ImageOps
+
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageRejected(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the --max-pixels limit of "
+                            f"{max_pixels / 1e6:.0f}")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise ImageRejected(f"{w}x{h} is more than {MAX_ASPECT}:1; not a photo a classifier can use")
+    if min_side and img.format == "JPEG" and min(w, h) / min_side >= 2:
+        scale = min(w, h) / min_side
+        img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+    img.seek(0)
+    img.load()
+    return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def _to_rgb(img):

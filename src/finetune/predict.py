@@ -217,9 +217,10 @@ class Ensemble:
 
 
 def load_predictor(model_paths: Sequence[str | os.PathLike], device: str = "auto", tta: bool = False,
-                   max_pixels: int = MAX_PIXELS, thresholds: Sequence[str] | None = None) -> Predictor | Ensemble:
-    """One model file: a Predictor; several: an Ensemble averaging their probabilities."""
-    members = [Predictor(load_runnable(p, device), tta, max_pixels, thresholds) for p in model_paths]
+                   max_pixels: int = MAX_PIXELS, thresholds: Sequence[str] | None = None,
+                   runtime: str = "auto") -> Predictor | Ensemble:
+    """One model file: a Predictor; several: an Ensemble averaging their probabilities. runtime: see runtimes.py."""
+    members = [Predictor(load_runnable(p, device, runtime), tta, max_pixels, thresholds) for p in model_paths]
     return members[0] if len(members) == 1 else Ensemble(members)
 
 

@@ -22,11 +22,19 @@ from finetune.files import dumps_json, latest_model
 from finetune.lite import cache_export, light_predictor
 from finetune.labelfile import LabelFileOptions
 from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
+from finetune.quantize import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 
 
 def model_paths(models: list[str] | None) -> list[str]:
     """-m given once or more (an ensemble), else the latest run's best model."""
     return list(models) if models else [str(latest_model())]
+
+
+def runtime_note(predictor) -> str:
+    """", runtime openvino" (the runtimes of an ensemble's members, once each)."""
+    members = getattr(predictor, "members", [predictor])
+    return ", runtime " + "/".join(dict.fromkeys(m.model.runtime if hasattr(m, "model") else m.runtime
+                                                 for m in members))
 
 
 def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> None:
@@ -54,8 +62,8 @@ def predict(
     min_confidence: Annotated[float, typer.Option(metavar="P", help=(
         "With --sort-into: images whose top probability is below this go to unsure/."))] = 0.0,
     explain: o.Explain = None,
-    batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", workers: o.InferWorkers = 2,
-    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
+    batch_size: o.InferBatch = 32, device: o.InferDevice = "auto", runtime: o.Runtime = "auto",
+    workers: o.InferWorkers = 2, max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False,
 ) -> None:
     """Classify images with a trained model: top-k classes with probabilities."""
     _check_predict_options(min_confidence, as_json, as_csv, top_k)
@@ -65,9 +73,10 @@ def predict(
     if explain and len(chosen) > 1:
         raise UsageError("--explain: an ensemble's members look at different things; explain one model (-m once)")
     explainer = Explainer(chosen[0], device, max_pixels) if explain else None  # refused before any prediction
-    light = light_predictor(chosen, device, tta, max_pixels) if not (threshold or explain) else None
-    predictor = light or load_predictor(chosen, device, tta, max_pixels, threshold)
-    name_model(chosen, predictor.info.describe(), bool(model), quiet)
+    plain = runtime == "auto" and not (threshold or explain)
+    light = light_predictor(chosen, device, tta, max_pixels) if plain else None
+    predictor = light or load_predictor(chosen, device, tta, max_pixels, threshold, runtime=runtime)
+    name_model(chosen, predictor.info.describe() + runtime_note(predictor), bool(model), quiet)
     multi = getattr(predictor, "multi_label", False)
     # Multi-label: the labels above their thresholds; the top-k scores too when -k is given (always in JSON/CSV).
     k = min(top_k or (len(predictor.classes) if multi else 3), len(predictor.classes))
@@ -134,20 +143,28 @@ def _print_predictions(good: list, as_json: bool, as_csv: bool, k: int) -> None:
         out.print(table)
 
 
-@command(epilog="Example: finetune export model.onnx --model runs/20261123-101500-resnet18/best.pt")
+@command(epilog="Example: finetune export model.xml --int8 --model runs/20261123-101500-resnet18/best.pt")
 def export(
     out_path: Annotated[str, typer.Argument(metavar="OUT", show_default=False, help=(
         f"Output file, by suffix: {', '.join(FORMATS)} (.pt: torchvision state_dict + metadata; .pt2: "
-        "torch.export program)."))],
+        "torch.export program; .xml: OpenVINO IR, its weights in the .bin beside it)."))],
     model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
         "Model file; repeat to export an ensemble as one file (same classes and preprocessing). Default: the "
         "latest run's best model."))] = None,
     check_images: Annotated[str | None, typer.Option(metavar="IMAGES", help=(
         "Images to verify the export on. Default: the run's val images."))] = None,
-    quiet: o.InferQuiet = False,
+    int8: o.Int8 = False, calibration_images: o.CalibrationImages = None,
+    calibration_count: o.CalibrationCount = CALIBRATION_COUNT, max_accuracy_drop: o.MaxAccuracyDrop = MAX_ACCURACY_DROP,
+    force: o.Force = False, quiet: o.InferQuiet = False,
 ) -> None:
     """Write a model that loads without finetune, checked against PyTorch on real images."""
     chosen = model_paths(model)
+    if int8:
+        with err.status(f"quantizing {esc(out_path)} to int8"):
+            r = export_int8(chosen, out_path, check_images, calibration_images, calibration_count, max_accuracy_drop,
+                            force)
+        _render_int8(r, max_accuracy_drop)
+        return
     with err.status(f"exporting {esc(out_path)}"):
         report = export_model(chosen, out_path, check_images)
     if report.multi_label:
@@ -162,6 +179,18 @@ def export(
     out.print(str(report.path), highlight=False, soft_wrap=True)
 
 
+def _render_int8(r, max_drop: float) -> None:
+    accuracy = (f"accuracy int8 {pct(r.int8_accuracy)} vs fp32 {pct(r.fp32_accuracy)} (allowed drop {max_drop:g} "
+                "points)" if r.int8_accuracy is not None else "accuracy not checked (no labels)")
+    err.print(f"int8, calibrated on {r.calibration_images} images ({esc(r.calibration_source)}); checked on "
+              f"{r.checked_images} images ({esc(r.image_source)}): top-1 agrees with fp32 on {pct(r.agreement)}, "
+              f"{accuracy}; {r.seconds:.1f} s", highlight=False)
+    if r.forced:
+        warn("kept because of --force although the accuracy check " + ("failed" if r.int8_accuracy is not None
+                                                                        else "could not run"))
+    out.print(str(r.path), highlight=False, soft_wrap=True)
+
+
 @command(epilog="Example: finetune evaluate ./images --model runs/20261123-101500-resnet18/best.pt --json")
 def evaluate(
     data: Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
@@ -171,9 +200,9 @@ def evaluate(
     wrong: Annotated[int, typer.Option(metavar="N", help="How many of the most confidently wrong images to list.")
                      ] = 10,
     threshold: o.Threshold = None, tta: o.Tta = False, batch_size: o.InferBatch = 32,
-    device: o.InferDevice = "auto", workers: o.InferWorkers = 2, max_pixels: o.InferMaxPixels = MAX_PIXELS,
-    path_col: o.PathCol = None, label_col: o.LabelCol = None, label_sep: o.LabelSep = None,
-    image_dir: o.ImageDir = None, quiet: o.InferQuiet = False,
+    device: o.InferDevice = "auto", runtime: o.Runtime = "auto", workers: o.InferWorkers = 2,
+    max_pixels: o.InferMaxPixels = MAX_PIXELS, path_col: o.PathCol = None, label_col: o.LabelCol = None,
+    label_sep: o.LabelSep = None, image_dir: o.ImageDir = None, quiet: o.InferQuiet = False,
 ) -> None:
     """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes
     (multi-label models: mAP, per-label metrics at the thresholds, the largest errors)."""
@@ -181,7 +210,7 @@ def evaluate(
     labels = LabelFileOptions(path_col, label_col, label_sep, False, image_dir)
     with LazyProgress("evaluating", quiet) as bar:
         r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance,
-                            threshold, labels)
+                            threshold, labels, runtime)
     name_model(chosen, r["model_description"], bool(model), quiet)
     if as_json:
         sys.stdout.write(dumps_json(r) + "\n")

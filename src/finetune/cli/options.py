@@ -9,6 +9,7 @@ import typer
 
 from finetune.config import (AUGMENTATIONS, BALANCE, DEVICES, LR_PER_IMAGE, MODES, OPTIMIZERS, SCHEDULERS,
                              TRACKERS, defaults)
+from finetune.runtimes import RUNTIMES
 
 D = defaults()
 DATA, MODEL, OPTIM, CHECKS, OUTPUT, PERF = "Data", "Model", "Optimisation", "Checks", "Output", "Performance"
@@ -172,7 +173,7 @@ ReviewInto = Annotated[str | None, typer.Option("--review-into", metavar="FOLDER
 
 # Inference commands.
 Models = Annotated[list[str] | None, typer.Option("--model", "-m", metavar="PATH", help=(
-    "Model file (best.pt, or an export: .pt, .safetensors, .pt2, .onnx); repeat for an ensemble. Default: the "
+    "Model file (best.pt, or an export: .pt, .safetensors, .pt2, .onnx, .xml); repeat for an ensemble. Default: the "
     "latest run's best model (runs/latest.json)."))]
 Tta = Annotated[bool, typer.Option("--tta", help=(
     "Test-time augmentation: average the logits of each image and its mirror image (two forward passes)."))]
@@ -189,3 +190,17 @@ InferQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar
 Threshold = Annotated[list[str] | None, typer.Option("--threshold", metavar="P|CLASS=P", help=(
     "Multi-label models: predict a label when its probability is at least P (all classes), or CLASS=P for one "
     "class; repeatable. Default: the per-class thresholds fitted on the val images, stored in the model."))]
+Runtime = Annotated[str, typer.Option(metavar="NAME", help=(
+    f"{one_of(RUNTIMES)}: what runs the model on the CPU. auto = the fastest installed for the file: OpenVINO for "
+    ".xml and .onnx (else onnxruntime for .onnx), torch for .pt/.pt2/.safetensors files (openvino converts those "
+    "at every start, 10-20 s)."))]
+Int8 = Annotated[bool, typer.Option("--int8", help=(
+    "int8 post-training quantization for fast CPU inference (.onnx: onnxruntime, .xml: OpenVINO NNCF), calibrated "
+    "on training images; kept only if its val accuracy is within --max-accuracy-drop of fp32's."))]
+CalibrationImages = Annotated[str | None, typer.Option(metavar="IMAGES", help=(
+    "With --int8: images to calibrate on. Default: the run's training images (split.json)."))]
+CalibrationCount = Annotated[int, typer.Option(metavar="N", help="With --int8: how many images to calibrate on.")]
+MaxAccuracyDrop = Annotated[float, typer.Option(metavar="POINTS", help=(
+    "With --int8: refuse the file when its val accuracy is more than this many points below fp32's."))]
+Force = Annotated[bool, typer.Option("--force", help=(
+    "With --int8: keep the file even when the accuracy check fails or cannot run (no labelled images)."))]
