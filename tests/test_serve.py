@@ -341,3 +341,23 @@ def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(traine
         assert [(p["class"], p["probability"]) for p in got["predictions"]] == [
             (c, pytest.approx(p, abs=1e-5)) for c, p in expected[str(path)]]
     assert [m["file"] for m in card["members"]] == ["best.pt", "other.pt"] and card["tta"] is True
+
+
+def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(trained_model, tiny_data, tmp_path):
+    import shutil
+
+    from finetune.checkpoint import update_model_file
+    from finetune.predict import load_predictor
+    from finetune.served import ServedModel
+
+    model = tmp_path / "multi.pt"
+    shutil.copy(trained_model, model)
+    update_model_file(model, multi_label=True, thresholds=[0.5, 0.3])  # the same weights read as two sigmoids
+    predictor = load_predictor([model], "cpu")
+    served = ServedModel(predictor)
+    photos = sorted((tiny_data / "val").rglob("*.jpg"))
+    answers = [served.answer(p, 2) for p in served.probabilities([served.prepare(f.read_bytes()) for f in photos])]
+    for photo, answer, expected in zip(photos, answers, predictor.predict([str(f) for f in photos], 2)):
+        assert [c["class"] for c in answer["labels"]] == [c for c, _ in expected.labels], photo
+        assert [c["probability"] for c in answer["predictions"]] == pytest.approx([p for _, p in expected.top],
+                                                                                  abs=1e-5)

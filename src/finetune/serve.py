@@ -132,7 +132,7 @@ async def predict(app, uploaded: list[tuple[str, tuple | None, str | None]], top
         raise ApiError(503, f"the server is busy ({app.state.settings.max_queue} images already waiting); retry "
                             "shortly", {"Retry-After": "1"}) from None
     app.state.served += len(good)
-    return [{"file": name, "predictions": model.top(next(probs), top_k)} if x is not None
+    return [{"file": name} | model.answer(next(probs), top_k) if x is not None
             else {"file": name, "error": why} for name, x, why in uploaded]
 
 

@@ -25,6 +25,9 @@ class ServedModel:
         self.preprocessings = list(dict.fromkeys(m.info.preprocessing for m in self.members))
         self.group = [self.preprocessings.index(m.info.preprocessing) for m in self.members]
         self.transforms = [p.eval_transform() for p in self.preprocessings]
+        # Multi-label (one model: ensembles of them are refused): sigmoids, and every label at its threshold.
+        self.multi_label = getattr(predictor, "multi_label", False)
+        self.thresholds = getattr(predictor, "thresholds", None)
 
     def prepare(self, data: bytes) -> tuple:
         """One input per distinct preprocessing, from an image's bytes (raises what decoding raises)."""
@@ -39,14 +42,23 @@ class ServedModel:
         return tuple(inputs)
 
     def probabilities(self, items: Sequence[tuple]):
-        """images x classes probabilities: softmax(logits / temperature), averaged over an ensemble's members."""
+        """images x classes probabilities: softmax(logits / temperature), averaged over an ensemble's members;
+        for a multi-label model sigmoid(logits / temperature), each class on its own."""
         import torch
 
         probs = []
         for member, g in zip(self.members, self.group):
-            logits = member.logits(torch.stack([item[g] for item in items]))
-            probs.append((logits / member.temperature).softmax(1))
+            scaled = member.logits(torch.stack([item[g] for item in items])) / member.temperature
+            probs.append(scaled.sigmoid() if self.multi_label else scaled.softmax(1))
         return torch.stack(probs).mean(0)
+
+    def answer(self, probs, k: int) -> dict:
+        """One image's answer, as predict --json writes it: the top k (and, multi-label, the labels chosen)."""
+        out = {"predictions": self.top(probs, k)}
+        if self.multi_label:
+            out["labels"] = [{"class": c, "probability": round(float(p), 6)}
+                             for c, p, t in zip(self.classes, probs.tolist(), self.thresholds) if p >= t]
+        return out
 
     def top(self, probs, k: int) -> list[dict]:
         """The k most probable classes of one image, as predict --json writes them."""
