@@ -86,6 +86,7 @@ def test_uncalibrated_runs_still_report_ece_and_keep_temperature_one(trained_mod
     assert not cal["fitted"] and cal["ece_before"] == pytest.approx(cal["ece_after"])
 
 
+@pytest.mark.slow
 def test_cli_calibrate_flag_and_evaluate_line(tiny_data, tmp_path):
     from typer.testing import CliRunner
 

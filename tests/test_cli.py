@@ -91,6 +91,7 @@ def test_train_flat_layout_with_feature_extract(flat_data, in_tmp):
     assert group["lr"] == pytest.approx(config["lr_used"] / 10)  # step: /10 every 30 % of the epochs (1 of 1)
 
 
+@pytest.mark.slow
 def test_momentum_reaches_the_optimizer_and_fold_trains_one_fold(tiny_data, in_tmp):
     r = invoke("train", tiny_data, "--weights", "none", "--epochs", "1", "-b", "8", "--momentum", "0.5", "-o",
                in_tmp / "m", "-q")

@@ -19,6 +19,7 @@ def invoke(*args, **kwargs):
     return runner.invoke(app, [str(a) for a in args], **kwargs)
 
 
+@pytest.mark.slow
 def test_resume_takes_the_runs_settings_and_extends_a_finished_run(tiny_data, in_tmp):
     r = invoke("train", tiny_data, "--mode", "finetune", "--weights", "none", "--epochs", "2", "-b", "8", "--lr", "0.01",
                "-o", "r", "-q")
@@ -63,6 +64,7 @@ def test_predict_names_the_model_it_used(trained_model, tiny_data, in_tmp):
     assert "model" not in r.stderr
 
 
+@pytest.mark.slow
 def test_the_report_holds_what_results_json_holds(tiny_data, tmp_path, in_tmp):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

@@ -116,6 +116,7 @@ def test_json_output_is_always_valid_json(trained_model, tiny_data, tmp_path):
     assert rows and all(p["probability"] is None for row in rows for p in row["predictions"])
 
 
+@pytest.mark.slow
 def test_a_run_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tiny_data, in_tmp):
     args = ["train", str(tiny_data), "--weights", "none", "--epochs", "1", "-b", "8", "-o", "r", "-q"]
     assert runner.invoke(app, args).exit_code == 0
@@ -132,6 +133,7 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tin
     assert json.loads((in_tmp / "r" / "config.json").read_text())["seed"] == 5
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_at_once_fail_clearly_and_a_crash_leaves_no_lock(tiny_data, in_tmp):
     (in_tmp / "r").mkdir()
     lock = RunLock(in_tmp / "r")  # another run, writing there right now

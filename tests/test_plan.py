@@ -32,13 +32,13 @@ def test_planned_epochs_fit_the_budget():
 
 def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, tmp_path):
     events = []
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=6, batch_size=8, time_budget=1.0,
+    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=6, batch_size=8, time_budget=0.01,
                       output=str(tmp_path / "r"), workers=0)
     result = run_training(cfg, lambda e, **k: events.append((e, k)))
     plans = [k["why"] for e, k in events if e == "plan"]
     assert len(plans) == 1 and "probe first, then fine-tuning" in plans[0]
     (planned,) = [k for e, k in events if e == "planned"]
-    assert planned["phase_epochs"] == 1 and planned["epochs"] == 2  # 1 s is spent before the first epoch ends
+    assert planned["phase_epochs"] == 1 and planned["epochs"] == 2  # the budget is spent before the first epoch ends
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.history[0]["lr"] is None and result.history[1]["lr"] > 0  # the probe, then an SGD epoch
     assert [e for e, _ in events].count("probe") == 1

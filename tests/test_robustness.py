@@ -127,6 +127,7 @@ def test_float_and_cmyk_and_animated_images(tmp_path):
     assert I.load_image(tmp_path / "anim.webp").getpixel((4, 4)) == (255, 0, 0)
 
 
+@pytest.mark.slow
 def test_file_failing_mid_run_is_dropped_and_named_not_substituted(tiny_data, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

@@ -25,6 +25,7 @@ def _val_accuracy_of_saved_model(model_path, data):
         return (net.module(x).argmax(1) == y).float().mean().item()
 
 
+@pytest.mark.slow
 def test_feature_extract_uses_cached_features_and_saves_a_consistent_model(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     events = []
@@ -61,6 +62,7 @@ def test_nan_loss_stops_with_epoch_step_and_lower_lr(tiny_data, tmp_path):
     assert not (tmp_path / "r" / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "CACHE_BUDGET_BYTES", 1)
     events = []
@@ -137,6 +139,7 @@ def test_freeze_epochs_then_lower_backbone_lr(tiny_data, tmp_path):
     assert snapshots[2][2] == pytest.approx([0.01, 0.001])  # head lr, backbone lr x 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balance", ["weighted-loss", "sampler"])
 def test_balance_modes_counter_an_imbalanced_folder(tiny_data, tmp_path, balance):
     import shutil
