@@ -124,6 +124,7 @@ def test_distributed_run_resumes_at_the_right_epoch_with_any_number_of_processes
         state = torch.load(run / R.STATE_FILE, weights_only=True)
         assert state["epoch"] == 2
         state["config"]["epochs"] = 4  # the 2-epoch run, as if it had been stopped half-way through 4
+        state["phases"] = [[0, 4]]
         torch.save(state, run / R.STATE_FILE)
         if processes == 2:  # and streaming images from disk each epoch, as a dataset larger than RAM would
             r = _finetune("train", tiny_data, "--resume", run, "--gpus", 2, "--device", "cpu",

@@ -169,6 +169,6 @@ def test_a_feature_extract_run_reports_label_issues_and_a_finetune_run_says_how(
     issues = json.loads((fe.run_dir / "results.json").read_text())["label_issues"]
     assert issues["folds"] == 5 and issues["images"] == 18 and 0 <= issues["out_of_sample_accuracy"] <= 1
     assert "Likely label errors" in (fe.run_dir / "report.html").read_text()
-    ft = run_training(TrainConfig(data=str(tiny_data), weights="none", epochs=1, output=str(tmp_path / "ft"),
-                                  workers=1))
+    ft = run_training(TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=1,
+                                  output=str(tmp_path / "ft"), workers=1))
     assert "finetune check" in ft.summary["label_issues"]["skipped"]

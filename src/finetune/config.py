@@ -133,7 +133,7 @@ _RULES = (  # (setting, test of its value, what it must be)
 )
 # What config.json records about a run besides its settings (finetune.training.loop); `--config` ignores them.
 RUN_FACTS = ("lr_used", "train_size_used", "classes", "layout", "train_images", "val_images", "device", "precision",
-             "base_weights", "preprocessing", "processes")
+             "base_weights", "preprocessing", "processes", "data_root")
 _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
             "balance": BALANCE, "solver": SOLVERS}
 
