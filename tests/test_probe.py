@@ -59,3 +59,22 @@ def test_feature_extract_run_fits_the_probe_once_into_the_saved_head(tiny_data, 
     assert probe["l2"] > 0 and probe["tried"] >= 4
     state = torch.load(result.model_path, weights_only=True)["state_dict"]
     assert torch.isfinite(state["fc.weight"]).all() and state["fc.weight"].abs().sum() > 0
+
+
+def test_the_probe_fits_on_the_plain_view_and_sgd_heads_on_augmented_ones(tiny_data, tmp_path, monkeypatch):
+    """The probe's rows are the eval view predict sees (augmented rows cost it accuracy on real data); an SGD
+    head draws augmented views, one per epoch."""
+    from finetune.training import features as F
+
+    made = []
+    real = F.ImageDataset
+    monkeypatch.setattr(F, "ImageDataset", lambda samples, transform, *a: made.append(transform) or
+                        real(samples, transform, *a))
+    for solver, views in (("lbfgs", 1), ("sgd", 2)):
+        events, made[:] = [], []
+        cfg = TrainConfig(data=str(tiny_data), weights="none", mode="feature-extract", solver=solver, epochs=3,
+                          output=str(tmp_path / solver), workers=1)
+        run_training(cfg, lambda e, **k: events.append((e, k)))
+        assert [k["views"] for e, k in events if e == "features"] == [views]
+        train_transforms = {repr(t) for t in made[:-1]}  # the last dataset is val's
+        assert ("RandomResizedCrop" in "".join(train_transforms)) == (solver == "sgd"), train_transforms

@@ -3,8 +3,9 @@ with L-BFGS, its L2 strength chosen by k-fold cross-validation on the training i
 
 The linear-probe protocol of the CLIP paper (Radford et al. 2021, appendix A.3: L-BFGS logistic regression,
 the L2 strength searched on held-out training data). In seconds on a CPU it gives the head an SGD run would
-approach only with a well-chosen learning rate and enough epochs. Augmented views of a training image are
-extra rows with its label, kept in the same fold as the image.
+approach only with a well-chosen learning rate and enough epochs. Training runs fit it on the plain (eval)
+view of each image, as CLIP does (augmented views cost accuracy there: training/features.py); several views of
+an image, where given, are extra rows with its label, kept in the same fold as the image.
 """
 
 from __future__ import annotations
