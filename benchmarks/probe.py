@@ -5,6 +5,8 @@ and by its last epoch.
 
     python benchmarks/probe.py --data ../shared/data/hymenoptera_data \\
         --weights ../shared/weights/mobilenet_v2-imagenet-int8dequant.pth
+    python benchmarks/probe.py --data ../shared/data/dog_breeds/labels.csv --path-col id --val-fraction 0.5 \\
+        --weights ../shared/weights/mobilenet_v2-imagenet-int8dequant.pth --out benchmarks/results-probe-dogs.json
 """
 
 import argparse
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenet_v2")
     ap.add_argument("--weights", required=True)
     ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--path-col", help="a label file's path column, where its name is not a usual one")
     ap.add_argument("--out", default=str(HERE / "results-probe.json"))
     args = ap.parse_args()
     from finetune.config import TrainConfig
@@ -35,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("FINETUNE_CACHE", str(Path(tmp) / "cache"))
         base = dict(data=args.data, model=args.model, weights=args.weights, mode="feature-extract",
-                    val_fraction=args.val_fraction, workers=0)
+                    val_fraction=args.val_fraction, path_col=args.path_col, workers=0)
         run_training(TrainConfig(**base, output=f"{tmp}/warm"))  # features computed and cached once
         for solver, lr, epochs in [("lbfgs", None, 1)] + [("sgd", lr, e) for lr in LRS for e in EPOCHS]:
             t0 = time.perf_counter()
