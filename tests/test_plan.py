@@ -42,5 +42,6 @@ def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, tmp_
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.history[0]["lr"] is None and result.history[1]["lr"] > 0  # the probe, then an SGD epoch
     assert [e for e, _ in events].count("probe") == 1
+    assert "initial_loss" not in [e for e, _ in events]  # the fitted head's low loss is no fresh head's ln(classes)
     state = torch.load(tmp_path / "r" / "state.pt", weights_only=True)
     assert state["plan"]["probe_first"] and state["phases"] == [[0, 1], [1, 1]]

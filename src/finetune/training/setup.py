@@ -199,8 +199,10 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     use_features = cfg.mode == "feature-extract" and net.head_gives_logits(choice.preprocessing.crop_size)
     # Feature-extract mode trains the head on every rank alike, one batch per step; images split over ranks.
     per_step = min(cfg.batch_size * (1 if use_features else world.size), len(split.train))
+    # ln(classes) is what a fresh head gives: not one fitted by the probe first, nor a trained model's (--init-from).
+    fresh_head = resume is None and not plan.probe_first and init is None
     trainer = Trainer(cfg, net, device, emit, images_per_step=per_step, train_labels=[s.label for s in split.train],
-                      num_classes=len(split.classes), stop=stop, check_initial_loss=resume is None,
+                      num_classes=len(split.classes), stop=stop, check_initial_loss=fresh_head,
                       train_targets=targets(split.train, len(split.classes)) if split.multi_label else None)
     emit("plan", why=plan.why)
     train_size = train_crop(cfg, choice, net)
