@@ -66,6 +66,7 @@ def test_the_probe_fits_on_the_plain_view_and_sgd_heads_on_augmented_ones(tiny_d
     head draws augmented views, one per epoch."""
     from finetune.training import features as F
 
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))  # computed here, not found from another test
     made = []
     real = F.ImageDataset
     monkeypatch.setattr(F, "ImageDataset", lambda samples, transform, *a: made.append(transform) or
