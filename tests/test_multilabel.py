@@ -5,6 +5,7 @@ MobileNetV2 weights: train -> predict -> export -> load the export as the docs s
 import ast
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,9 @@ from finetune.multilabel import fit_thresholds, parse_thresholds, pos_weight
 from finetune.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = Path("/work/shared/weights/mobilenet_v2-imagenet-int8dequant.pth")
-if not WEIGHTS.is_file():  # the shared folder sits beside the repository
-    WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2-imagenet-int8dequant.pth"
+# The shared folder sits beside the repository (as in test_explain.py and test_trust.py).
+WEIGHTS = Path(os.environ.get("FINETUNE_TEST_WEIGHTS", REPO.parent / "shared" / "weights" /
+                              "mobilenet_v2-imagenet-int8dequant.pth"))
 # Chance level of the held-out collages: a random score's AP is the label's prevalence (ants 24/32, bees 24/32,
 # grey 11/32), so the macro mAP of a guess is about 0.61.
 CHANCE_MAP = (24 / 32 + 24 / 32 + 11 / 32) / 3
