@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TIMER = """
@@ -143,8 +145,7 @@ def main() -> None:
           f"{steps['median_s']['multi-label']:.3f} s (x{steps['ratio_multi_over_single']:.3f}; CPU time "
           f"x{steps['ratio_cpu_multi_over_single']:.3f}); loss alone {steps['loss_only_us']} us", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     result = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()},
               "commit": commit.strip(), "label_file": {"rows": a.rows + a.rows // 100, "usable_rows": rows,
                                                        "found_by_split": found, "read_validate_s": round(read_s, 3),

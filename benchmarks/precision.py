@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -72,7 +74,7 @@ def main() -> None:
 
     from finetune.devices import native_cpu_bf16
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    cpu = cpu_name()
     result = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": native_cpu_bf16(),
               "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "throughput": {}}
     for arch in ("resnet18", "mobilenet_v2"):

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 EPOCHS = (5, 10, 25)
@@ -56,7 +58,7 @@ def main() -> None:
                "sgd_better_than_probe": sum(r["best_val_acc"] > rows[0]["best_val_acc"] for r in sgd),
                "sgd_final_better_than_probe": sum(r["final_val_acc"] > rows[0]["best_val_acc"] for r in sgd),
                "sgd_runs": len(sgd)}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    cpu = cpu_name()
     Path(args.out).write_text(json.dumps({"cpu": cpu, "data": args.data, "model": args.model,
                                           "weights": Path(args.weights).name, "summary": summary, "runs": rows},
                                          indent=2) + "\n")

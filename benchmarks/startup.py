@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -52,7 +54,7 @@ def main() -> None:
         subprocess.run([*ft, "predict", args.photo, "-m", args.model, "-q"], check=True, capture_output=True, env=env)
         results["predict_model_file_cached_export_s"] = timed([*ft, "predict", args.photo, "-m", args.model, "-q"],
                                                               env, args.repeats)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    cpu = cpu_name()
     Path(args.out).write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "model": Path(args.model).name,
                                           "repeats": args.repeats, **results}, indent=2) + "\n")
     print(json.dumps(results, indent=2))

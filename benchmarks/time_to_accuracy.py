@@ -15,13 +15,14 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
 # (tutorial recipe, finetune run, its options): fine-tuning outright; the CPU default's fine-tuning path (a converged
@@ -95,8 +96,7 @@ def main() -> None:
                 print(f"seed {seed} {ft_mode:15s} target {t['best']:.3f}: tutorial {t_hit:.0f}s (run {t['wall']:.0f}s),"
                       f" finetune {f_hit if f_hit is None else round(f_hit)}s (run {f['wall']:.0f}s, best "
                       f"{f['best']:.3f})", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     Path(args.out).write_text(json.dumps({"machine": {"cpu": cpu, "cores": os.cpu_count()}, "data": args.data,
                                           "model": args.model, "weights": Path(args.weights).name, "runs": rows},
                                          indent=2) + "\n")
