@@ -113,17 +113,28 @@ def wrong(path: Path, items: list[dict], heatmaps: dict | None = None, words: tu
           ) -> Path:
     """The most confidently wrong images (or any images with two labels: words names them); with heatmaps
     ({path: Grad-CAM map}), each under its map."""
+    def title(item: dict) -> str:
+        return (f"{Path(item['path']).name[:28]}\n{words[0]} {item['true']} / {words[1]} {item['predicted']} "
+                f"({item['probability']:.2f})")
+
+    return tiles(path, items, title, "no mistakes on the validation images", (3.2, 3.7), 8, heatmaps)
+
+
+def tiles(path: Path, items: list[dict], title, empty: str, size: tuple[float, float], fontsize: int,
+          heatmaps: dict | None = None) -> Path:
+    """Up to MAX_WRONG images ({"path": ...} items) four to a row, each titled title(item), under its heatmap
+    where heatmaps has one; a picture saying `empty` when there are none."""
     from matplotlib.patches import Rectangle
 
     items = items[:MAX_WRONG]
     if not items:
         fig, axes = subplots(figsize=(5, 2))
-        axes[0, 0].text(0.5, 0.5, "no mistakes on the validation images", ha="center", va="center", fontsize=12)
+        axes[0, 0].text(0.5, 0.5, empty, ha="center", va="center", fontsize=12)
         axes[0, 0].axis("off")
         return save(fig, path)
     cols = min(4, len(items))
     rows = math.ceil(len(items) / cols)
-    fig, axes = subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows))
+    fig, axes = subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows))
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):
@@ -134,9 +145,7 @@ def wrong(path: Path, items: list[dict], heatmaps: dict | None = None, words: tu
         else:
             heat = (heatmaps or {}).get(item["path"])
             ax.imshow(image if heat is None else blend(image, heat))
-        name = Path(item["path"]).name
-        ax.set_title(plain(f"{name[:28]}\n{words[0]} {item['true']} / {words[1]} {item['predicted']} "
-                           f"({item['probability']:.2f})"), fontsize=8)
+        ax.set_title(plain(title(item)), fontsize=fontsize)
     return save(fig, path)
 
 

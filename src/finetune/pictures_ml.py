@@ -6,10 +6,9 @@ frequent pairs as bars beyond; counts for at most MAX_COUNT_ROWS classes (the ra
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from finetune.pictures import MATRIX_UP_TO, MAX_WRONG, _thumbnail, plain, save, subplots
+from finetune.pictures import MATRIX_UP_TO, plain, save, subplots, tiles
 
 MAX_COUNT_ROWS = 40
 TOP_PAIRS = 25
@@ -74,28 +73,10 @@ def _cooccurrence(ax, matrix, classes: list[str]) -> None:
 
 def wrong_labels(path: Path, items: list[dict]) -> Path:
     """The images with the largest errors: each tile says which labels were missed and which invented."""
-    from matplotlib.patches import Rectangle
-
-    items = items[:MAX_WRONG]
-    if not items:
-        fig, axes = subplots(figsize=(5, 2))
-        axes[0, 0].text(0.5, 0.5, "every label right on the validation images", ha="center", va="center")
-        axes[0, 0].axis("off")
-        return save(fig, path)
-    cols = min(4, len(items))
-    rows = math.ceil(len(items) / cols)
-    fig, axes = subplots(rows, cols, figsize=(3.4 * cols, 4.8 * rows))
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, item in zip(axes.flat, items):
-        image = _thumbnail(item["path"])
-        if image is None:
-            ax.add_patch(Rectangle((0, 0), 1, 1, color="0.92", transform=ax.transAxes))
-            ax.text(0.5, 0.5, "could not read", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-        else:
-            ax.imshow(image)
+    def title(item: dict) -> str:
         missed = ", ".join(f"{c} {p:.2f}" for c, p in item["missed"]) or "none"
         invented = ", ".join(f"{c} {p:.2f}" for c, p in item["invented"]) or "none"
-        ax.set_title(plain(f"{Path(item['path']).name[:28]}\ntrue: {', '.join(item['true']) or 'none'}\n"
-                           f"missed: {missed[:40]}\ninvented: {invented[:40]}"), fontsize=7)
-    return save(fig, path)
+        return (f"{Path(item['path']).name[:28]}\ntrue: {', '.join(item['true']) or 'none'}\n"
+                f"missed: {missed[:40]}\ninvented: {invented[:40]}")
+
+    return tiles(path, items, title, "every label right on the validation images", (3.4, 4.8), 7)
