@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from finetune.devices import native_cpu_bf16
+    from finetune._util.devices import native_cpu_bf16
 
     cpu = cpu_name()
     result = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": native_cpu_bf16(),

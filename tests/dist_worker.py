@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.config import TrainConfig
 from finetune.training import run_training
 from finetune.training.setup import prepare

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finetune import checkpoint as C
-from finetune import files as F
+from finetune._util import files as F
 from finetune.errors import ModelFileError, ResourceError
 
 

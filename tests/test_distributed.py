@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.checkpoint import load_model_file
 from finetune.cli import app
 from finetune.dataset import find_dataset

@@ -15,7 +15,7 @@ from finetune.checkpoint import load_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError, Interrupted
-from finetune.files import TEMP_PREFIX
+from finetune._util.files import TEMP_PREFIX
 from finetune.training import resume as R
 from finetune.training import run_training
 

@@ -12,7 +12,7 @@ from finetune import quantize as Q
 from finetune.cli import app
 from finetune.errors import FinetuneError, UsageError
 from finetune.export import export_model
-from finetune.files import TEMP_PREFIX
+from finetune._util.files import TEMP_PREFIX
 from finetune.predict import load_predictor
 from finetune.runtimes import choose_runtime, load_runnable
 

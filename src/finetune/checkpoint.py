@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune import __version__
 from finetune.errors import ModelFileError
-from finetune.files import atomic_write
+from finetune._util.files import atomic_write
 from finetune.models import Network, build_network
 from finetune.preprocessing import Preprocessing
 from finetune.timm_models import is_timm

@@ -17,7 +17,7 @@ from pathlib import Path
 from finetune import pictures
 from finetune.checkpoint import load_model_file, network_from
 from finetune.config import MAX_PIXELS
-from finetune.devices import resolve_device
+from finetune._util.devices import resolve_device
 from finetune.errors import UsageError
 from finetune.images import load_image
 

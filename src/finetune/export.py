@@ -17,8 +17,8 @@ from finetune.checkpoint import EXPORT_FORMAT, ModelFile, load_model_file, netwo
 from finetune.dataset import images_under
 from finetune.ensemble import ENSEMBLE_OUTPUT, combine
 from finetune.errors import FinetuneError, UsageError
-from finetune.extras import require
-from finetune.files import atomic_write
+from finetune._util.extras import require
+from finetune._util.files import atomic_write
 from finetune.images import decode_to_tensor
 from finetune.predict import expand_inputs
 from finetune.runtimes import load_runnable

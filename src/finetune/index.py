@@ -17,7 +17,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.files import cache_dir, write_text_atomic
+from finetune._util.files import cache_dir, write_text_atomic
 
 FORMAT = "finetune-index"
 FORMAT_VERSION = 1

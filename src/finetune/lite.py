@@ -18,7 +18,7 @@ from finetune.checkpoint import ModelFile, validated_description
 from finetune.config import MAX_PIXELS
 from finetune.errors import ModelFileError
 from finetune.export import export_model
-from finetune.files import cache_dir
+from finetune._util.files import cache_dir
 from finetune.images import load_image
 from finetune.predict import Failure, Prediction, loaded_chunks
 from finetune.preprocessing import Preprocessing

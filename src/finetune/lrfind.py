@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.config import TrainConfig
-from finetune.distributed import single_process
+from finetune._util.ddp import single_process
 from finetune.errors import DivergedError, UsageError
-from finetune.files import write_json_atomic
+from finetune._util.files import write_json_atomic
 from finetune.pictures import lr_plot
 from finetune.training.setup import prepare, silent, torch_flags
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from finetune.files import atomic_write
+from finetune._util.files import atomic_write
 from finetune.images import load_image
 
 DPI = 110  # sharp on a laptop screen while keeping each PNG well under a megabyte

@@ -16,7 +16,7 @@ from finetune.config import MAX_PIXELS
 from finetune.dataset import images_under
 from finetune.ensemble import check_ensemble, mean_probabilities
 from finetune.errors import UsageError
-from finetune.files import write_csv_atomic
+from finetune._util.files import write_csv_atomic
 from finetune.images import failure_reason, load_image
 from finetune.labelfile import is_label_file, read_label_file
 from finetune.multilabel import parse_thresholds

@@ -18,7 +18,7 @@ from pathlib import Path
 from finetune import export, openvino_ir
 from finetune.checkpoint import ModelFile
 from finetune.errors import FinetuneError, UsageError
-from finetune.files import TEMP_PREFIX, atomic_write
+from finetune._util.files import TEMP_PREFIX, atomic_write
 from finetune.images import decode_all
 from finetune.predict import expand_inputs
 from finetune.runtimes import load_runnable

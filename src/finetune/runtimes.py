@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune import openvino_ir
 from finetune.checkpoint import ModelFile, load_model_file, network_from, validated_description
-from finetune.devices import resolve_device
+from finetune._util.devices import resolve_device
 from finetune.ensemble import module_from_file
 from finetune.errors import ModelFileError, UsageError
 

@@ -15,7 +15,7 @@ import math
 import os
 
 from finetune.errors import UsageError
-from finetune.extras import require
+from finetune._util.extras import require
 from finetune.preprocessing import Preprocessing
 from finetune.weights import WeightsChoice
 

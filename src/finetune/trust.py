@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
-from finetune.files import write_csv_atomic
+from finetune._util.files import write_csv_atomic
 from finetune.models import build_network
 from finetune.predict import copy_into
 from finetune.similar import NEAR_DUPLICATE, near_duplicates

@@ -13,7 +13,7 @@ from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from finetune import __version__
 from finetune.cli.render import err, esc, out
-from finetune.distributed import from_env, leave_together
+from finetune._util.ddp import from_env, leave_together
 from finetune.errors import FinetuneError, Interrupted, ResourceError
 
 state: dict = {"debug": False, "soft_stop": None}

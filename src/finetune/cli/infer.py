@@ -18,7 +18,7 @@ from finetune.errors import UsageError
 from finetune.evaluate import evaluate_folder
 from finetune.explain import Explainer, explain_into
 from finetune.export import ATOL, FORMATS, RTOL, export_model
-from finetune.files import dumps_json, latest_model
+from finetune._util.files import dumps_json, latest_model
 from finetune.lite import cache_export, light_predictor
 from finetune.labelfile import LabelFileOptions
 from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into

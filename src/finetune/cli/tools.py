@@ -21,8 +21,8 @@ from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
 from finetune.errors import DivergedError, Interrupted, UsageError
-from finetune.extras import require
-from finetune.files import dumps_json, timestamped_dir
+from finetune._util.extras import require
+from finetune._util.files import dumps_json, timestamped_dir
 from finetune.labelfile import LabelFileOptions
 from finetune.lrfind import lr_find as run_lr_find
 from finetune.lrfind import write_result

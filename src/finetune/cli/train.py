@@ -8,7 +8,7 @@ import shlex
 import typer
 from rich.table import Table
 
-from finetune import distributed
+from finetune._util import ddp
 from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
@@ -52,7 +52,7 @@ def train(
     """Fine-tune a pretrained torchvision model on a folder of photos."""
     if gpus != 1:
         raise typer.Exit(_launch(ctx, gpus, device))
-    world = distributed.init(device)
+    world = ddp.init(device)
     quiet = quiet or not world.main
     cfg, resume_state = _config(ctx, config, resume)
     if cfg.folds and not cfg.fold and resume_state is None:
@@ -83,7 +83,7 @@ def _config(ctx: typer.Context, config: str | None, resume: str | None):
     if resume:  # read by rank 0 (other machines may not share its disk) and handed to all
         if config:
             raise UsageError("--resume and --config: a resumed run keeps its own settings; give one of them")
-        return distributed.on_main(lambda: resume_config(resume, given))
+        return ddp.on_main(lambda: resume_config(resume, given))
     settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
     from_file = load_config(config) if config else {}
     settings |= {k: v for k, v in from_file.items() if k not in given}
@@ -111,7 +111,7 @@ def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool
 
     def soft_stop(signum: int) -> None:
         requested["signal"] = signum
-        if distributed.current().main:
+        if ddp.current().main:
             err.print("[yellow]stopping after this step (again to stop at once)[/]")
 
     state["soft_stop"] = soft_stop
@@ -119,10 +119,10 @@ def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool
         with TrainView(quiet) as view:
             return run_training(cfg, view, stop=lambda: requested["signal"], resume=resume_state)
     except Interrupted as e:
-        if distributed.current().main:
+        if ddp.current().main:
             _interrupted(e.run_dir, several)
         if e.collective:  # all ranks stopped at the same step; rank 0 said how to resume
-            distributed.leave_together()
+            ddp.leave_together()
         raise typer.Exit(e.exit_code) from None
     finally:
         state["soft_stop"] = None
@@ -189,7 +189,7 @@ def _cross_validate(cfg: TrainConfig, quiet: bool, main: bool) -> None:
         if main:
             err.print(f"[bold]fold {i} of {n}[/] " + esc(str(fold_cfg.output)), highlight=False)
 
-    summary = cross_validate(cfg, lambda c: _run(c, None, quiet, distributed.current().distributed), on_fold)
+    summary = cross_validate(cfg, lambda c: _run(c, None, quiet, ddp.current().distributed), on_fold)
     if not main:
         return
     if not quiet:
@@ -221,7 +221,7 @@ def _launch(ctx: typer.Context, gpus: int, device: str) -> int:
     if device.strip().lower() != "cpu" and torch.cuda.device_count() < gpus:
         raise UsageError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most "
                          f"that many (or --device cpu for {gpus} CPU processes)")
-    return distributed.launch([*(["--debug"] if state["debug"] else []), "train",
+    return ddp.launch([*(["--debug"] if state["debug"] else []), "train",
                                *command_line(ctx, skip={"gpus"})], gpus)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.config import TrainConfig
 from finetune.dataset import DatasetSplit
 from finetune.errors import DatasetError, UsageError

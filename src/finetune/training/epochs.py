@@ -3,7 +3,7 @@ backbone features through the head alone. Both return the epoch's metrics and ke
 
 from __future__ import annotations
 
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.dataset import DatasetSplit
 from finetune.errors import DatasetError
 from finetune.images import ImageDataset, collate

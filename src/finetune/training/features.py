@@ -13,11 +13,11 @@ import json
 import os
 
 from finetune import __version__
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.config import TrainConfig
 from finetune.dataset import DatasetSplit
 from finetune.errors import ResourceError
-from finetune.files import atomic_write, cache_dir
+from finetune._util.files import atomic_write, cache_dir
 from finetune.images import ImageDataset, collate
 from finetune.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed

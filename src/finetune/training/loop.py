@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import STARTED
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError

@@ -12,7 +12,7 @@ from finetune import calibrate
 from finetune.checkpoint import ModelFile, save_model_file, update_model_file
 from finetune.config import TrainConfig
 from finetune.errors import ResourceError, UsageError
-from finetune.files import (TEMP_PREFIX, point_latest, prune_stale_temp_files, timestamped_dir, write_csv_atomic,
+from finetune._util.files import (TEMP_PREFIX, point_latest, prune_stale_temp_files, timestamped_dir, write_csv_atomic,
                             write_json_atomic)
 from finetune.metrics import classification_report, confident_mistakes
 from finetune.mlmetrics import label_mistakes, multilabel_report

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune import timm_models
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate

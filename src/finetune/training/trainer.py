@@ -6,9 +6,9 @@ import contextlib
 import math
 from collections.abc import Callable
 
-from finetune import distributed as dist
+from finetune._util import ddp as dist
 from finetune.config import TrainConfig
-from finetune.devices import autocast_dtype
+from finetune._util.devices import autocast_dtype
 from finetune.errors import DivergedError, Interrupted
 from finetune.models import Network
 from finetune.multilabel import count_correct

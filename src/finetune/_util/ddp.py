@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from finetune.devices import resolve_device
+from finetune._util.devices import resolve_device
 from finetune.errors import FinetuneError, UsageError
 
 T = TypeVar("T")

@@ -1,0 +1,1 @@
+"""Plumbing: atomic writes and caches, optional extras, devices, torch.distributed."""
