@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from finetune.checkpoint import ModelFile, save_model_file
-from finetune.dataset import images_under
+from finetune.data.dataset import images_under
 from finetune.explain import Explainer, draw
 from finetune.models import build_network
 from finetune.weights import resolve_weights

@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TIMER = """
 import sys, time
-from finetune.data import find_dataset
+from finetune.data.dataset import find_dataset
 t = time.perf_counter()
 split = find_dataset(sys.argv[1])
 print(time.perf_counter() - t, len(split.train) + len(split.val))

@@ -28,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TIMER = """
 import sys, time
-from finetune.labelfile import read_label_file, LabelFileOptions
-from finetune.dataset import find_dataset
+from finetune.data.labelfile import read_label_file, LabelFileOptions
+from finetune.data.dataset import find_dataset
 opts = LabelFileOptions(path_col="id")
 t, c = time.perf_counter(), time.process_time()
 if sys.argv[2] == "read":
@@ -69,9 +69,9 @@ def timed(label_file: Path, what: str, cache: str) -> tuple[float, float, int]:
 def step_cost(steps: int, batch: int) -> dict:
     import torch
 
-    from finetune.images import decode_to_tensor
+    from finetune.data.images import decode_to_tensor
     from finetune.models import build_network
-    from finetune.preprocessing import Preprocessing
+    from finetune.data.preprocessing import Preprocessing
 
     photos = sorted((REPO / "sample_data").rglob("*.jpg"))[:batch]
     pre = Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")

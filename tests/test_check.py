@@ -6,7 +6,7 @@ import shutil
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune import dataset as D
+from finetune.data import dataset as D
 from finetune.check import check_dataset
 from finetune.cli import app
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune import dataset as D
+from finetune.data import dataset as D
 from finetune.errors import DatasetError
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from finetune._util import ddp as dist
 from finetune.checkpoint import load_model_file
 from finetune.cli import app
-from finetune.dataset import find_dataset
+from finetune.data.dataset import find_dataset
 from finetune.evaluate import evaluate_folder
 from finetune.predict import load_predictor
 from finetune.training import resume as R

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from finetune import dataset as D
+from finetune.data import dataset as D
 from finetune.cli import app
 from finetune.errors import DatasetError
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune import dataset
+from finetune.data import dataset
 from finetune.check import check_dataset
 from finetune.cli import app
 from finetune.training.outputs import LOCK_FILE, RunLock

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune import images as D
+from finetune.data import images as D
 from finetune.config import AUGMENTATIONS
-from finetune.preprocessing import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 
 
 def _jpeg(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:

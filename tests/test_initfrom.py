@@ -14,7 +14,7 @@ from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
 from finetune.models import build_network
-from finetune.preprocessing import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.training.setup import prepare
 
 runner = CliRunner()

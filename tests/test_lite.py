@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from finetune import lite
 from finetune.cli import app
-from finetune.images import decode_to_tensor
+from finetune.data.images import decode_to_tensor
 from finetune.predict import load_predictor
 
 pytestmark = pytest.mark.slow  # ONNX exports and fresh processes

@@ -11,7 +11,7 @@ import torchvision
 from finetune import models as M
 from finetune import weights as W
 from finetune.errors import FinetuneError, ModelFileError, ResourceError
-from finetune.index import full_hash
+from finetune.data.content_index import full_hash
 
 REQUIRED = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
             "alexnet"]

@@ -19,7 +19,7 @@ from finetune.errors import ModelFileError, UsageError
 from finetune.mlmetrics import average_precision, multilabel_report
 from finetune.models import build_network
 from finetune.multilabel import fit_thresholds, parse_thresholds, pos_weight
-from finetune.preprocessing import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 # The shared folder sits beside the repository (as in test_explain.py and test_trust.py).

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from finetune.checkpoint import network_from_file
-from finetune.predict import Failure, Prediction, expand_inputs, load_predictor
+from finetune.data.inputs import Failure, expand_inputs
+from finetune.predict import Prediction, load_predictor
 
 
 def test_expand_inputs_files_folders_globs_and_missing(tiny_data, tmp_path):

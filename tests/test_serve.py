@@ -322,7 +322,7 @@ def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(traine
     from fastapi.testclient import TestClient
 
     from finetune.checkpoint import update_model_file
-    from finetune.preprocessing import Preprocessing
+    from finetune.data.preprocessing import Preprocessing
     from finetune.served import ServedModel
     from finetune.webapp import create_app
 

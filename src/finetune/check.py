@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from finetune.config import IMBALANCE_WARNING, MAX_PIXELS
-from finetune.dataset import content_groups, find_dataset
-from finetune.images import decode_to_tensor, failure_reason
-from finetune.labelfile import LabelFileOptions
+from finetune.data.dataset import content_groups, find_dataset
+from finetune.data.images import decode_to_tensor, failure_reason
+from finetune.data.labelfile import LabelFileOptions
 
 
 def _inspect(path: str, max_pixels: int) -> dict:

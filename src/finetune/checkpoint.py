@@ -13,7 +13,7 @@ from finetune import __version__
 from finetune.errors import ModelFileError
 from finetune._util.files import atomic_write
 from finetune.models import Network, build_network
-from finetune.preprocessing import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.timm_models import is_timm
 
 FORMAT = "finetune-model"

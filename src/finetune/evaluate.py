@@ -9,13 +9,14 @@ from collections.abc import Callable
 
 from finetune.calibrate import calibration_summary, expected_calibration_error
 from finetune.config import MAX_PIXELS
-from finetune.dataset import labelled_samples
+from finetune.data.dataset import labelled_samples
 from finetune.errors import DatasetError
-from finetune.labelfile import LabelFileOptions
+from finetune.data.labelfile import LabelFileOptions
 from finetune.metrics import classification_report, confident_mistakes
 from finetune.mlmetrics import label_mistakes, multilabel_report
 from finetune.multilabel import probabilities, targets
-from finetune.predict import Failure, load_predictor
+from finetune.data.inputs import Failure
+from finetune.predict import load_predictor
 
 
 def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,

@@ -19,7 +19,7 @@ from finetune.checkpoint import load_model_file, network_from
 from finetune.config import MAX_PIXELS
 from finetune._util.devices import resolve_device
 from finetune.errors import UsageError
-from finetune.images import load_image
+from finetune.data.images import load_image
 
 INSTALL = "pip install 'finetune[explain]'"
 SHOWN_SIDE = 512  # the photo's longer side in the picture: enough to see the heatmap, small PNGs

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from finetune._util.files import atomic_write
-from finetune.images import load_image
+from finetune.data.images import load_image
 
 DPI = 110  # sharp on a laptop screen while keeping each PNG well under a megabyte
 MAX_WRONG = 16  # a 4x4 grid stays readable; the full list is in results.json

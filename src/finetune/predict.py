@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import csv
 import filecmp
-import glob
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import MAX_PIXELS
-from finetune.dataset import images_under
 from finetune.ensemble import check_ensemble, mean_probabilities
 from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
-from finetune.images import failure_reason, load_image
-from finetune.labelfile import is_label_file, read_label_file
+from finetune.data.images import load_image
+from finetune.data.inputs import Failure, loaded_chunks
 from finetune.multilabel import parse_thresholds
 from finetune.runtimes import Runnable, load_runnable
 
@@ -30,65 +27,6 @@ class Prediction:
     logits: list[float] | None = None  # raw, in the model's class order (before any temperature)
     members: list[list[float]] | None = None  # an ensemble's: each member's probabilities, in class order
     labels: list[tuple[str, float]] | None = None  # multi-label: every label at or above its threshold, best first
-
-
-@dataclass
-class Failure:
-    path: str
-    reason: str
-
-
-def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
-    """Files as given, folders searched recursively for images, globs expanded. Returns the files and what
-    cannot be used: names that match nothing, and what folders hold besides images (named, as train does)."""
-    found: list[str] = []
-    missing: list[Failure] = []
-    skipped: list[tuple[str, str]] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found.extend(images_under(p, skipped))
-        elif is_label_file(item) and p.is_file():  # the images a label file lists (its labels are not used)
-            table = read_label_file(item)
-            found.extend(r.path for r in table.rows)
-            skipped += table.skipped + [(os.path.join(table.root, w), f"line {n} of {p.name}: no such image")
-                                        for n, w in table.missing]
-        elif os.path.lexists(item):  # a file, or a FIFO, socket, device or broken link: decoding names which
-            found.append(str(p))
-        else:
-            matches = sorted(glob.glob(item, recursive=True))
-            files = [m for m in matches if os.path.isfile(m)]
-            files += [f for m in matches if os.path.isdir(m) for f in images_under(Path(m), skipped)]
-            found.extend(files)
-            if not files:
-                missing.append(Failure(item, "no such file, folder or matching glob"))
-    seen: set[str] = set()  # keep order, drop repeats (a file named twice, or by a folder and a glob)
-    unique = [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
-    return unique, missing + [Failure(path, reason) for path, reason in skipped]
-
-
-def check_inputs(paths: list[str], missing: list[Failure]) -> None:
-    """Fail when nothing at all can be predicted."""
-    if not paths:
-        what = ", ".join(f.path for f in missing[:5]) or "(nothing given)"
-        raise UsageError(f"no images found in {what}; pass image files, folders or globs")
-
-
-def loaded_chunks(paths: Sequence[str], load: Callable, batch_size: int, workers: int,
-                  on_progress: Callable[[int], None]) -> Iterator[tuple[list, list]]:
-    """Chunks of batch_size paths, each decoded and preprocessed by load(path) in threads ahead of the model:
-    ([(path, failure reason or None)], [the good ones' arrays]). A file that fails is named, never dropped."""
-    def one(path):
-        try:
-            return path, load(path), None
-        except Exception as e:  # noqa: BLE001 - any decode failure: report this file, go on
-            return path, None, failure_reason(path, e)
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(pool.map(one, paths[start:start + batch_size]))
-            yield [(path, err) for path, _, err in chunk], [x for _, x, err in chunk if err is None]
-            on_progress(len(chunk))
 
 
 def _top(probs, classes: list[str], k: int) -> list[tuple[str, float]]:

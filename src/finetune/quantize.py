@@ -19,8 +19,8 @@ from finetune import export, openvino_ir
 from finetune.checkpoint import ModelFile
 from finetune.errors import FinetuneError, UsageError
 from finetune._util.files import TEMP_PREFIX, atomic_write
-from finetune.images import decode_all
-from finetune.predict import expand_inputs
+from finetune.data.images import decode_all
+from finetune.data.inputs import expand_inputs
 from finetune.runtimes import load_runnable
 
 INT8_FORMATS = (".onnx", ".xml")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from finetune.batching import Busy
 from finetune.config import MAX_PIXELS
-from finetune.images import describe_failure
+from finetune.data.images import describe_failure
 from finetune.served import ServedModel
 
 MB = 1024 * 1024

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.config import MAX_PIXELS
-from finetune.images import decode_bytes
+from finetune.data.images import decode_bytes
 from finetune.predict import Ensemble, Predictor
 
 

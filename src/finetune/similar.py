@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from finetune import index
+from finetune.data import content_index
 
 # Cosine similarity at or above which two photos count as near-duplicates: halfway between what was measured with
 # the ImageNet MobileNetV2 on the ants/bees photos (benchmarks/trust.py): 40 copies, JPEG q60 re-encodes and 75 %
@@ -83,7 +83,7 @@ def near_duplicates(emb, threshold: float = NEAR_DUPLICATE, k: int = OUTLIER_NEI
     Pairs of byte-identical files are left out: check reports them as exact duplicates already.
     """
     pairs, knn = neighbours(emb.features, threshold, k)
-    twins = index.content_groups(emb.paths, emb.root)
+    twins = content_index.content_groups(emb.paths, emb.root)
     pairs = [(i, j, s) for i, j, s in pairs if twins.get(emb.paths[i], i) != twins.get(emb.paths[j], j)]
     rel = lambda i: os.path.relpath(emb.paths[i], emb.root)  # noqa: E731
     out = {"threshold": threshold, "within_class": [], "across_classes": [], "train_val_leakage": []}

@@ -16,7 +16,7 @@ import os
 
 from finetune.errors import UsageError
 from finetune._util.extras import require
-from finetune.preprocessing import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.weights import WeightsChoice
 
 PREFIX = "timm:"

@@ -20,8 +20,9 @@ from finetune.explain import Explainer, explain_into
 from finetune.export import ATOL, FORMATS, RTOL, export_model
 from finetune._util.files import dumps_json, latest_model
 from finetune.lite import cache_export, light_predictor
-from finetune.labelfile import LabelFileOptions
-from finetune.predict import Failure, check_inputs, expand_inputs, load_predictor, sort_into
+from finetune.data.labelfile import LabelFileOptions
+from finetune.data.inputs import Failure, check_inputs, expand_inputs
+from finetune.predict import load_predictor, sort_into
 from finetune.quantize import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 
 

@@ -23,7 +23,7 @@ from finetune.config import MODES, TrainConfig, parse_duration
 from finetune.errors import DivergedError, Interrupted, UsageError
 from finetune._util.extras import require
 from finetune._util.files import dumps_json, timestamped_dir
-from finetune.labelfile import LabelFileOptions
+from finetune.data.labelfile import LabelFileOptions
 from finetune.lrfind import lr_find as run_lr_find
 from finetune.lrfind import write_result
 from finetune.similar import NEAR_DUPLICATE

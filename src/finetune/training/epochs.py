@@ -4,11 +4,11 @@ backbone features through the head alone. Both return the epoch's metrics and ke
 from __future__ import annotations
 
 from finetune._util import ddp as dist
-from finetune.dataset import DatasetSplit
+from finetune.data.dataset import DatasetSplit
 from finetune.errors import DatasetError
-from finetune.images import ImageDataset, collate
+from finetune.data.images import ImageDataset, collate
 from finetune.multilabel import MultiHot, count_correct
-from finetune.preprocessing import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.training.trainer import Trainer, class_weights
 
 

@@ -15,10 +15,10 @@ import os
 from finetune import __version__
 from finetune._util import ddp as dist
 from finetune.config import TrainConfig
-from finetune.dataset import DatasetSplit
+from finetune.data.dataset import DatasetSplit
 from finetune.errors import ResourceError
 from finetune._util.files import atomic_write, cache_dir
-from finetune.images import ImageDataset, collate
+from finetune.data.images import ImageDataset, collate
 from finetune.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch

@@ -13,8 +13,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from finetune import index
-from finetune.dataset import Sample, stratified_folds
+from finetune.data import content_index
+from finetune.data.dataset import Sample, stratified_folds
 from finetune.errors import DatasetError, UsageError
 from finetune.training.probe import fit_probe
 
@@ -70,7 +70,7 @@ def out_of_sample_probabilities(features, labels: list[int], classes: int, folds
     y = torch.as_tensor(labels)
     k = fold_count(list(labels), classes, folds)
     paths = paths or [str(i) for i in range(len(labels))]
-    twins = index.content_groups(paths, root) if root is not None else {}
+    twins = content_index.content_groups(paths, root) if root is not None else {}
     position = {p: i for i, p in enumerate(paths)}
     l2 = fit_probe(x, y, classes, seed, folds=k).l2 if l2 is None else l2
     probs = torch.zeros(len(labels), classes)

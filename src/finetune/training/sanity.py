@@ -8,7 +8,7 @@ import math
 import random
 
 from finetune.config import TrainConfig
-from finetune.dataset import DatasetSplit, Sample
+from finetune.data.dataset import DatasetSplit, Sample
 
 # The update/weight ratio ||dw|| / ||w|| of one step, judged per group against a band measured on real
 # ImageNet weights (benchmarks/update_ratio.py; MobileNetV2 on ants/bees, epochs 1-3): a pretrained backbone

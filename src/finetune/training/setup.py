@@ -13,10 +13,10 @@ from finetune._util import ddp as dist
 from finetune import timm_models
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
-from finetune.dataset import DatasetSplit, find_dataset
+from finetune.data.dataset import DatasetSplit, find_dataset
 from finetune.errors import DatasetError, UsageError
-from finetune.images import default_workers
-from finetune.labelfile import options_from
+from finetune.data.images import default_workers
+from finetune.data.labelfile import options_from
 from finetune.models import Network, build_network, check_model_name
 from finetune.multilabel import check_balance, targets
 from finetune.training.cache import decode_for_training

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import index
+from finetune.data import content_index
 from finetune.errors import DatasetError
-from finetune.images import IMAGE_EXTENSIONS, ignored, irregular_reason, is_image_file, unsupported_reason
-from finetune.labelfile import LabelFileOptions, LabelTable, is_label_file, read_label_file
-from finetune.stratify import iterative_parts, stratified_folds, stratified_split
+from finetune.data.images import IMAGE_EXTENSIONS, ignored, irregular_reason, is_image_file, unsupported_reason
+from finetune.data.labelfile import LabelFileOptions, LabelTable, is_label_file, read_label_file
+from finetune.data.stratify import iterative_parts, stratified_folds, stratified_split
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 
@@ -173,7 +173,7 @@ def _scan(root: Path, classes: Sequence[str] | None = None,
 
 def content_groups(root: Path, samples: Sequence[Sample]) -> dict[str, str]:
     """path -> first path with identical bytes, for files with a twin (fingerprints kept in root's index)."""
-    return index.content_groups([s.path for s in samples], root)
+    return content_index.content_groups([s.path for s in samples], root)
 
 
 def _check_classes(root: Path, classes: list[str]) -> None:
