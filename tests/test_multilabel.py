@@ -18,7 +18,7 @@ from finetune.cli import app
 from finetune.errors import ModelFileError, UsageError
 from finetune.mlmetrics import average_precision, multilabel_report
 from finetune.models import build_network
-from finetune.multilabel import fit_thresholds, parse_thresholds, pos_weight
+from finetune.tasks.multilabel import fit_thresholds, parse_thresholds, pos_weight
 from finetune.data.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from finetune.errors import DatasetError
 from finetune.data.labelfile import LabelFileOptions
 from finetune.metrics import classification_report, confident_mistakes
 from finetune.mlmetrics import label_mistakes, multilabel_report
-from finetune.multilabel import probabilities, targets
+from finetune.tasks.multilabel import probabilities, targets
 from finetune.data.inputs import Failure
 from finetune.predict import load_predictor
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 
-from finetune.multilabel import decide
+from finetune.tasks.multilabel import decide
 
 BOOTSTRAP = 1000  # resamples of the images for the 95 % intervals
 BOOTSTRAP_SEED = 0

@@ -16,7 +16,7 @@ from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
 from finetune.data.images import load_image
 from finetune.data.inputs import Failure, loaded_chunks
-from finetune.multilabel import parse_thresholds
+from finetune.tasks.multilabel import parse_thresholds
 from finetune.runtimes import Runnable, load_runnable
 
 

@@ -19,7 +19,7 @@ from finetune.data.dataset import DatasetSplit
 from finetune.errors import ResourceError
 from finetune._util.files import atomic_write, cache_dir
 from finetune.data.images import ImageDataset, collate
-from finetune.multilabel import targets
+from finetune.tasks.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
 from finetune.training.probe import ProbeEpochs

@@ -16,7 +16,7 @@ from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
 from finetune.mlmetrics import epoch_map
-from finetune.multilabel import targets
+from finetune.tasks.multilabel import targets
 from finetune.tracking import tracked
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.resume import rng_state, set_rng_state

@@ -16,7 +16,7 @@ from finetune._util.files import (TEMP_PREFIX, point_latest, prune_stale_temp_fi
                             write_json_atomic)
 from finetune.metrics import classification_report, confident_mistakes
 from finetune.mlmetrics import label_mistakes, multilabel_report
-from finetune.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
+from finetune.tasks.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
 from finetune.report import write_report
 from finetune.tracking import MLFLOW_FILE, TENSORBOARD_DIR
 from finetune.training.resume import STATE_FILE, save_state

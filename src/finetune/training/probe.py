@@ -14,7 +14,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-from finetune.multilabel import count_correct, pos_weight
+from finetune.tasks.multilabel import count_correct, pos_weight
 from finetune.training.trainer import class_weights
 
 L2_GRID = tuple(10.0 ** e for e in range(1, -7, -1))  # strong to weak; then refined around the best (as CLIP)

@@ -18,7 +18,7 @@ from finetune.errors import DatasetError, UsageError
 from finetune.data.images import default_workers
 from finetune.data.labelfile import options_from
 from finetune.models import Network, build_network, check_model_name
-from finetune.multilabel import check_balance, targets
+from finetune.tasks.multilabel import check_balance, targets
 from finetune.training.cache import decode_for_training
 from finetune.training.epochs import ImageEpochs
 from finetune.training.features import feature_epochs

@@ -11,8 +11,8 @@ from finetune.config import TrainConfig
 from finetune._util.devices import autocast_dtype
 from finetune.errors import DivergedError, Interrupted
 from finetune.models import Network
-from finetune.multilabel import count_correct
-from finetune.multilabel import criterion as multilabel_criterion
+from finetune.tasks.multilabel import count_correct
+from finetune.tasks.multilabel import criterion as multilabel_criterion
 from finetune.training.sanity import initial_loss_check, update_ratio
 
 Emit = Callable[..., None]  # emit(event_name, **fields): the CLI renders, the library never prints

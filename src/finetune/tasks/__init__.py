@@ -1,0 +1,1 @@
+"""What differs per kind of head: targets, loss and decisions (single-label, multi-label)."""
