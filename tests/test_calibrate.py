@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from finetune import calibrate as C
+from finetune.metrics import calibrate as C
 from finetune.training import run_training
 from finetune.checkpoint import load_model_file
 from finetune.config import TrainConfig

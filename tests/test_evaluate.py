@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.errors import DatasetError
 from finetune.evaluate import evaluate_folder
-from finetune.metrics import classification_report, wilson_interval
+from finetune.metrics.classification import classification_report, wilson_interval
 
 
 def test_wilson_interval_hand_computed():

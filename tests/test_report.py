@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.metrics import classification_report
+from finetune.metrics.classification import classification_report
 from finetune.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

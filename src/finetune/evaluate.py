@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from finetune.calibrate import calibration_summary, expected_calibration_error
+from finetune.metrics.calibrate import calibration_summary, expected_calibration_error
 from finetune.config import MAX_PIXELS
 from finetune.data.dataset import labelled_samples
 from finetune.errors import DatasetError
 from finetune.data.labelfile import LabelFileOptions
-from finetune.metrics import classification_report, confident_mistakes
-from finetune.mlmetrics import label_mistakes, multilabel_report
+from finetune.metrics.classification import classification_report, confident_mistakes
+from finetune.metrics.multilabel import label_mistakes, multilabel_report
 from finetune.tasks.multilabel import probabilities, targets
 from finetune.data.inputs import Failure
 from finetune.predict import load_predictor

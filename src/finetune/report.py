@@ -14,7 +14,7 @@ from finetune import pictures, pictures_ml
 from finetune.explain import heatmaps_for
 from finetune.report_ml import multilabel_facts, multilabel_sections
 from finetune._util.files import write_text_atomic
-from finetune.metrics import top_confusions
+from finetune.metrics.classification import top_confusions
 
 HISTORY_COLUMNS = (("epoch", "epoch"), ("train_loss", "train loss"), ("train_acc", "train acc"),
                    ("val_loss", "val loss"), ("val_acc", "val acc"), ("lr", "lr"))

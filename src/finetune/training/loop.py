@@ -15,7 +15,7 @@ from finetune._util import ddp as dist
 from finetune.checkpoint import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
-from finetune.mlmetrics import epoch_map
+from finetune.metrics.multilabel import epoch_map
 from finetune.tasks.multilabel import targets
 from finetune.tracking import tracked
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder

@@ -8,14 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune import calibrate
+from finetune.metrics import calibrate
 from finetune.checkpoint import ModelFile, save_model_file, update_model_file
 from finetune.config import TrainConfig
 from finetune.errors import ResourceError, UsageError
 from finetune._util.files import (TEMP_PREFIX, point_latest, prune_stale_temp_files, timestamped_dir, write_csv_atomic,
                             write_json_atomic)
-from finetune.metrics import classification_report, confident_mistakes
-from finetune.mlmetrics import label_mistakes, multilabel_report
+from finetune.metrics.classification import classification_report, confident_mistakes
+from finetune.metrics.multilabel import label_mistakes, multilabel_report
 from finetune.tasks.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
 from finetune.report import write_report
 from finetune.tracking import MLFLOW_FILE, TENSORBOARD_DIR

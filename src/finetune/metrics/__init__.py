@@ -1,0 +1,1 @@
+"""Numbers from predictions: classification and multi-label metrics, intervals, calibration."""
