@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.checkpoint import ModelFile, save_model_file
+from finetune.models.model_file import ModelFile, save_model_file
 from finetune.data.dataset import images_under
 from finetune.explain import Explainer, draw
-from finetune.models import build_network
-from finetune.weights import resolve_weights
+from finetune.models.registry import build_network
+from finetune.models.weights import resolve_weights
 
 
 def cpu() -> str:

@@ -70,7 +70,7 @@ def step_cost(steps: int, batch: int) -> dict:
     import torch
 
     from finetune.data.images import decode_to_tensor
-    from finetune.models import build_network
+    from finetune.models.registry import build_network
     from finetune.data.preprocessing import Preprocessing
 
     photos = sorted((REPO / "sample_data").rglob("*.jpg"))[:batch]

@@ -7,7 +7,7 @@ import torch
 
 from finetune.metrics import calibrate as C
 from finetune.training import run_training
-from finetune.checkpoint import load_model_file
+from finetune.models.model_file import load_model_file
 from finetune.config import TrainConfig
 
 

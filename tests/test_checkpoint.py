@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import checkpoint as C
+from finetune.models import model_file as C
 from finetune._util import files as F
 from finetune.errors import ModelFileError, ResourceError
 

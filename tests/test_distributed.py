@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from finetune._util import ddp as dist
-from finetune.checkpoint import load_model_file
+from finetune.models.model_file import load_model_file
 from finetune.cli import app
 from finetune.data.dataset import find_dataset
 from finetune.evaluate import evaluate_folder

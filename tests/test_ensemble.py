@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.checkpoint import load_model_file, update_model_file
+from finetune.models.model_file import load_model_file, update_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from finetune import explain
 from finetune.cli import app
 from finetune.errors import UsageError
-from finetune.models import available_models, find_head
+from finetune.models.registry import available_models, find_head
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES = Path(__file__).parent / "data" / "insect_boxes.json"

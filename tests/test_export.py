@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune import export as E
-from finetune.checkpoint import network_from_file
+from finetune.models.model_file import network_from_file
 from finetune.errors import FinetuneError
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from finetune import models as M
-from finetune import weights as W
+from finetune.models import registry as M
+from finetune.models import weights as W
 from finetune.errors import FinetuneError, ModelFileError, ResourceError
 from finetune.data.content_index import full_hash
 

@@ -13,11 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 import collages
-from finetune.checkpoint import FORMAT, ModelFile, load_model_file, save_model_file
+from finetune.models.model_file import FORMAT, ModelFile, load_model_file, save_model_file
 from finetune.cli import app
 from finetune.errors import ModelFileError, UsageError
 from finetune.metrics.multilabel import average_precision, multilabel_report
-from finetune.models import build_network
+from finetune.models.registry import build_network
 from finetune.tasks.multilabel import fit_thresholds, parse_thresholds, pos_weight
 from finetune.data.preprocessing import Preprocessing
 

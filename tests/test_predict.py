@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from finetune.checkpoint import network_from_file
+from finetune.models.model_file import network_from_file
 from finetune.data.inputs import Failure, expand_inputs
 from finetune.predict import Prediction, load_predictor
 

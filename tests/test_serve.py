@@ -321,7 +321,7 @@ def test_bad_page_text_is_never_parsed_as_html():
 def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(trained_model, tmp_path):
     from fastapi.testclient import TestClient
 
-    from finetune.checkpoint import update_model_file
+    from finetune.models.model_file import update_model_file
     from finetune.data.preprocessing import Preprocessing
     from finetune.served import ServedModel
     from finetune.webapp import create_app
@@ -346,7 +346,7 @@ def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(traine
 def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(trained_model, tiny_data, tmp_path):
     import shutil
 
-    from finetune.checkpoint import update_model_file
+    from finetune.models.model_file import update_model_file
     from finetune.predict import load_predictor
     from finetune.served import ServedModel
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune import timm_models
-from finetune.checkpoint import load_model_file
+from finetune.models import timm as timm_models
+from finetune.models.model_file import load_model_file
 from finetune.config import TrainConfig
 from finetune.errors import ModelFileError, ResourceError, UsageError
 from finetune.evaluate import evaluate_folder

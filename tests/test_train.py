@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from finetune.checkpoint import network_from_file
+from finetune.models.model_file import network_from_file
 from finetune.config import TrainConfig, validate
 from finetune.data.dataset import find_dataset
 from finetune.errors import DivergedError, FinetuneError
 from finetune.data.images import decode_to_tensor
-from finetune.models import Network
+from finetune.models.registry import Network
 from finetune.training import cache, run_training
 from finetune.training.sanity import initial_loss_check, overfit_config, overfit_split
 from finetune.training.setup import prepare, train_crop
@@ -207,7 +207,7 @@ class _FixedSize(torch.nn.Module):
 
 def _choice(crop: int):
     from finetune.data.preprocessing import Preprocessing
-    from finetune.weights import WeightsChoice
+    from finetune.models.weights import WeightsChoice
 
     return WeightsChoice("resnet18", None, None, "none", Preprocessing(crop + 32, crop, (0.5,) * 3, (0.2,) * 3,
                                                                        "bilinear"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import pictures
-from finetune.checkpoint import load_model_file, network_from
+from finetune.models.model_file import load_model_file, network_from
 from finetune.config import MAX_PIXELS
 from finetune._util.devices import resolve_device
 from finetune.errors import UsageError

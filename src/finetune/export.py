@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import openvino_ir
-from finetune.checkpoint import EXPORT_FORMAT, ModelFile, load_model_file, network_from, versions
+from finetune.models.model_file import EXPORT_FORMAT, ModelFile, load_model_file, network_from, versions
 from finetune.data.dataset import images_under
-from finetune.ensemble import ENSEMBLE_OUTPUT, combine
+from finetune.models.ensemble import ENSEMBLE_OUTPUT, combine
 from finetune.errors import FinetuneError, UsageError
 from finetune._util.extras import require
 from finetune._util.files import atomic_write
 from finetune.data.images import decode_to_tensor
 from finetune.data.inputs import expand_inputs
 from finetune.runtimes import load_runnable
-from finetune.timm_models import PREFIX as TIMM_PREFIX
+from finetune.models.timm import PREFIX as TIMM_PREFIX
 
 FORMATS = (".pt", ".safetensors", ".pt2", ".onnx", ".xml")
 RUNTIME_OF = {".onnx": "onnx", ".xml": "openvino"}  # what verifies each program format: what its users run

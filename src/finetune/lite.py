@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from finetune.checkpoint import ModelFile, validated_description
+from finetune.models.model_file import ModelFile, validated_description
 from finetune.config import MAX_PIXELS
 from finetune.errors import ModelFileError
 from finetune.export import export_model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import MAX_PIXELS
-from finetune.ensemble import check_ensemble, mean_probabilities
+from finetune.models.ensemble import check_ensemble, mean_probabilities
 from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
 from finetune.data.images import load_image

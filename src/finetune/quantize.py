@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import export, openvino_ir
-from finetune.checkpoint import ModelFile
+from finetune.models.model_file import ModelFile
 from finetune.errors import FinetuneError, UsageError
 from finetune._util.files import TEMP_PREFIX, atomic_write
 from finetune.data.images import decode_all

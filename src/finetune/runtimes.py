@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import openvino_ir
-from finetune.checkpoint import ModelFile, load_model_file, network_from, validated_description
+from finetune.models.model_file import ModelFile, load_model_file, network_from, validated_description
 from finetune._util.devices import resolve_device
-from finetune.ensemble import module_from_file
+from finetune.models.ensemble import module_from_file
 from finetune.errors import ModelFileError, UsageError
 
 PROGRAM_SUFFIXES = (".pt2", ".onnx", ".xml")

@@ -13,13 +13,13 @@ from pathlib import Path
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
-from finetune.models import build_network
+from finetune.models.registry import build_network
 from finetune.predict import copy_into
 from finetune.similar import NEAR_DUPLICATE, near_duplicates
 from finetune.training.labels import LABEL_FOLDS, Embeddings, fold_count, label_issues, require_cleanlab
 from finetune.training.probe import ProbeEpochs
 from finetune.training.setup import prepare, silent, torch_flags
-from finetune.weights import resolve_weights
+from finetune.models.weights import resolve_weights
 
 REVIEW_LOG = "review.csv"
 

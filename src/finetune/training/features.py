@@ -24,7 +24,7 @@ from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
 from finetune.training.probe import ProbeEpochs
 from finetune.training.trainer import Trainer
-from finetune.weights import WeightsChoice
+from finetune.models.weights import WeightsChoice
 
 # Augmented views per training image: enough variety for a linear head at a fraction of the epochs' cost.
 # Measured on ants/bees (MobileNetV2 ImageNet weights, 25 epochs, seeds 0/1): best val accuracy 0.961/0.967

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.checkpoint import ModelFile, load_model_file
+from finetune.models.model_file import ModelFile, load_model_file
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
-from finetune.weights import WeightsChoice
+from finetune.models.weights import WeightsChoice
 
 
 def init_arch(path: str) -> str:

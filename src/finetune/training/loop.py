@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune import STARTED
 from finetune._util import ddp as dist
-from finetune.checkpoint import ModelFile
+from finetune.models.model_file import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
 from finetune.metrics.multilabel import epoch_map

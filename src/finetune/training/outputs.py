@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from finetune.metrics import calibrate
-from finetune.checkpoint import ModelFile, save_model_file, update_model_file
+from finetune.models.model_file import ModelFile, save_model_file, update_model_file
 from finetune.config import TrainConfig
 from finetune.errors import ResourceError, UsageError
 from finetune._util.files import (TEMP_PREFIX, point_latest, prune_stale_temp_files, timestamped_dir, write_csv_atomic,

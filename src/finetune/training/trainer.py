@@ -10,7 +10,7 @@ from finetune._util import ddp as dist
 from finetune.config import TrainConfig
 from finetune._util.devices import autocast_dtype
 from finetune.errors import DivergedError, Interrupted
-from finetune.models import Network
+from finetune.models.registry import Network
 from finetune.tasks.multilabel import count_correct
 from finetune.tasks.multilabel import criterion as multilabel_criterion
 from finetune.training.sanity import initial_loss_check, update_ratio

@@ -17,7 +17,7 @@ import os
 from finetune.errors import UsageError
 from finetune._util.extras import require
 from finetune.data.preprocessing import Preprocessing
-from finetune.weights import WeightsChoice
+from finetune.models.weights import WeightsChoice
 
 PREFIX = "timm:"
 # Weight files a timm repository on the hub holds, in the order timm itself prefers them.

@@ -6,10 +6,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from finetune import timm_models
+from finetune.models import timm as timm_models
 from finetune.errors import FinetuneError, ModelFileError, UsageError
-from finetune.timm_models import is_timm
-from finetune.weights import strip_wrapper_prefixes
+from finetune.models.timm import is_timm
+from finetune.models.weights import strip_wrapper_prefixes
 
 
 def available_models() -> list[str]:

@@ -12,9 +12,9 @@ from pathlib import Path
 from finetune import __version__
 from finetune.errors import ModelFileError
 from finetune._util.files import atomic_write
-from finetune.models import Network, build_network
+from finetune.models.registry import Network, build_network
 from finetune.data.preprocessing import Preprocessing
-from finetune.timm_models import is_timm
+from finetune.models.timm import is_timm
 
 FORMAT = "finetune-model"
 FORMAT_VERSION = 2  # the newest this finetune reads; 2: multi_label and thresholds (only multi-label files need it)
@@ -178,7 +178,7 @@ def network_from_file(path: str | os.PathLike) -> tuple[Network, ModelFile]:
     """(eval-mode Network, its ModelFile) from a single-model file; its weights must fit its architecture."""
     mf = load_model_file(path)
     if mf.members:
-        raise ModelFileError(f"{path}: an exported ensemble; load it with finetune.ensemble.load_members")
+        raise ModelFileError(f"{path}: an exported ensemble; load it with finetune.models.ensemble.load_members")
     return network_from(mf, mf.arch, mf.state_dict, mf.dropout), mf
 
 

@@ -6,7 +6,7 @@ temperature. The one formula, for predict, evaluate and export alike:
 
 from __future__ import annotations
 
-from finetune.checkpoint import ModelFile, network_from
+from finetune.models.model_file import ModelFile, network_from
 from finetune.errors import UsageError
 
 ENSEMBLE_OUTPUT = ("log of the mean of the members' softmax(logits / temperature): softmax of it gives the "
