@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import pictures
+from finetune.viz import pictures
 from finetune.models.model_file import load_model_file, network_from
 from finetune.config import MAX_PIXELS
 from finetune._util.devices import resolve_device

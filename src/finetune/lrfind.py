@@ -15,7 +15,7 @@ from finetune.config import TrainConfig
 from finetune._util.ddp import single_process
 from finetune.errors import DivergedError, UsageError
 from finetune._util.files import write_json_atomic
-from finetune.pictures import lr_plot
+from finetune.viz.pictures import lr_plot
 from finetune.training.setup import prepare, silent, torch_flags
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single batches are too noisy to read

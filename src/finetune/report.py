@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from finetune import pictures, pictures_ml
+from finetune.viz import pictures
+from finetune.viz import multilabel as pictures_ml
 from finetune.explain import heatmaps_for
 from finetune.report_ml import multilabel_facts, multilabel_sections
 from finetune._util.files import write_text_atomic

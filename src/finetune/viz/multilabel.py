@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.pictures import MATRIX_UP_TO, plain, save, subplots, tiles
+from finetune.viz.pictures import MATRIX_UP_TO, plain, save, subplots, tiles
 
 MAX_COUNT_ROWS = 40
 TOP_PAIRS = 25

@@ -1,0 +1,1 @@
+"""Drawing only: curves, confusion matrices, image grids, filters (matplotlib, never shown)."""
