@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.export import export_model
-from finetune.quantize import export_int8
-from finetune.runtimes import load_runnable
+from finetune.formats.export import export_model
+from finetune.formats.int8 import export_int8
+from finetune.formats.load import load_runnable
 
 # (name, file suffix, int8, runtime); "1 thread": OMP_NUM_THREADS=1 (torch's default on this machine is 2)
 VARIANTS = [("eager fp32", "best.pt", False, "torch"), ("eager fp32, 1 thread", "best.pt", False, "torch"), ("ONNX fp32 (onnxruntime)", ".onnx", False, "onnx"),

@@ -46,7 +46,7 @@ def test_temperature_of_a_calibrated_model_stays_near_one():
 
 def test_train_calibrate_stores_temperature_used_by_predict_and_evaluate(tiny_data, tmp_path):
     from finetune.evaluate import evaluate_folder
-    from finetune.export import metadata
+    from finetune.formats.export import metadata
     from finetune.predict import load_predictor
 
     events = []

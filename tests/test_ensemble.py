@@ -14,7 +14,7 @@ from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.evaluate import evaluate_folder
 from finetune.predict import Ensemble, Predictor, load_predictor
-from finetune.runtimes import load_runnable
+from finetune.formats.load import load_runnable
 from finetune.training import run_training
 
 
@@ -98,7 +98,7 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror(trained_model, tiny
                                     pytest.param(".onnx", marks=pytest.mark.slow)])
 def test_ensemble_exports_as_one_file_that_gives_the_mean_probabilities(trained_model, second_model, tiny_data,
                                                                         tmp_path, suffix):
-    from finetune import export as E
+    from finetune.formats import export as E
 
     if suffix == ".onnx":
         pytest.importorskip("onnxruntime")
@@ -121,7 +121,7 @@ def test_ensemble_exports_as_one_file_that_gives_the_mean_probabilities(trained_
 
 
 def test_ensemble_export_refuses_other_preprocessing(trained_model, tmp_path):
-    from finetune import export as E
+    from finetune.formats import export as E
 
     other = tmp_path / "other.pt"
     shutil.copy(trained_model, other)

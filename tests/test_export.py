@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from finetune import export as E
+from finetune.formats import export as E
 from finetune.models.model_file import network_from_file
 from finetune.errors import FinetuneError
 

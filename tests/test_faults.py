@@ -143,7 +143,7 @@ def test_out_of_memory_is_exit_5_with_a_smaller_batch(tiny_data, in_tmp, monkeyp
 def test_exported_program_runs_in_predict_but_one_that_would_unpickle_is_refused(trained_model, tiny_data, tmp_path):
     import zipfile
 
-    from finetune.export import export_model
+    from finetune.formats.export import export_model
 
     export_model(trained_model, tmp_path / "m.pt2")
     r = CliRunner().invoke(app, ["predict", str(tiny_data / "val"), "--model", str(tmp_path / "m.pt2"), "--json"])

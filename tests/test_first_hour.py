@@ -108,7 +108,7 @@ def test_check_counts_add_up(tiny_data, tmp_path):
 
 
 def test_export_on_a_full_disk_names_what_export_accepts(trained_model, tmp_path, monkeypatch):
-    from finetune import export
+    from finetune.formats import export
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

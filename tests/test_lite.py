@@ -49,7 +49,7 @@ def test_a_model_file_is_cached_as_onnx_then_predicted_without_torch(trained_mod
 
 
 def test_an_onnx_model_and_tta_and_bad_files(trained_model, tiny_data, tmp_path, monkeypatch):
-    from finetune.export import export_model
+    from finetune.formats.export import export_model
 
     monkeypatch.setenv("FINETUNE_LITE", "1")
     export_model(trained_model, tmp_path / "m.onnx")

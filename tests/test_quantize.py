@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune import quantize as Q
+from finetune.formats import int8 as Q
 from finetune.cli import app
 from finetune.errors import FinetuneError, UsageError
-from finetune.export import export_model
+from finetune.formats.export import export_model
 from finetune._util.files import TEMP_PREFIX
 from finetune.predict import load_predictor
-from finetune.runtimes import choose_runtime, load_runnable
+from finetune.formats.load import choose_runtime, load_runnable
 
 
 def test_runtime_choice_per_file_kind():

@@ -15,7 +15,7 @@ from finetune.models.model_file import load_model_file
 from finetune.config import TrainConfig
 from finetune.errors import ModelFileError, ResourceError, UsageError
 from finetune.evaluate import evaluate_folder
-from finetune.export import export_model
+from finetune.formats.export import export_model
 from finetune.predict import load_predictor
 from finetune.training import run_training
 from finetune.training.setup import prepare

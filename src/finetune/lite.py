@@ -17,7 +17,7 @@ from pathlib import Path
 from finetune.models.model_file import ModelFile, validated_description
 from finetune.config import MAX_PIXELS
 from finetune.errors import ModelFileError
-from finetune.export import export_model
+from finetune.formats.export import export_model
 from finetune._util.files import cache_dir
 from finetune.data.images import load_image
 from finetune.data.inputs import Failure, loaded_chunks

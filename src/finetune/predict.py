@@ -17,7 +17,7 @@ from finetune._util.files import write_csv_atomic
 from finetune.data.images import load_image
 from finetune.data.inputs import Failure, loaded_chunks
 from finetune.tasks.multilabel import parse_thresholds
-from finetune.runtimes import Runnable, load_runnable
+from finetune.formats.load import Runnable, load_runnable
 
 
 @dataclass

@@ -17,13 +17,13 @@ from finetune.config import MAX_PIXELS
 from finetune.errors import UsageError
 from finetune.evaluate import evaluate_folder
 from finetune.explain import Explainer, explain_into
-from finetune.export import ATOL, FORMATS, RTOL, export_model
+from finetune.formats.export import ATOL, FORMATS, RTOL, export_model
 from finetune._util.files import dumps_json, latest_model
 from finetune.lite import cache_export, light_predictor
 from finetune.data.labelfile import LabelFileOptions
 from finetune.data.inputs import Failure, check_inputs, expand_inputs
 from finetune.predict import load_predictor, sort_into
-from finetune.quantize import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
+from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 
 
 def model_paths(models: list[str] | None) -> list[str]:

@@ -9,7 +9,7 @@ import typer
 
 from finetune.config import (AUGMENTATIONS, BALANCE, DEVICES, LR_PER_IMAGE, MODES, OPTIMIZERS, SCHEDULERS,
                              TRACKERS, defaults)
-from finetune.runtimes import RUNTIMES
+from finetune.formats.load import RUNTIMES
 
 D = defaults()
 DATA, MODEL, OPTIM, CHECKS, OUTPUT, PERF = "Data", "Model", "Optimisation", "Checks", "Output", "Performance"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import openvino_ir
+from finetune.formats import openvino_ir
 from finetune.models.model_file import ModelFile, load_model_file, network_from, validated_description
 from finetune._util.devices import resolve_device
 from finetune.models.ensemble import module_from_file
