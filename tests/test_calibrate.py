@@ -45,9 +45,9 @@ def test_temperature_of_a_calibrated_model_stays_near_one():
 
 
 def test_train_calibrate_stores_temperature_used_by_predict_and_evaluate(tiny_data, tmp_path):
-    from finetune.evaluate import evaluate_folder
+    from finetune.inference.evaluate import evaluate_folder
     from finetune.formats.export import metadata
-    from finetune.predict import load_predictor
+    from finetune.inference.predictor import load_predictor
 
     events = []
     cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=2, batch_size=4, calibrate=True,
@@ -79,7 +79,7 @@ def test_train_calibrate_stores_temperature_used_by_predict_and_evaluate(tiny_da
 
 
 def test_uncalibrated_runs_still_report_ece_and_keep_temperature_one(trained_model, tiny_data):
-    from finetune.evaluate import evaluate_folder
+    from finetune.inference.evaluate import evaluate_folder
 
     assert load_model_file(trained_model).temperature == 1.0
     cal = evaluate_folder(str(trained_model), str(tiny_data), "cpu")["calibration"]

@@ -12,8 +12,8 @@ from finetune.models.model_file import load_model_file, update_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
-from finetune.evaluate import evaluate_folder
-from finetune.predict import Ensemble, Predictor, load_predictor
+from finetune.inference.evaluate import evaluate_folder
+from finetune.inference.predictor import Ensemble, Predictor, load_predictor
 from finetune.formats.load import load_runnable
 from finetune.training import run_training
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import DatasetError
-from finetune.evaluate import evaluate_folder
+from finetune.inference.evaluate import evaluate_folder
 from finetune.metrics.classification import classification_report, wilson_interval
 
 

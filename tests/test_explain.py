@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune import explain
+from finetune.inference import explain
 from finetune.cli import app
 from finetune.errors import UsageError
 from finetune.models.registry import available_models, find_head

@@ -6,7 +6,7 @@ import torch
 
 from finetune.models.model_file import network_from_file
 from finetune.data.inputs import Failure, expand_inputs
-from finetune.predict import Prediction, load_predictor
+from finetune.inference.predictor import Prediction, load_predictor
 
 
 def test_expand_inputs_files_folders_globs_and_missing(tiny_data, tmp_path):
@@ -55,7 +55,7 @@ def test_a_gif_named_on_the_command_line_is_refused_like_in_training(trained_mod
 def test_sort_into_copies_never_overwrites_never_duplicates_and_logs(tiny_data, tmp_path):
     import csv
 
-    from finetune.predict import sort_into
+    from finetune.inference.predictor import sort_into
 
     src = sorted((tiny_data / "val" / "ants").iterdir())
     other = tmp_path / "elsewhere" / src[0].name  # same name, other content

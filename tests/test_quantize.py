@@ -13,7 +13,7 @@ from finetune.cli import app
 from finetune.errors import FinetuneError, UsageError
 from finetune.formats.export import export_model
 from finetune._util.files import TEMP_PREFIX
-from finetune.predict import load_predictor
+from finetune.inference.predictor import load_predictor
 from finetune.formats.load import choose_runtime, load_runnable
 
 

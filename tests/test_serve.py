@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.predict import load_predictor
+from finetune.inference.predictor import load_predictor
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -347,7 +347,7 @@ def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(traine
     import shutil
 
     from finetune.models.model_file import update_model_file
-    from finetune.predict import load_predictor
+    from finetune.inference.predictor import load_predictor
     from finetune.served import ServedModel
 
     model = tmp_path / "multi.pt"

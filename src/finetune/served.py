@@ -8,7 +8,7 @@ from pathlib import Path
 
 from finetune.config import MAX_PIXELS
 from finetune.data.images import decode_bytes
-from finetune.predict import Ensemble, Predictor
+from finetune.inference.predictor import Ensemble, Predictor
 
 
 class ServedModel:

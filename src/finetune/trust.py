@@ -14,7 +14,7 @@ from finetune.config import TrainConfig
 from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
 from finetune.models.registry import build_network
-from finetune.predict import copy_into
+from finetune.inference.predictor import copy_into
 from finetune.similar import NEAR_DUPLICATE, near_duplicates
 from finetune.training.labels import LABEL_FOLDS, Embeddings, fold_count, label_issues, require_cleanlab
 from finetune.training.probe import ProbeEpochs

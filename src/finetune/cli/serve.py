@@ -13,7 +13,7 @@ from finetune.cli.infer import model_paths, name_model, runtime_note
 from finetune.cli.render import err, esc, out, warn
 from finetune.config import MAX_PIXELS
 from finetune.errors import UsageError
-from finetune.predict import load_predictor
+from finetune.inference.predictor import load_predictor
 from finetune.serve import MB, ServeSettings
 from finetune.served import ServedModel
 from finetune.server import bind, is_loopback, run

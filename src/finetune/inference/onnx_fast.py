@@ -21,7 +21,7 @@ from finetune.formats.export import export_model
 from finetune._util.files import cache_dir
 from finetune.data.images import load_image
 from finetune.data.inputs import Failure, loaded_chunks
-from finetune.predict import Prediction
+from finetune.inference.predictor import Prediction
 from finetune.data.preprocessing import Preprocessing
 
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5, "lanczos": 1}

@@ -16,7 +16,7 @@ from finetune.metrics.classification import classification_report, confident_mis
 from finetune.metrics.multilabel import label_mistakes, multilabel_report
 from finetune.tasks.multilabel import probabilities, targets
 from finetune.data.inputs import Failure
-from finetune.predict import load_predictor
+from finetune.inference.predictor import load_predictor
 
 
 def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,
