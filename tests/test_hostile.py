@@ -193,7 +193,7 @@ def test_library_warnings_do_not_reach_the_user(trained_model, tiny_data, tmp_pa
 
 def test_many_classes_get_pictures_that_scale(tmp_path):
     from finetune.metrics.classification import classification_report
-    from finetune.report import write_report
+    from finetune.report.html import write_report
 
     classes = [f"class {i}" for i in range(300)]
     y = [i % 300 for i in range(900)]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from finetune.metrics.classification import classification_report
-from finetune.report import write_report
+from finetune.report.html import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["cat", "dog", "<b>&"]  # the last one must come out escaped in the HTML
@@ -93,6 +93,6 @@ def test_report_grayscale_filters_capped(tmp_path):
 @pytest.mark.slow
 def test_import_does_not_load_matplotlib():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    out = subprocess.run([sys.executable, "-c", "import sys, finetune.report; print('matplotlib' in sys.modules)"],
+    out = subprocess.run([sys.executable, "-c", "import sys, finetune.report.html; print('matplotlib' in sys.modules)"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

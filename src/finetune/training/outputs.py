@@ -17,7 +17,7 @@ from finetune._util.files import (TEMP_PREFIX, point_latest, prune_stale_temp_fi
 from finetune.metrics.classification import classification_report, confident_mistakes
 from finetune.metrics.multilabel import label_mistakes, multilabel_report
 from finetune.tasks.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
-from finetune.report import write_report
+from finetune.report.html import write_report
 from finetune.tracking import MLFLOW_FILE, TENSORBOARD_DIR
 from finetune.training.resume import STATE_FILE, save_state
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from finetune.viz import pictures
 from finetune.viz import multilabel as pictures_ml
 from finetune.inference.explain import heatmaps_for
-from finetune.report_ml import multilabel_facts, multilabel_sections
+from finetune.report.multilabel import multilabel_facts, multilabel_sections
 from finetune._util.files import write_text_atomic
 from finetune.metrics.classification import top_confusions
 
