@@ -29,7 +29,7 @@ from PIL import Image
 
 from finetune.config import TrainConfig
 from finetune.similar import NEAR_DUPLICATE, near_duplicates, neighbours
-from finetune.training.labels import out_of_sample_probabilities, rank_label_issues
+from finetune.training.label_issues import out_of_sample_probabilities, rank_label_issues
 from finetune.trust import embed
 
 

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import FinetuneError
-from finetune.lrfind import suggest
+from finetune.training.lrfind import suggest
 
 
 def test_suggestion_is_a_tenth_of_the_lowest_loss_lr():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from finetune import tracking
+from finetune.training import tracking
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
 from finetune.training import run_training

@@ -17,7 +17,7 @@ from finetune import similar, trust
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
-from finetune.training import labels
+from finetune.training import label_issues
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = Path(os.environ.get("FINETUNE_TEST_WEIGHTS", REPO.parent / "shared" / "weights" /
@@ -40,9 +40,9 @@ def test_heads_never_score_their_own_images_and_cleanlab_ranks_flips_first():
     x, y = _blobs(200)
     flipped = set(random.Random(1).sample(range(200), 10))
     noisy = [1 - v if i in flipped else v for i, v in enumerate(y)]
-    probs = labels.out_of_sample_probabilities(x, noisy, 2, l2=0.03)  # L2 given: fit_probe's search is tested apart
+    probs = label_issues.out_of_sample_probabilities(x, noisy, 2, l2=0.03)  # L2 given: fit_probe's search is tested apart
     assert probs.shape == (200, 2) and torch.allclose(probs.sum(1), torch.ones(200))
-    flagged, quality = labels.rank_label_issues(noisy, probs)
+    flagged, quality = label_issues.rank_label_issues(noisy, probs)
     ranked = sorted(range(200), key=lambda i: quality[i])
     assert len(set(ranked[:10]) & flipped) >= 8  # chance: 0.5 of 10
     assert set(flagged) & flipped and len(set(flagged) & flipped) / len(flagged) >= 0.7
@@ -54,8 +54,8 @@ def test_a_class_with_one_image_is_refused():
     from finetune.errors import DatasetError
 
     with pytest.raises(DatasetError, match="at least 2 images of every class"):
-        labels.fold_count([0, 0, 0, 1], 2)
-    assert labels.fold_count([0] * 3 + [1] * 9, 2) == 3  # the smallest class caps K
+        label_issues.fold_count([0, 0, 0, 1], 2)
+    assert label_issues.fold_count([0] * 3 + [1] * 9, 2) == 3  # the smallest class caps K
 
 
 def test_near_duplicate_pairs_groups_and_outliers_on_known_vectors():

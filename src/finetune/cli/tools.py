@@ -24,10 +24,10 @@ from finetune.errors import DivergedError, Interrupted, UsageError
 from finetune._util.extras import require
 from finetune._util.files import dumps_json, timestamped_dir
 from finetune.data.labelfile import LabelFileOptions
-from finetune.lrfind import lr_find as run_lr_find
-from finetune.lrfind import write_result
+from finetune.training.lrfind import lr_find as run_lr_find
+from finetune.training.lrfind import write_result
 from finetune.similar import NEAR_DUPLICATE
-from finetune.training.labels import LABEL_FOLDS, require_cleanlab
+from finetune.training.label_issues import LABEL_FOLDS, require_cleanlab
 from finetune.trust import check_trust
 from finetune.tune import Space, run_search
 

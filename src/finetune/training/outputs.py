@@ -18,7 +18,7 @@ from finetune.metrics.classification import classification_report, confident_mis
 from finetune.metrics.multilabel import label_mistakes, multilabel_report
 from finetune.tasks.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
 from finetune.report.html import write_report
-from finetune.tracking import MLFLOW_FILE, TENSORBOARD_DIR
+from finetune.training.tracking import MLFLOW_FILE, TENSORBOARD_DIR
 from finetune.training.resume import STATE_FILE, save_state
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "update_ratio_head",
