@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune.data import dataset as D
-from finetune.check import check_dataset
+from finetune.quality.doctor import check_dataset
 from finetune.cli import app
 
 

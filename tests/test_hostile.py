@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune.data import dataset
-from finetune.check import check_dataset
+from finetune.quality.doctor import check_dataset
 from finetune.cli import app
 from finetune.training.outputs import LOCK_FILE, RunLock
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune import similar, trust
+from finetune.quality import near_duplicates as similar
+from finetune.quality import label_errors as trust
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import UsageError

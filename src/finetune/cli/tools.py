@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from finetune.check import check_dataset
+from finetune.quality.doctor import check_dataset
 from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
@@ -26,9 +26,9 @@ from finetune._util.files import dumps_json, timestamped_dir
 from finetune.data.labelfile import LabelFileOptions
 from finetune.training.lrfind import lr_find as run_lr_find
 from finetune.training.lrfind import write_result
-from finetune.similar import NEAR_DUPLICATE
+from finetune.quality.near_duplicates import NEAR_DUPLICATE
 from finetune.training.label_issues import LABEL_FOLDS, require_cleanlab
-from finetune.trust import check_trust
+from finetune.quality.label_errors import check_trust
 from finetune.tune import Space, run_search
 
 D = o.D

@@ -4,7 +4,7 @@ features, ranked by confident learning (cleanlab, an optional extra).
 A probe never sees the label of an image it scores (K-fold over train and val pooled), so a photo filed under
 the wrong class shows as a confident vote for another class. The backbone must be the pretrained one, never a
 fine-tuned one: a backbone trained on the labels has learnt the wrong ones too. Used by `check --labels`
-(finetune.trust) and, in feature-extract runs, by the run's report.
+(finetune.quality.label_errors) and, in feature-extract runs, by the run's report.
 """
 
 from __future__ import annotations

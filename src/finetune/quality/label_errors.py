@@ -1,5 +1,5 @@
 """`check --labels`: every image embedded once by a pretrained backbone, then likely label errors
-(finetune.training.label_issues), near-duplicates and outliers (finetune.similar) from the same features, and the
+(finetune.training.label_issues), near-duplicates and outliers (finetune.quality.near_duplicates) from the same features, and the
 suspects copied out for a person to look at. Features come through training's own path
 (finetune.training.features), so they are computed once and cached on disk.
 """
@@ -15,7 +15,7 @@ from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
 from finetune.models.registry import build_network
 from finetune.inference.predictor import copy_into
-from finetune.similar import NEAR_DUPLICATE, near_duplicates
+from finetune.quality.near_duplicates import NEAR_DUPLICATE, near_duplicates
 from finetune.training.label_issues import LABEL_FOLDS, Embeddings, fold_count, label_issues, require_cleanlab
 from finetune.training.probe import ProbeEpochs
 from finetune.training.setup import prepare, silent, torch_flags

@@ -1,0 +1,1 @@
+"""finetune check: the dataset doctor, likely label errors, near-duplicates and outliers."""
