@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from finetune.batching import Batcher, Busy
+from finetune.serving.batching import Batcher, Busy
 
 
 def _run(coro):

@@ -313,7 +313,7 @@ def test_docs_page_renders_offline_in_a_real_browser(server):
 
 
 def test_bad_page_text_is_never_parsed_as_html():
-    script = (Path(__file__).resolve().parents[1] / "src" / "finetune" / "static" / "app.js").read_text()
+    script = (Path(__file__).resolve().parents[1] / "src" / "finetune" / "serving" / "static" / "app.js").read_text()
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "textContent" in script
 
 
@@ -323,8 +323,8 @@ def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(traine
 
     from finetune.models.model_file import update_model_file
     from finetune.data.preprocessing import Preprocessing
-    from finetune.served import ServedModel
-    from finetune.webapp import create_app
+    from finetune.serving.model import ServedModel
+    from finetune.serving.app import create_app
 
     other = tmp_path / "other.pt"
     other.write_bytes(Path(trained_model).read_bytes())
@@ -348,7 +348,7 @@ def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(traine
 
     from finetune.models.model_file import update_model_file
     from finetune.inference.predictor import load_predictor
-    from finetune.served import ServedModel
+    from finetune.serving.model import ServedModel
 
     model = tmp_path / "multi.pt"
     shutil.copy(trained_model, model)

@@ -1,7 +1,7 @@
 """What `finetune serve` does with a request: its settings, the token check, the bounded read of the body,
 the uploads it holds (multipart files or a raw image), and their predictions through the batcher. Bad input of
 any kind is an ApiError (4xx, a message naming the problem); requests never name files on the server. The
-FastAPI app and its routes: webapp.py."""
+FastAPI app and its routes: app.py."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import asyncio
 import hmac
 from dataclasses import dataclass
 
-from finetune.batching import Busy
+from finetune.serving.batching import Busy
 from finetune.config import MAX_PIXELS
 from finetune.data.images import describe_failure
-from finetune.served import ServedModel
+from finetune.serving.model import ServedModel
 
 MB = 1024 * 1024
 RAW_TYPES = ("image/", "application/octet-stream")  # a raw image body; anything else but multipart is refused

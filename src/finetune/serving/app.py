@@ -10,10 +10,10 @@ import contextlib
 import time
 from collections.abc import Sequence
 
-from finetune.batching import Batcher
+from finetune.serving.batching import Batcher
 from finetune.errors import UsageError
-from finetune.serve import ApiError, ServeSettings, check_token, intake, predict
-from finetune.served import ServedModel
+from finetune.serving.handling import ApiError, ServeSettings, check_token, intake, predict
+from finetune.serving.model import ServedModel
 
 # The page may load only what the app serves (and show the photos the user picked, as blob: URLs).
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -105,9 +105,9 @@ def _pages(app, fastapi) -> None:
     from starlette.staticfiles import StaticFiles
     from swagger_ui_bundle import swagger_ui_path
 
-    app.mount("/static", StaticFiles(packages=[("finetune", "static")]), name="static")
+    app.mount("/static", StaticFiles(packages=[("finetune.serving", "static")]), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-    page = StaticFiles(packages=[("finetune", "static")]).lookup_path("index.html")[0]
+    page = StaticFiles(packages=[("finetune.serving", "static")]).lookup_path("index.html")[0]
 
     @app.get("/", include_in_schema=False)
     async def index():
