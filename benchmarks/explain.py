@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.models.model_file import ModelFile, save_model_file
 from finetune.data.dataset import images_under
 from finetune.inference.explain import Explainer, draw
+from finetune.models.model_file import ModelFile, save_model_file
 from finetune.models.registry import build_network
 from finetune.models.weights import resolve_weights
 

@@ -70,8 +70,8 @@ def step_cost(steps: int, batch: int) -> dict:
     import torch
 
     from finetune.data.images import decode_to_tensor
-    from finetune.models.registry import build_network
     from finetune.data.preprocessing import Preprocessing
+    from finetune.models.registry import build_network
 
     photos = sorted((REPO / "sample_data").rglob("*.jpg"))[:batch]
     pre = Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune._util.files import write_csv_atomic, write_json_atomic
 from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
 from finetune.errors import DivergedError
-from finetune._util.files import write_csv_atomic, write_json_atomic
 
 # The searched settings and their stage-1 ranges. lr is per optimizer (AdamW wants ~10x lower rates).
 LR_RANGE = {"sgd": (1e-4, 1e-1), "adamw": (1e-5, 1e-2)}

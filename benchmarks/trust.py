@@ -28,9 +28,9 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.config import TrainConfig
+from finetune.quality.label_errors import embed
 from finetune.quality.near_duplicates import NEAR_DUPLICATE, near_duplicates, neighbours
 from finetune.training.label_issues import out_of_sample_probabilities, rank_label_issues
-from finetune.quality.label_errors import embed
 
 
 def cpu() -> str:

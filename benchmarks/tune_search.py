@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import json
+import os
 import platform
 import subprocess
 import sys

@@ -6,10 +6,10 @@ import torch
 from torchvision.transforms import v2
 
 from finetune.config import TrainConfig, validate
-from finetune.errors import UsageError
 from finetune.data.images import decode_to_tensor
-from finetune.models.registry import build_network
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import UsageError
+from finetune.models.registry import build_network
 from finetune.training.sanity import overfit_config
 from finetune.training.trainer import Trainer, batch_mixer
 

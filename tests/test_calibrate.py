@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from finetune.metrics import calibrate as C
-from finetune.training import run_training
-from finetune.models.model_file import load_model_file
 from finetune.config import TrainConfig
+from finetune.metrics import calibrate as C
+from finetune.models.model_file import load_model_file
+from finetune.training import run_training
 
 
 def test_ece_hand_computed():
@@ -45,8 +45,8 @@ def test_temperature_of_a_calibrated_model_stays_near_one():
 
 
 def test_train_calibrate_stores_temperature_used_by_predict_and_evaluate(tiny_data, tmp_path):
-    from finetune.inference.evaluate import evaluate_folder
     from finetune.formats.export import metadata
+    from finetune.inference.evaluate import evaluate_folder
     from finetune.inference.predictor import load_predictor
 
     events = []

@@ -6,9 +6,9 @@ import shutil
 from PIL import Image
 from typer.testing import CliRunner
 
+from finetune.cli import app
 from finetune.data import dataset as D
 from finetune.quality.doctor import check_dataset
-from finetune.cli import app
 
 
 def _photo(path, color, size=(48, 40), **save):

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.models import model_file as C
 from finetune._util import files as F
 from finetune.errors import ModelFileError, ResourceError
+from finetune.models import model_file as C
 
 
 def test_model_file_is_self_describing_and_weights_only(trained_model):

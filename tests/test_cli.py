@@ -123,8 +123,8 @@ def test_pretrained_default_weights_from_local_cache(tiny_data, in_tmp, monkeypa
     (home / "hub" / "checkpoints").mkdir(parents=True)
     weights = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    from finetune.models import weights as W
     from finetune.data.content_index import full_hash
+    from finetune.models import weights as W
 
     monkeypatch.setitem(W.PINNED_SHA256, weights.name, full_hash(str(weights)))  # stands in for the real file
     monkeypatch.setenv("TORCH_HOME", str(home))

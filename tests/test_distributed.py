@@ -13,11 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 from finetune._util import ddp as dist
-from finetune.models.model_file import load_model_file
 from finetune.cli import app
 from finetune.data.dataset import find_dataset
 from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.predictor import load_predictor
+from finetune.models.model_file import load_model_file
 from finetune.training import resume as R
 from finetune.training import run_training
 

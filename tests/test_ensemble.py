@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.models.model_file import load_model_file, update_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
+from finetune.formats.load import load_runnable
 from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.predictor import Ensemble, Predictor, load_predictor
-from finetune.formats.load import load_runnable
+from finetune.models.model_file import load_model_file, update_model_file
 from finetune.training import run_training
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.inference import explain
 from finetune.cli import app
 from finetune.errors import UsageError
+from finetune.inference import explain
 from finetune.models.registry import available_models, find_head
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
+from finetune.errors import FinetuneError
 from finetune.formats import export as E
 from finetune.models.model_file import network_from_file
-from finetune.errors import FinetuneError
 
 
 def _eager_logits(model_path, images):

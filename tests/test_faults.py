@@ -11,11 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.models.model_file import load_model_file
+from finetune._util.files import TEMP_PREFIX
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError, Interrupted
-from finetune._util.files import TEMP_PREFIX
+from finetune.models.model_file import load_model_file
 from finetune.training import resume as R
 from finetune.training import run_training
 

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from finetune.data import dataset as D
 from finetune.cli import app
+from finetune.data import dataset as D
 from finetune.errors import DatasetError
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import images as D
 from finetune.config import AUGMENTATIONS
+from finetune.data import images as D
 from finetune.data.preprocessing import Preprocessing
 
 

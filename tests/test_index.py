@@ -2,8 +2,8 @@
 
 import os
 
-from finetune.data import dataset as D
 from finetune.data import content_index as I
+from finetune.data import dataset as D
 
 
 def _write(path, data: bytes):

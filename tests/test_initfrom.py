@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.models.model_file import ModelFile, load_model_file, save_model_file
 from finetune.cli import app
 from finetune.config import TrainConfig
-from finetune.errors import UsageError
-from finetune.models.registry import build_network
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import UsageError
+from finetune.models.model_file import ModelFile, load_model_file, save_model_file
+from finetune.models.registry import build_network
 from finetune.training.setup import prepare
 
 runner = CliRunner()

@@ -9,11 +9,11 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from finetune.data import dataset as D
 from finetune.cli import app
-from finetune.errors import DatasetError, UsageError
+from finetune.data import dataset as D
 from finetune.data.labelfile import LabelFileOptions, read_label_file
 from finetune.data.stratify import iterative_stratification, label_balance
+from finetune.errors import DatasetError, UsageError
 
 
 def _csv(path, lines):

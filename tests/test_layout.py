@@ -27,6 +27,12 @@ def _modules() -> dict[str, ast.Module]:
 
 MODULES = _modules()
 ENTRY_POINTS = {"finetune.__main__"}
+# The layers, bottom up: a package or top-level module imports only those before it (and itself). The public API
+# in finetune/__init__.py sits above them all. docs/architecture.md says what each holds.
+LAYERS = ["errors", "config", "configfile", "_util", "data", "tasks", "metrics", "models", "viz", "formats",
+          "inference", "report", "training", "quality", "tune", "serving", "cli", "__main__"]
+MAX_TOP_MODULES = 10
+MAX_PACKAGE_MODULES = 20
 
 
 def _imported(node) -> list[str]:
@@ -93,6 +99,25 @@ def test_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert not cycles
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_every_module_sits_in_a_named_layer_and_the_top_stays_small():
+    assert {_layer(m) for m in MODULES if m != "finetune"} <= set(LAYERS)
+    top = [p.name for p in SRC.glob("*.py")]
+    assert len(top) <= MAX_TOP_MODULES, top
+    crowded = {d.name: n for d in SRC.iterdir() if d.is_dir() and (n := len(list(d.glob("*.py")))) > MAX_PACKAGE_MODULES}
+    assert not crowded
+
+
+def test_layers_import_only_the_layers_below_them():
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = sorted(f"{m} -> {d}" for m, deps in _graph().items() if m != "finetune" for d in deps
+                    if d != "finetune" and rank[_layer(d)] > rank[_layer(m)])
+    assert not upward
 
 
 def test_data_flows_one_way_the_library_never_imports_the_cli():

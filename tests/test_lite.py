@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.inference import onnx_fast as lite
 from finetune.cli import app
 from finetune.data.images import decode_to_tensor
+from finetune.inference import onnx_fast as lite
 from finetune.inference.predictor import load_predictor
 
 pytestmark = pytest.mark.slow  # ONNX exports and fresh processes

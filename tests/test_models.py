@@ -8,10 +8,10 @@ import pytest
 import torch
 import torchvision
 
+from finetune.data.content_index import full_hash
+from finetune.errors import FinetuneError, ModelFileError, ResourceError
 from finetune.models import registry as M
 from finetune.models import weights as W
-from finetune.errors import FinetuneError, ModelFileError, ResourceError
-from finetune.data.content_index import full_hash
 
 REQUIRED = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
             "alexnet"]

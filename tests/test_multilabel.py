@@ -8,18 +8,18 @@ import math
 import os
 from pathlib import Path
 
+import collages
 import pytest
 import torch
 from typer.testing import CliRunner
 
-import collages
-from finetune.models.model_file import FORMAT, ModelFile, load_model_file, save_model_file
 from finetune.cli import app
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import ModelFileError, UsageError
 from finetune.metrics.multilabel import average_precision, multilabel_report
+from finetune.models.model_file import FORMAT, ModelFile, load_model_file, save_model_file
 from finetune.models.registry import build_network
 from finetune.tasks.multilabel import fit_thresholds, parse_thresholds, pos_weight
-from finetune.data.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 # The shared folder sits beside the repository (as in test_explain.py and test_trust.py).

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from finetune.models.model_file import network_from_file
 from finetune.data.inputs import Failure, expand_inputs
 from finetune.inference.predictor import Prediction, load_predictor
+from finetune.models.model_file import network_from_file
 
 
 def test_expand_inputs_files_folders_globs_and_missing(tiny_data, tmp_path):

@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.formats import int8 as Q
+from finetune._util.files import TEMP_PREFIX
 from finetune.cli import app
 from finetune.errors import FinetuneError, UsageError
+from finetune.formats import int8 as Q
 from finetune.formats.export import export_model
-from finetune._util.files import TEMP_PREFIX
-from finetune.inference.predictor import load_predictor
 from finetune.formats.load import choose_runtime, load_runnable
+from finetune.inference.predictor import load_predictor
 
 
 def test_runtime_choice_per_file_kind():

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.data import dataset as DS
-from finetune.data import images as I
 from finetune.cli import app
 from finetune.config import TrainConfig
+from finetune.data import dataset as DS
+from finetune.data import images as I
 from finetune.training import cache, run_training
 
 runner = CliRunner()

@@ -321,10 +321,10 @@ def test_bad_page_text_is_never_parsed_as_html():
 def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(trained_model, tmp_path):
     from fastapi.testclient import TestClient
 
-    from finetune.models.model_file import update_model_file
     from finetune.data.preprocessing import Preprocessing
-    from finetune.serving.model import ServedModel
+    from finetune.models.model_file import update_model_file
     from finetune.serving.app import create_app
+    from finetune.serving.model import ServedModel
 
     other = tmp_path / "other.pt"
     other.write_bytes(Path(trained_model).read_bytes())
@@ -346,8 +346,8 @@ def test_ensemble_with_tta_and_two_preprocessings_answers_as_predict_does(traine
 def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(trained_model, tiny_data, tmp_path):
     import shutil
 
-    from finetune.models.model_file import update_model_file
     from finetune.inference.predictor import load_predictor
+    from finetune.models.model_file import update_model_file
     from finetune.serving.model import ServedModel
 
     model = tmp_path / "multi.pt"

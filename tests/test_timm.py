@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.models import timm as timm_models
-from finetune.models.model_file import load_model_file
 from finetune.config import TrainConfig
 from finetune.errors import ModelFileError, ResourceError, UsageError
-from finetune.inference.evaluate import evaluate_folder
 from finetune.formats.export import export_model
+from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.predictor import load_predictor
+from finetune.models import timm as timm_models
+from finetune.models.model_file import load_model_file
 from finetune.training import run_training
 from finetune.training.setup import prepare
 

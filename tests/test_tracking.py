@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from finetune.training import tracking
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
-from finetune.training import run_training
+from finetune.training import run_training, tracking
 
 
 def _cfg(data, tmp_path, log, **kw):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from finetune.models.model_file import network_from_file
 from finetune.config import TrainConfig, validate
 from finetune.data.dataset import find_dataset
-from finetune.errors import DivergedError, FinetuneError
 from finetune.data.images import decode_to_tensor
+from finetune.errors import DivergedError, FinetuneError
+from finetune.models.model_file import network_from_file
 from finetune.models.registry import Network
 from finetune.training import cache, run_training
 from finetune.training.sanity import initial_loss_check, overfit_config, overfit_split

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.quality import near_duplicates as similar
-from finetune.quality import label_errors as trust
 from finetune.cli import app
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
+from finetune.quality import label_errors as trust
+from finetune.quality import near_duplicates as similar
 from finetune.training import label_issues
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
 from finetune._util.ddp import single_process
-from finetune.errors import DivergedError, Interrupted, ResourceError, UsageError
 from finetune._util.extras import require
 from finetune._util.files import write_csv_atomic, write_json_atomic
+from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
+from finetune.errors import DivergedError, Interrupted, ResourceError, UsageError
 from finetune.training import run_training
 from finetune.training.outputs import RunLock
 

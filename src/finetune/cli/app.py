@@ -12,8 +12,8 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from finetune import __version__
-from finetune.cli.render import err, esc, out
 from finetune._util.ddp import from_env, leave_together
+from finetune.cli.render import err, esc, out
 from finetune.errors import FinetuneError, Interrupted, ResourceError
 
 state: dict = {"debug": False, "soft_stop": None}

@@ -9,21 +9,21 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
+from finetune._util.files import dumps_json, latest_model
 from finetune.cli import options as o
 from finetune.cli.app import command
 from finetune.cli.infer_ml import print_labels, render_multilabel
 from finetune.cli.render import LazyProgress, err, esc, out, pct, warn
 from finetune.config import MAX_PIXELS
+from finetune.data.inputs import Failure, check_inputs, expand_inputs
+from finetune.data.labelfile import LabelFileOptions
 from finetune.errors import UsageError
+from finetune.formats.export import ATOL, FORMATS, RTOL, export_model
+from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.explain import Explainer, explain_into
-from finetune.formats.export import ATOL, FORMATS, RTOL, export_model
-from finetune._util.files import dumps_json, latest_model
 from finetune.inference.onnx_fast import cache_export, light_predictor
-from finetune.data.labelfile import LabelFileOptions
-from finetune.data.inputs import Failure, check_inputs, expand_inputs
 from finetune.inference.predictor import load_predictor, sort_into
-from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 
 
 def model_paths(models: list[str] | None) -> list[str]:

@@ -8,8 +8,8 @@ import sys
 
 from rich.table import Column, Table
 
-from finetune.cli.render import err, esc, out, pct, warn
 from finetune._util.files import dumps_json
+from finetune.cli.render import err, esc, out, pct, warn
 
 
 def print_labels(good: list, as_json: bool, as_csv: bool, k: int, show_top: bool) -> None:

@@ -7,8 +7,17 @@ from typing import Annotated
 
 import typer
 
-from finetune.config import (AUGMENTATIONS, BALANCE, DEVICES, LR_PER_IMAGE, MODES, OPTIMIZERS, SCHEDULERS,
-                             TRACKERS, defaults)
+from finetune.config import (
+    AUGMENTATIONS,
+    BALANCE,
+    DEVICES,
+    LR_PER_IMAGE,
+    MODES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TRACKERS,
+    defaults,
+)
 from finetune.formats.load import RUNTIMES
 
 D = defaults()

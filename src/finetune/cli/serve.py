@@ -14,10 +14,10 @@ from finetune.cli.render import err, esc, out, warn
 from finetune.config import MAX_PIXELS
 from finetune.errors import UsageError
 from finetune.inference.predictor import load_predictor
+from finetune.serving.app import create_app, web
 from finetune.serving.handling import MB, ServeSettings
 from finetune.serving.model import ServedModel
 from finetune.serving.server import bind, is_loopback, run
-from finetune.serving.app import create_app, web
 
 TOKEN_ENV = "FINETUNE_TOKEN"
 D = ServeSettings()

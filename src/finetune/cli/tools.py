@@ -12,7 +12,8 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from finetune.quality.doctor import check_dataset
+from finetune._util.extras import require
+from finetune._util.files import dumps_json, timestamped_dir
 from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
@@ -20,15 +21,14 @@ from finetune.cli.train import command_line
 from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
-from finetune.errors import DivergedError, Interrupted, UsageError
-from finetune._util.extras import require
-from finetune._util.files import dumps_json, timestamped_dir
 from finetune.data.labelfile import LabelFileOptions
-from finetune.training.lrfind import lr_find as run_lr_find
-from finetune.training.lrfind import write_result
+from finetune.errors import DivergedError, Interrupted, UsageError
+from finetune.quality.doctor import check_dataset
+from finetune.quality.label_errors import check_trust
 from finetune.quality.near_duplicates import NEAR_DUPLICATE
 from finetune.training.label_issues import LABEL_FOLDS, require_cleanlab
-from finetune.quality.label_errors import check_trust
+from finetune.training.lrfind import lr_find as run_lr_find
+from finetune.training.lrfind import write_result
 from finetune.tune import Space, run_search
 
 D = o.D

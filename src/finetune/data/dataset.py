@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.data import content_index
-from finetune.errors import DatasetError
 from finetune.data.images import IMAGE_EXTENSIONS, ignored, irregular_reason, is_image_file, unsupported_reason
 from finetune.data.labelfile import LabelFileOptions, LabelTable, is_label_file, read_label_file
 from finetune.data.stratify import iterative_parts, stratified_folds, stratified_split
+from finetune.errors import DatasetError
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 

@@ -17,8 +17,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.errors import DatasetError, UsageError
 from finetune.data.images import IMAGE_EXTENSIONS, ignored, irregular_reason, is_image_file, unsupported_reason
+from finetune.errors import DatasetError, UsageError
 
 LABEL_SUFFIXES = (".csv", ".tsv", ".jsonl")
 PATH_NAMES = ("path", "file", "image", "filename", "filepath", "file_name", "image_path", "image_id", "img")

@@ -12,16 +12,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.formats import openvino_ir
-from finetune.models.model_file import EXPORT_FORMAT, ModelFile, load_model_file, network_from, versions
-from finetune.data.dataset import images_under
-from finetune.models.ensemble import ENSEMBLE_OUTPUT, combine
-from finetune.errors import FinetuneError, UsageError
 from finetune._util.extras import require
 from finetune._util.files import atomic_write
+from finetune.data.dataset import images_under
 from finetune.data.images import decode_to_tensor
 from finetune.data.inputs import expand_inputs
+from finetune.errors import FinetuneError, UsageError
+from finetune.formats import openvino_ir
 from finetune.formats.load import load_runnable
+from finetune.models.ensemble import ENSEMBLE_OUTPUT, combine
+from finetune.models.model_file import EXPORT_FORMAT, ModelFile, load_model_file, network_from, versions
 from finetune.models.timm import PREFIX as TIMM_PREFIX
 
 FORMATS = (".pt", ".safetensors", ".pt2", ".onnx", ".xml")

@@ -15,14 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.formats import export
-from finetune.formats import openvino_ir
-from finetune.models.model_file import ModelFile
-from finetune.errors import FinetuneError, UsageError
 from finetune._util.files import TEMP_PREFIX, atomic_write
 from finetune.data.images import decode_all
 from finetune.data.inputs import expand_inputs
+from finetune.errors import FinetuneError, UsageError
+from finetune.formats import export, openvino_ir
 from finetune.formats.load import load_runnable
+from finetune.models.model_file import ModelFile
 
 INT8_FORMATS = (".onnx", ".xml")
 CALIBRATION_COUNT = 300  # training images the activation ranges are measured on (NNCF's default subset size)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.formats import openvino_ir
-from finetune.models.model_file import ModelFile, load_model_file, network_from, validated_description
 from finetune._util.devices import resolve_device
-from finetune.models.ensemble import module_from_file
 from finetune.errors import ModelFileError, UsageError
+from finetune.formats import openvino_ir
+from finetune.models.ensemble import module_from_file
+from finetune.models.model_file import ModelFile, load_model_file, network_from, validated_description
 
 PROGRAM_SUFFIXES = (".pt2", ".onnx", ".xml")
 RUNTIMES = ("auto", "torch", "onnx", "openvino")

@@ -7,16 +7,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from finetune.metrics.calibrate import calibration_summary, expected_calibration_error
 from finetune.config import MAX_PIXELS
 from finetune.data.dataset import labelled_samples
-from finetune.errors import DatasetError
+from finetune.data.inputs import Failure
 from finetune.data.labelfile import LabelFileOptions
+from finetune.errors import DatasetError
+from finetune.inference.predictor import load_predictor
+from finetune.metrics.calibrate import calibration_summary, expected_calibration_error
 from finetune.metrics.classification import classification_report, confident_mistakes
 from finetune.metrics.multilabel import label_mistakes, multilabel_report
 from finetune.tasks.multilabel import probabilities, targets
-from finetune.data.inputs import Failure
-from finetune.inference.predictor import load_predictor
 
 
 def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,

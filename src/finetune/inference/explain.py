@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.viz import pictures
-from finetune.models.model_file import load_model_file, network_from
-from finetune.config import MAX_PIXELS
 from finetune._util.devices import resolve_device
-from finetune.errors import UsageError
+from finetune.config import MAX_PIXELS
 from finetune.data.images import load_image
+from finetune.errors import UsageError
+from finetune.models.model_file import load_model_file, network_from
+from finetune.viz import pictures
 
 INSTALL = "pip install 'finetune[explain]'"
 SHOWN_SIDE = 512  # the photo's longer side in the picture: enough to see the heatmap, small PNGs

@@ -14,15 +14,15 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from finetune.models.model_file import ModelFile, validated_description
-from finetune.config import MAX_PIXELS
-from finetune.errors import ModelFileError
-from finetune.formats.export import export_model
 from finetune._util.files import cache_dir
+from finetune.config import MAX_PIXELS
 from finetune.data.images import load_image
 from finetune.data.inputs import Failure, loaded_chunks
-from finetune.inference.predictor import Prediction
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import ModelFileError
+from finetune.formats.export import export_model
+from finetune.inference.predictor import Prediction
+from finetune.models.model_file import ModelFile, validated_description
 
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5, "lanczos": 1}
 

@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import MAX_PIXELS
-from finetune.models.ensemble import check_ensemble, mean_probabilities
-from finetune.errors import UsageError
 from finetune._util.files import write_csv_atomic
+from finetune.config import MAX_PIXELS
 from finetune.data.images import load_image
 from finetune.data.inputs import Failure, loaded_chunks
-from finetune.tasks.multilabel import parse_thresholds
+from finetune.errors import UsageError
 from finetune.formats.load import Runnable, load_runnable
+from finetune.models.ensemble import check_ensemble, mean_probabilities
+from finetune.tasks.multilabel import parse_thresholds
 
 
 @dataclass

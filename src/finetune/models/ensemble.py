@@ -6,8 +6,8 @@ temperature. The one formula, for predict, evaluate and export alike:
 
 from __future__ import annotations
 
-from finetune.models.model_file import ModelFile, network_from
 from finetune.errors import UsageError
+from finetune.models.model_file import ModelFile, network_from
 
 ENSEMBLE_OUTPUT = ("log of the mean of the members' softmax(logits / temperature): softmax of it gives the "
                    "ensemble's probabilities (its own temperature is 1)")

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune import __version__
-from finetune.errors import ModelFileError
 from finetune._util.files import atomic_write
-from finetune.models.registry import Network, build_network
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import ModelFileError
+from finetune.models.registry import Network, build_network
 from finetune.models.timm import is_timm
 
 FORMAT = "finetune-model"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from finetune.models import timm as timm_models
 from finetune.errors import FinetuneError, ModelFileError, UsageError
+from finetune.models import timm as timm_models
 from finetune.models.timm import is_timm
 from finetune.models.weights import strip_wrapper_prefixes
 

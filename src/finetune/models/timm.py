@@ -14,9 +14,9 @@ import difflib
 import math
 import os
 
-from finetune.errors import UsageError
 from finetune._util.extras import require
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import UsageError
 from finetune.models.weights import WeightsChoice
 
 PREFIX = "timm:"

@@ -9,9 +9,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.errors import ModelFileError, ResourceError, UsageError
 from finetune.data.content_index import full_hash
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import ModelFileError, ResourceError, UsageError
 
 # Prefixes left by DataParallel/DDP and torch.compile; stripped so their checkpoints load.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -10,16 +10,16 @@ import dataclasses
 import os
 from pathlib import Path
 
+from finetune._util.files import write_csv_atomic
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
-from finetune._util.files import write_csv_atomic
-from finetune.models.registry import build_network
 from finetune.inference.predictor import copy_into
+from finetune.models.registry import build_network
+from finetune.models.weights import resolve_weights
 from finetune.quality.near_duplicates import NEAR_DUPLICATE, near_duplicates
 from finetune.training.label_issues import LABEL_FOLDS, Embeddings, fold_count, label_issues, require_cleanlab
 from finetune.training.probe import ProbeEpochs
 from finetune.training.setup import prepare, silent, torch_flags
-from finetune.models.weights import resolve_weights
 
 REVIEW_LOG = "review.csv"
 

@@ -10,12 +10,12 @@ import json
 import os
 from pathlib import Path
 
-from finetune.viz import pictures
-from finetune.viz import multilabel as pictures_ml
-from finetune.inference.explain import heatmaps_for
-from finetune.report.multilabel import multilabel_facts, multilabel_sections
 from finetune._util.files import write_text_atomic
+from finetune.inference.explain import heatmaps_for
 from finetune.metrics.classification import top_confusions
+from finetune.report.multilabel import multilabel_facts, multilabel_sections
+from finetune.viz import multilabel as pictures_ml
+from finetune.viz import pictures
 
 HISTORY_COLUMNS = (("epoch", "epoch"), ("train_loss", "train loss"), ("train_acc", "train acc"),
                    ("val_loss", "val loss"), ("val_acc", "val acc"), ("lr", "lr"))

@@ -10,8 +10,8 @@ import contextlib
 import time
 from collections.abc import Sequence
 
-from finetune.serving.batching import Batcher
 from finetune.errors import UsageError
+from finetune.serving.batching import Batcher
 from finetune.serving.handling import ApiError, ServeSettings, check_token, intake, predict
 from finetune.serving.model import ServedModel
 

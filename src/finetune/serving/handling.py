@@ -9,9 +9,9 @@ import asyncio
 import hmac
 from dataclasses import dataclass
 
-from finetune.serving.batching import Busy
 from finetune.config import MAX_PIXELS
 from finetune.data.images import describe_failure
+from finetune.serving.batching import Busy
 from finetune.serving.model import ServedModel
 
 MB = 1024 * 1024

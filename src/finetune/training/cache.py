@@ -9,8 +9,8 @@ import os
 from finetune._util import ddp as dist
 from finetune.config import TrainConfig
 from finetune.data.dataset import DatasetSplit
-from finetune.errors import DatasetError, UsageError
 from finetune.data.images import decode_all, estimate_cache_bytes
+from finetune.errors import DatasetError, UsageError
 
 CACHE_BUDGET_BYTES = 4 * 1024**3  # decoded images kept in RAM up to this per machine; beyond it, stream from disk
 CACHE_BUDGET_ENV = "FINETUNE_RAM_CACHE_GB"  # overrides it (GiB; 0 = always stream)

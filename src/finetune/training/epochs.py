@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from finetune._util import ddp as dist
 from finetune.data.dataset import DatasetSplit
-from finetune.errors import DatasetError
 from finetune.data.images import ImageDataset, collate
-from finetune.tasks.multilabel import MultiHot, count_correct
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import DatasetError
+from finetune.tasks.multilabel import MultiHot, count_correct
 from finetune.training.trainer import Trainer, class_weights
 
 

@@ -14,17 +14,17 @@ import os
 
 from finetune import __version__
 from finetune._util import ddp as dist
+from finetune._util.files import atomic_write, cache_dir
 from finetune.config import TrainConfig
 from finetune.data.dataset import DatasetSplit
-from finetune.errors import ResourceError
-from finetune._util.files import atomic_write, cache_dir
 from finetune.data.images import ImageDataset, collate
+from finetune.errors import ResourceError
+from finetune.models.weights import WeightsChoice
 from finetune.tasks.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
 from finetune.training.probe import ProbeEpochs
 from finetune.training.trainer import Trainer
-from finetune.models.weights import WeightsChoice
 
 # Augmented views per training image: enough variety for a linear head at a fraction of the epochs' cost.
 # Measured on ants/bees (MobileNetV2 ImageNet weights, 25 epochs, seeds 0/1): best val accuracy 0.961/0.967

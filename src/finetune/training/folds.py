@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune._util import ddp as dist
+from finetune._util.files import write_json_atomic
 from finetune.config import TrainConfig, validate
 from finetune.errors import UsageError
-from finetune._util.files import write_json_atomic
 from finetune.training.outputs import run_folder
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.models.model_file import ModelFile, load_model_file
 from finetune.config import TrainConfig
 from finetune.errors import UsageError
+from finetune.models.model_file import ModelFile, load_model_file
 from finetune.models.weights import WeightsChoice
 
 

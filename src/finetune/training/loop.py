@@ -12,18 +12,18 @@ from pathlib import Path
 
 from finetune import STARTED
 from finetune._util import ddp as dist
-from finetune.models.model_file import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
 from finetune.metrics.multilabel import epoch_map
+from finetune.models.model_file import ModelFile
 from finetune.tasks.multilabel import targets
-from finetune.training.tracking import tracked
+from finetune.training.label_issues import run_label_issues
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
+from finetune.training.plan import planned_epochs
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
-from finetune.training.label_issues import run_label_issues
-from finetune.training.plan import planned_epochs
 from finetune.training.setup import Phase, Prepared, prepare, silent, torch_flags
+from finetune.training.tracking import tracked
 from finetune.training.trainer import Emit
 
 

@@ -11,12 +11,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.config import TrainConfig
 from finetune._util.ddp import single_process
-from finetune.errors import DivergedError, UsageError
 from finetune._util.files import write_json_atomic
-from finetune.viz.pictures import lr_plot
+from finetune.config import TrainConfig
+from finetune.errors import DivergedError, UsageError
 from finetune.training.setup import prepare, silent, torch_flags
+from finetune.viz.pictures import lr_plot
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single batches are too noisy to read
 STOP_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of the best seen

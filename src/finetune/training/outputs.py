@@ -8,18 +8,24 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune.metrics import calibrate
-from finetune.models.model_file import ModelFile, save_model_file, update_model_file
+from finetune._util.files import (
+    TEMP_PREFIX,
+    point_latest,
+    prune_stale_temp_files,
+    timestamped_dir,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from finetune.config import TrainConfig
 from finetune.errors import ResourceError, UsageError
-from finetune._util.files import (TEMP_PREFIX, point_latest, prune_stale_temp_files, timestamped_dir, write_csv_atomic,
-                            write_json_atomic)
+from finetune.metrics import calibrate
 from finetune.metrics.classification import classification_report, confident_mistakes
 from finetune.metrics.multilabel import label_mistakes, multilabel_report
-from finetune.tasks.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
+from finetune.models.model_file import ModelFile, save_model_file, update_model_file
 from finetune.report.html import write_report
-from finetune.training.tracking import MLFLOW_FILE, TENSORBOARD_DIR
+from finetune.tasks.multilabel import binary_pairs, cross_fitted_f1, fit_thresholds, probabilities, targets
 from finetune.training.resume import STATE_FILE, save_state
+from finetune.training.tracking import MLFLOW_FILE, TENSORBOARD_DIR
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "update_ratio_head",
                  "update_ratio_backbone", "seconds", "elapsed")

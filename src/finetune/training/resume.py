@@ -7,9 +7,9 @@ import os
 import random
 from pathlib import Path
 
+from finetune._util.files import atomic_write
 from finetune.config import SETTINGS, TrainConfig, option
 from finetune.errors import DatasetError, ModelFileError, UsageError
-from finetune._util.files import atomic_write
 
 STATE_FILE = "state.pt"  # resumable state of the last completed epoch
 STATE_VERSION = 2  # 2: folds numbered from 1 in the stored config, the split stored

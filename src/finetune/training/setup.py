@@ -10,14 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from finetune._util import ddp as dist
-from finetune.models import timm as timm_models
-from finetune.models.model_file import ModelFile
 from finetune.config import TrainConfig, validate
 from finetune.data.dataset import DatasetSplit, find_dataset
-from finetune.errors import DatasetError, UsageError
 from finetune.data.images import default_workers
 from finetune.data.labelfile import options_from
+from finetune.errors import DatasetError, UsageError
+from finetune.models import timm as timm_models
+from finetune.models.model_file import ModelFile
 from finetune.models.registry import Network, build_network, check_model_name
+from finetune.models.weights import WeightsChoice, load_pretrained_state, resolve_weights
 from finetune.tasks.multilabel import check_balance, targets
 from finetune.training.cache import decode_for_training
 from finetune.training.epochs import ImageEpochs
@@ -27,7 +28,6 @@ from finetune.training.plan import Plan, make_plan
 from finetune.training.resume import check_same_split
 from finetune.training.sanity import overfit_split
 from finetune.training.trainer import Emit, Trainer
-from finetune.models.weights import WeightsChoice, load_pretrained_state, resolve_weights
 
 
 def silent(*args, **kwargs) -> None:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from finetune._util import ddp as dist
-from finetune.config import TrainConfig, trackers
-from finetune.errors import FinetuneError, Interrupted, ResourceError
 from finetune._util.extras import require
 from finetune._util.files import write_json_atomic
+from finetune.config import TrainConfig, trackers
+from finetune.errors import FinetuneError, Interrupted, ResourceError
 
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 MLFLOW_FILE = "mlflow.json"  # inside the run folder: the MLflow run a resumed run continues

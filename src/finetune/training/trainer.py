@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable
 
 from finetune._util import ddp as dist
-from finetune.config import TrainConfig
 from finetune._util.devices import autocast_dtype
+from finetune.config import TrainConfig
 from finetune.errors import DivergedError, Interrupted
 from finetune.models.registry import Network
 from finetune.tasks.multilabel import count_correct
