@@ -3,6 +3,7 @@
 layout; multi-label datasets split by iterative stratification with every label balanced."""
 
 import json
+import os
 import random
 import shutil
 
@@ -45,13 +46,21 @@ def test_label_file_gives_the_same_split_as_the_folder_layout(flat_data, tmp_pat
 def test_columns_detected_named_or_headerless(flat_data, tmp_path):
     rows = _rows(flat_data, tmp_path)
     named = _csv(tmp_path / "a.csv", ["id,breed,note"] + [f"{p},{c},x" for p, c in rows])
+    with pytest.raises(DatasetError, match="cannot tell which column holds the labels .*--label-col"):
+        read_label_file(named)  # the paths are found by their values; breed or note is the user's call
+    unnamed = _csv(tmp_path / "u.csv", ["a,b,c"] + [f"x{i},{c},y" for i, (p, c) in enumerate(rows)])
     with pytest.raises(DatasetError, match="cannot tell which column holds the image paths.*--path-col"):
-        read_label_file(named)
+        read_label_file(unnamed)  # no column names an image
     assert len(read_label_file(named, LabelFileOptions(path_col="id", label_col="breed")).rows) == len(rows)
     with pytest.raises(UsageError, match="--label-col kind: .* no such column"):
         read_label_file(named, LabelFileOptions(path_col="id", label_col="kind"))
     two = _csv(tmp_path / "b.csv", ["id,breed"] + [f"{p},{c}" for p, c in rows])
     assert read_label_file(two, LabelFileOptions(path_col="id")).classes == ["ants", "bees"]  # the other column
+    table = read_label_file(two)  # as a user reads it: id names the image files, breed is the other column
+    assert table.classes == ["ants", "bees"] and len(table.rows) == len(rows)
+    assert table.columns == "path column 'id' (its values name image files), label column 'breed' (the other column)"
+    reversed_ = _csv(tmp_path / "r.csv", ["breed,id"] + [f"{c},{os.path.splitext(p)[0]}" for p, c in rows])
+    assert [r.path for r in read_label_file(reversed_).rows] == [r.path for r in table.rows]  # ids without .jpg
     headerless = _csv(tmp_path / "c.tsv", [f"{p}\t{c}" for p, c in rows])
     assert len(read_label_file(headerless).rows) == len(rows)
     jsonl = tmp_path / "d.jsonl"

@@ -109,9 +109,11 @@ MaxPixels = Annotated[int, typer.Option(metavar="N", rich_help_panel=DATA, help=
     "Refuse images with more pixels than this (decompression bombs), read from the header."))]
 PathCol = Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=DATA, help=(
     "Label file: the column of image paths (relative to the file's folder or --image-dir, or absolute; an "
-    "extension may be left out). Default: path, file, image or filename."))]
+    "extension may be left out). Default: path, file, image or filename, else the column whose values name image "
+    "files."))]
 LabelCol = Annotated[str | None, typer.Option(metavar="NAME", rich_help_panel=DATA, help=(
-    "Label file: the column of labels. Default: label, labels, class or tags (or the other of two columns)."))]
+    "Label file: the column of labels. Default: label, labels, class or tags (or the one column left besides the "
+    "paths and a split)."))]
 LabelSep = Annotated[str | None, typer.Option(metavar="SEP", rich_help_panel=DATA, help=(
     "Label file: what separates several labels in a cell (e.g. ';', '|', space). Default: ';' or '|' when a cell "
     "holds one; several labels make the dataset multi-label."))]

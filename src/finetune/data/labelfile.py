@@ -28,7 +28,9 @@ SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "
 AUTO_SEPARATORS = (";", "|")  # a space is only used when asked for: class names often hold one ("golden retriever")
 SEPARATOR_NAMES = {"space": " ", "semicolon": ";", "pipe": "|", "comma": ","}
 # Images looked for in the subfolders of the label file's folder, when its own folder holds none of them.
-PROBE_ROWS = 50
+# Rows read to find the images' folder and, when no header names it, the path column by its values (a label file
+# may list many images that are not here: the dog-breed file names 10,222, of which 1,000 are present).
+DETECT_ROWS = 500
 KNOWN_NAMES = set(PATH_NAMES + LABEL_NAMES + SPLIT_NAMES)
 
 
@@ -136,16 +138,39 @@ def _columns(path: Path, header: list[str] | None, records: list, opts: LabelFil
         return 0, 1, None, records, "columns 1 (path) and 2 (label), no header"
     p = _find(header, opts.path_col, PATH_NAMES, "path", path)
     lab = _find(header, opts.label_col, LABEL_NAMES, "label", path)
-    if p is None and lab is not None and len(header) == 2:
-        p = 1 - lab
-    if lab is None and p is not None and len(header) == 2:
-        lab = 1 - p
+    split = _find(header, None, SPLIT_NAMES, "split", path)
+    how = {}
+    if p is None:  # as a user would: the column whose values name image files that exist
+        p = _path_column_by_values(path, header, records, opts, {lab, split})
+        how[p] = " (its values name image files)"
+    if lab is None and p is not None:  # the one column left besides the paths and the split
+        rest = [i for i in range(len(header)) if i not in (p, split)]
+        lab = rest[0] if len(rest) == 1 else None
+        how[lab] = " (the other column)"
     if p is None or lab is None:
         missing = "image paths" if p is None else "labels"
         raise DatasetError(f"{path}: cannot tell which column holds the {missing} (columns: {', '.join(header)}); "
                            f"name it with --{'path' if p is None else 'label'}-col")
-    split = _find(header, None, SPLIT_NAMES, "split", path)
-    return p, lab, split, records, f"path column '{header[p]}', label column '{header[lab]}'"
+    return p, lab, split, records, (f"path column '{header[p]}'{how.get(p, '')}, label column "
+                                    f"'{header[lab]}'{how.get(lab, '')}")
+
+
+def _path_column_by_values(path: Path, header: list[str], records: list, opts: LabelFileOptions,
+                           taken: set) -> int | None:
+    """The one column whose values (in the first rows) name the most image files, wherever the images are found
+    (the label file's folder, its one subfolder holding them, or --image-dir); None when no column names any."""
+    rows = records[:DETECT_ROWS]
+    hits = {}
+    for i in range(len(header)):
+        if i in taken:
+            continue
+        written = [str(c[i]).strip() for _, c in rows if i < len(c) and isinstance(c[i], (str, int))]
+        written = [w for w in written if w and ".." not in w]
+        resolver = _Resolver(_image_root(path, opts, written))
+        hits[i] = sum(resolver.resolve(w, "")[0] is not None for w in written)
+    best = max(hits.values(), default=0)
+    found = [i for i, n in hits.items() if n == best]
+    return found[0] if best and len(found) == 1 else None
 
 
 def _looks_like_file(cell: str) -> bool:
@@ -186,7 +211,7 @@ def read_label_file(data: str | os.PathLike, opts: LabelFileOptions = LabelFileO
     sep = _separator(opts, [r[1][lab] if lab < len(r[1]) else "" for r in records])
     multi = opts.multi_label or sep is not None or any(isinstance(r[1][lab], list) for r in records
                                                        if lab < len(r[1]))
-    root = _image_root(path, opts, [str(c[p]) for _, c in records[:PROBE_ROWS] if p < len(c)])
+    root = _image_root(path, opts, [str(c[p]) for _, c in records[:DETECT_ROWS] if p < len(c)])
     if root != os.fspath(path.parent):
         columns += f", images in {root}"
     resolver = _Resolver(root)
