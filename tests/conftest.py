@@ -37,6 +37,19 @@ def flat_data(tmp_path_factory, tiny_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def local_weights(tmp_path_factory) -> Path:
+    """A resnet18 state_dict file (random init, seeded): what --weights PATH takes, so a run treats it as pretrained
+    (the probe, LP-FT) without any download. Its features are random: tests of mechanics, not of accuracy."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-local.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, tiny_data) -> Path:
     """A resnet18 model file fine-tuned for one epoch (SGD) from random init on tiny_data."""
     from finetune.config import TrainConfig

@@ -1,11 +1,18 @@
-"""What a run does on the machine it has: --mode auto and --time-budget."""
+"""What a run does on the machine it has and with what the user gave: --mode auto, --time-budget, and no given
+option dropped in silence."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from finetune.config import TrainConfig
+from finetune.cli import app
+from finetune.config import APPLIES, EVERY_RUN, SETTINGS, TrainConfig
+from finetune.errors import UsageError
 from finetune.training import run_training
-from finetune.training.plan import make_plan, planned_epochs
+from finetune.training.plan import BUDGET_EPOCH_CAP, kind, make_plan, planned_epochs
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -30,9 +37,9 @@ def test_planned_epochs_fit_the_budget():
     assert planned_epochs(budget=10, elapsed=30, epoch_seconds=10, done=1, requested=5) == 1  # over: stop there
 
 
-def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, tmp_path):
+def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, local_weights, tmp_path):
     events = []
-    cfg = TrainConfig(data=str(tiny_data), weights="none", epochs=6, batch_size=8, time_budget=0.01,
+    cfg = TrainConfig(data=str(tiny_data), weights=str(local_weights), epochs=6, given=("epochs",), batch_size=8, time_budget=0.01,
                       output=str(tmp_path / "r"), workers=0)
     result = run_training(cfg, lambda e, **k: events.append((e, k)))
     plans = [k["why"] for e, k in events if e == "plan"]
@@ -45,3 +52,104 @@ def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, tmp_
     assert "initial_loss" not in [e for e, _ in events]  # the fitted head's low loss is no fresh head's ln(classes)
     state = torch.load(tmp_path / "r" / "state.pt", weights_only=True)
     assert state["plan"]["probe_first"] and state["phases"] == [[0, 1], [1, 1]]
+
+
+# A value for each setting a kind of run may not use, unlike its default.
+OTHER = {"epochs": 3, "lr": 0.01, "optimizer": "adamw", "momentum": 0.8, "weight_decay": 0.001, "scheduler": "step",
+         "batch_size": 4, "augment": "light", "train_size": 160, "dropout": 0.2, "patience": 2, "erasing": 0.25,
+         "label_smoothing": 0.1, "freeze_epochs": 1, "backbone_lr_mult": 0.1, "mixup": 0.2, "cutmix": 1.0,
+         "compile": True, "sync_bn": True, "solver": "sgd"}
+
+
+def test_every_setting_says_which_runs_use_it():
+    """A new setting must be placed: used by every run, or by the kinds of run named in APPLIES (so that a given
+    value the planned run would not use is caught)."""
+    assert set(APPLIES) | set(EVERY_RUN) == set(SETTINGS) and not set(APPLIES) & set(EVERY_RUN)
+    assert set(OTHER) == set(APPLIES)
+
+
+@pytest.mark.parametrize("name", sorted(APPLIES))
+@pytest.mark.parametrize("mode", ["auto", "finetune", "feature-extract"])
+def test_a_given_setting_changes_the_run_or_is_refused(name, mode):
+    """The defect class: an option accepted, then not applied. Given, each setting either makes the planned run
+    one that uses it, or stops the run before any work with a message naming it."""
+    if mode == "feature-extract" and name in ("mixup", "cutmix", "label_smoothing"):
+        return  # refused earlier, by validate() (tested in test_augment)
+    cfg = TrainConfig(data="x", mode=mode, given=(name,), **{name: OTHER[name]})
+    try:
+        plan = make_plan(cfg, CPU)
+    except UsageError as e:
+        assert str(e).startswith(f"--{name.replace('_', '-')}") and "does not use it" in str(e)
+        return
+    run = kind(plan.mode, cfg.solver)
+    assert APPLIES[name] in {"probe": {"probe"}, "head": {"train", "head"}, "finetune": {"train", "finetune"}}[run]
+    if mode == "auto" and name != "solver":
+        assert plan.mode == "finetune" and plan.probe_first and f"--{name.replace('_', '-')}" in plan.why
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, ("feature-extract", False)),  # nothing asked: the probe
+    ({"epochs": 4}, ("finetune", True)),  # typed epochs train, from the probe
+    ({"lr": 1e7, "batch_size": 4}, ("finetune", True)),
+    ({"solver": "sgd"}, ("feature-extract", False)),  # an SGD head was asked for by name
+    ({"weights": "none"}, ("finetune", False)),  # a probe of random features is never right
+    ({"weights": "none", "time_budget": 60}, ("finetune", False)),
+    ({"overfit": 50}, ("finetune", True)),  # the sanity check is of training
+])
+def test_auto_on_a_cpu_honours_what_was_given(given, expected):
+    plan = make_plan(TrainConfig(data="x", given=tuple(given), **given), CPU)
+    assert (plan.mode, plan.probe_first) == expected
+
+
+def test_a_budget_plans_its_own_epochs_unless_epochs_are_given():
+    assert make_plan(TrainConfig(data="x", time_budget=600), CPU).epochs == BUDGET_EPOCH_CAP  # the budget ends it
+    capped = make_plan(TrainConfig(data="x", time_budget=600, epochs=4, given=("epochs",)), CPU)
+    assert capped.epochs == 4 and "at most 4 epochs" in capped.why
+    assert make_plan(TrainConfig(data="x", epochs=4, given=("epochs",)), CPU).epochs == 4
+
+
+def test_refusals_say_what_would_use_the_option():
+    with pytest.raises(UsageError, match="--epochs: the converged linear probe .* does not use it; it applies to "
+                                         "--mode finetune, or --solver sgd"):
+        make_plan(TrainConfig(data="x", mode="feature-extract", epochs=4, given=("epochs",)), CPU)
+    with pytest.raises(UsageError, match="--solver: fine-tuning .* does not use it"):
+        make_plan(TrainConfig(data="x", mode="finetune", solver="sgd", given=("solver",)), CPU)
+    with pytest.raises(UsageError, match="--freeze-epochs: feature-extract mode"):
+        make_plan(TrainConfig(data="x", solver="sgd", freeze_epochs=1, given=("solver", "freeze_epochs")), CPU)
+
+
+def test_typed_epochs_on_a_cpu_train_from_the_probe_and_config_json_says_so(tiny_data, local_weights, tmp_path):
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", str(local_weights), "--epochs", "2",
+                                      "-b", "8", "-j", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "with --epochs 2" in result.output and "a converged linear probe first, then fine-tuning" in result.output
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3  # the probe, then the 2 epochs typed
+    config = json.loads((out / "config.json").read_text())
+    assert config["mode"] == "finetune" and config["epochs"] == 2 and "epochs" in config["given"]
+
+
+def test_resuming_a_probe_run_with_epochs_fine_tunes_from_its_probe(tiny_data, local_weights, tmp_path):
+    out = tmp_path / "r"
+    first = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", str(local_weights), "-j", "0", "-o",
+                                     str(out)])
+    assert first.exit_code == 0, first.output
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # the probe alone
+    more = CliRunner().invoke(app, ["train", "--resume", str(out), "--epochs", "2", "-j", "0"])
+    assert more.exit_code == 0, more.output
+    assert "then 2 epochs of fine-tuning from it" in more.output
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2", "3"]
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["phases"][-1] == [1, 2] and state["plan"]["mode"] == "finetune"
+
+
+def test_a_config_files_keys_are_given_but_a_run_records_only_what_its_user_gave(tmp_path):
+    from finetune.configfile import given_in, load_config
+
+    (tmp_path / "a.yaml").write_text("lr: 0.01\nseed: 3\n")
+    assert given_in(load_config(tmp_path / "a.yaml")) == ("lr", "seed")
+    record = dataclasses.asdict(TrainConfig(data="x", lr=0.01, given=("lr",))) | {"lr_used": 0.01}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert given_in(load_config(tmp_path / "config.json")) == ("lr",)  # not all 50 settings it records

@@ -81,6 +81,10 @@ class TrainConfig:
     cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) for pasted patches; 0 = off
     label_smoothing: float = 0.0  # share of the target spread over all classes
     erasing: float = 0.0  # probability of erasing a random rectangle of each training view
+    # The settings the user set (typed, from a --config file, or finetune.train's keywords), so that none is dropped
+    # in silence: under --mode auto one that only training uses makes the run train; one the run cannot use is
+    # refused (training.plan). Not a setting itself: config files and --resume carry it, no option sets it.
+    given: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """Plain-types view, safe to store inside a model file."""
@@ -131,6 +135,18 @@ _RULES = (  # (setting, test of its value, what it must be)
     ("log", lambda v: all(t in TRACKERS for t in trackers(v)), f"choose none or any of {', '.join(TRACKERS)}, "
      "comma-separated"),
 )
+# The settings that only some kinds of run use (training.plan.USES): "train" = SGD steps (fine-tuning, or an SGD
+# head), "finetune" = steps through the backbone, "head" = feature-extract's head fit. Every other setting applies to
+# every run (EVERY_RUN). A given setting the planned run would not use makes an auto run train, or is refused.
+APPLIES = {name: "train" for name in ("epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
+                                      "batch_size", "augment", "train_size", "dropout", "patience", "erasing",
+                                      "label_smoothing")} | \
+    {name: "finetune" for name in ("freeze_epochs", "backbone_lr_mult", "mixup", "cutmix", "compile", "sync_bn")} | \
+    {"solver": "head"}
+EVERY_RUN = ("data", "model", "weights", "mode", "time_budget", "workers", "val_fraction", "path_col", "label_col",
+             "label_sep", "multi_label", "image_dir", "seed", "device", "amp", "channels_last", "output", "overwrite",
+             "strict", "max_pixels", "balance", "overfit", "folds", "fold", "calibrate", "deterministic", "log",
+             "init_from", "given")
 # What config.json records about a run besides its settings (finetune.training.loop); `--config` ignores them.
 RUN_FACTS = ("lr_used", "train_size_used", "classes", "layout", "train_images", "val_images", "device", "precision",
              "base_weights", "preprocessing", "processes", "data_root")

@@ -40,6 +40,7 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(settings, dict):  # best.json's shape: {"format": "finetune-config", "settings": {...}}
         raise UsageError(f"--config {p}: its 'settings' is not a mapping of settings")
     settings = {_key(k): v for k, v in settings.items()}
+    recorded = settings.pop("given", None)
     if run_record:  # a run folder's config.json: the run's facts and its own folder are not settings
         settings = {k: v for k, v in settings.items() if k not in RUN_FACTS and k not in NOT_REPEATED}
     for name in settings:
@@ -47,7 +48,16 @@ def load_config(path: str | Path) -> dict:
             raise UsageError(f"--config {p}: {name!r} is a command-line option, not a setting of the run; give "
                              f"{option(name)} on the command line")
     check_names(settings, set(SETTINGS), f"--config {p}")
-    return {name: _typed(p, name, value) for name, value in settings.items()}
+    out = {name: _typed(p, name, value) for name, value in settings.items()}
+    if run_record:  # it records every setting: what its user had given is what the repeat is given
+        out["given"] = tuple(n for n in recorded or [] if n in settings)
+    return out
+
+
+def given_in(settings: dict) -> tuple[str, ...]:
+    """The settings a config file's author chose (load_config's result): every key of a hand-written file; of a run's
+    config.json, the ones that run's user had given."""
+    return tuple(settings["given"]) if "given" in settings else tuple(settings)
 
 
 def _parse(p: Path):

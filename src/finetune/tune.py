@@ -156,7 +156,7 @@ def _check(trials: int, coarse_epochs: int, fine_epochs: int, pruner: str) -> No
 
 
 def _settings(base: TrainConfig) -> dict:
-    return {k: v for k, v in base.to_dict().items() if k not in ("output", "workers", "device")}
+    return {k: v for k, v in base.to_dict().items() if k not in ("output", "workers", "device", "given")}
 
 
 @contextlib.contextmanager

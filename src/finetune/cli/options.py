@@ -46,8 +46,8 @@ InitFrom = Annotated[str | None, typer.Option(metavar="MODEL", rich_help_panel=M
     "when the classes are the same, else replaced. --model and --weights then do not apply."))]
 Mode = Annotated[str, typer.Option(metavar="MODE", rich_help_panel=MODEL, help=(
     f"{one_of(MODES)}. finetune: every layer trains; feature-extract: the backbone stays frozen and only the "
-    "head is fitted; auto: finetune on a GPU, on a CPU a converged linear probe (seconds), then fine-tuning "
-    "from it if --time-budget leaves time."))]
+    "head is fitted; auto: finetune on a GPU; on a CPU a converged linear probe (seconds), then fine-tuning "
+    "from it when --time-budget or an option only training uses (--epochs, --lr, -b, ...) is given."))]
 Solver = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=MODEL, help=(
     "feature-extract's head: lbfgs = a converged linear probe in seconds (L2 chosen by cross-validation on the "
     "training images; --epochs and --lr do not apply), sgd = --epochs of SGD on the head."))]
@@ -59,10 +59,11 @@ BackboneLrMult = Annotated[float | None, typer.Option(metavar="X", rich_help_pan
     "Backbone learning rate = --lr x this. Default: 0.1 with --freeze-epochs, else 1."))]
 
 Epochs = Annotated[int, typer.Option(metavar="N", rich_help_panel=OPTIM, help=(
-    "Passes over the training images (of fine-tuning, after a probe; a probe alone is fitted once)."))]
+    "Passes over the training images (of fine-tuning, after a probe; a probe alone is fitted once). With "
+    "--time-budget: at most this many (by default the budget alone decides)."))]
 TimeBudget = Annotated[str | None, typer.Option(metavar="TIME", rich_help_panel=OPTIM, help=(
-    "Time for the whole run (90s, 10m, 1h): fine-tuning epochs planned from the first one's time, at most "
-    "--epochs. With --mode auto on a CPU: a linear probe first, then fine-tuning from it in the time left."))]
+    "Time for the whole run (90s, 10m, 1h): the fine-tuning epochs that fill it, planned from their measured "
+    "time. With --mode auto on a CPU: a linear probe first, then fine-tuning from it in the time left."))]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", rich_help_panel=OPTIM,
                                         help="Images per step (per process with --gpus).")]
 Lr = Annotated[float | None, typer.Option(metavar="LR", rich_help_panel=OPTIM, help=(

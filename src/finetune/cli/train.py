@@ -14,7 +14,7 @@ from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.views import TrainView
 from finetune.config import SETTINGS, TrainConfig, parse_duration
-from finetune.configfile import load_config
+from finetune.configfile import given_in, load_config
 from finetune.errors import Interrupted, UsageError
 from finetune.training import run_training
 from finetune.training.folds import cross_validate
@@ -86,8 +86,9 @@ def _config(ctx: typer.Context, config: str | None, resume: str | None):
         return ddp.on_main(lambda: resume_config(resume, given))
     settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
     from_file = load_config(config) if config else {}
-    settings |= {k: v for k, v in from_file.items() if k not in given}
+    settings |= {k: v for k, v in from_file.items() if k not in given and k != "given"}
     settings["time_budget"] = parse_duration(settings["time_budget"], "--time-budget")
+    settings["given"] = tuple(dict.fromkeys([*given_in(from_file), *given]))
     if settings.get("data") is None:
         raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
     if settings.get("init_from"):

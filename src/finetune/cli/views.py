@@ -158,9 +158,9 @@ class TrainView:
     def on_epoch_end(self, row, improved):
         self.progress.advance(self.epoch_task)
         mark = " [green]*best[/]" if improved else ""
-        w = len(str(self.epochs))
+        w = len(str(self.epochs or row["epoch"]))
         mean_ap = "" if row.get("val_map") is None else f"  mAP {row['val_map']:.3f}"
-        self.log(f"epoch {row['epoch']:>{w}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
+        self.log(f"epoch {row['epoch']:>{w}}/{self.epochs or '?'}  train loss {row['train_loss']:.4f} acc "
                  f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}{mean_ap}"
                  f"  {'lr ' + format(row['lr'], '.2e') if row['lr'] is not None else 'probe      '}  "
                  f"{row['seconds']:.1f}s{mark}")

@@ -99,7 +99,8 @@ class _Run:
     def train(self, t_start: float) -> RunResult:
         p, first, self.t_start = self.p, 1, t_start
         if self.resume is not None:
-            p.trainer.load_state(self.resume)
+            if not self.resume.get("fresh_optimizer"):  # a probe run fine-tuned from its probe starts one afresh
+                p.trainer.load_state(self.resume)
             if not self.world.distributed:  # several processes seed each epoch from (seed, rank, epoch) instead
                 set_rng_state(p.epochs.generator, self.resume["rng"])
             self.history, self.best = list(self.resume["history"]), dict(self.resume["best"])
@@ -108,10 +109,12 @@ class _Run:
             self.saver.start(p.split_files)
         self.emit("run_config", run_dir=self.saver.folder, config=self.saver.config, resumed=first > 1)
         steps = [ph for ph in p.phases if getattr(ph.run, "scheduled", True)]
-        self.emit("start", run_dir=self.saver.folder, epochs=self.last, batches=p.epochs.batches,
+        unknown = any(ph.planned for ph in p.phases)  # a time budget plans them after the first fine-tuning epoch
+        self.emit("start", run_dir=self.saver.folder, epochs=None if unknown else self.last, batches=p.epochs.batches,
                   lr=p.trainer.lr if steps else None, first=first,
                   sizes=(p.train_size, p.choice.preprocessing.crop_size) if steps else None,
-                  resumed_from=self.resume["config"]["epochs"] if self.resume is not None else None)
+                  resumed_from=self.resume["config"]["epochs"] if self.resume is not None
+                  and not self.resume.get("fresh_optimizer") else None)
         try:
             for phase in p.phases:
                 if self._phase(phase, first):
@@ -134,14 +137,18 @@ class _Run:
             local += 1
         return False
 
-    def _plan(self, phase: Phase) -> None:
-        """--time-budget: as many epochs as fit, from the first one's time; the lr schedule spans them."""
-        budget, seconds = self.p.plan.budget, self.history[-1]["seconds"]
-        count = planned_epochs(budget, time.perf_counter() - self.t_start, seconds, 1, phase.count)
-        if count != phase.count:
+    def _plan(self, phase: Phase, local: int) -> None:
+        """--time-budget: as many epochs as fit, from the time this phase's epochs took so far (planned after the
+        first, and shortened after any later one that shows they no longer fit); the lr schedule spans them."""
+        budget = self.p.plan.budget
+        seconds = sum(row["seconds"] for row in self.history[-local:]) / local
+        count = planned_epochs(budget, time.perf_counter() - self.t_start, seconds, local, phase.count)
+        changed = count != phase.count
+        if changed:
             phase.count = count
             self.p.trainer.set_schedule_length(count)
-        self.emit("planned", epochs=self.last, phase_epochs=phase.count, epoch_seconds=seconds, budget=budget)
+        if local == 1 or changed:
+            self.emit("planned", epochs=self.last, phase_epochs=phase.count, epoch_seconds=seconds, budget=budget)
 
     def _epoch(self, epoch: int, phase: Phase, local: int) -> bool:
         """Train and validate one epoch, keep what improved; True when early stopping ends the run."""
@@ -161,8 +168,8 @@ class _Run:
         row["seconds"] = time.perf_counter() - t0
         row["elapsed"] = time.monotonic() - STARTED  # since the command started: time to this epoch's model
         self.history.append(row)
-        if phase.planned and local == 1:
-            self._plan(phase)
+        if phase.planned:
+            self._plan(phase, local)
         if scheduled:  # the next epoch's lr, on the schedule as planned now (and saved with the state below)
             t.schedule(score)
         best = self.best.get("score", self.best["val_acc"])

@@ -35,7 +35,8 @@ def set_rng_state(generator, rng: dict) -> None:
     np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["loader"])
+    if rng["loader"] is not None:  # None: a probe's (it shuffles nothing)
+        generator.set_state(rng["loader"])
 
 
 def save_state(run_dir: Path, state: dict) -> None:
@@ -72,20 +73,43 @@ def resume_config(run_dir: str | os.PathLike, given: dict) -> tuple[TrainConfig,
     """
     state = load_resume_state(run_dir)
     stored = {k: v for k, v in state["config"].items() if k in SETTINGS}
+    stored["given"] = tuple(stored.get("given", ()))
     for name, value in given.items():
         if name in ("data", "output", "epochs", "workers", "device", "log") or stored.get(name) == value:
             continue
         raise UsageError(f"--resume {run_dir}: {option(name)} {value} differs from that run's {stored.get(name)!r}; "
                          f"a resumed run keeps its settings (leave {option(name)} out, or start a new run)")
+    kept = {k: given[k] for k in ("data", "workers", "device", "log") if k in given}
+    if _probe_only(state) and "epochs" in given:
+        if "mode" in stored["given"]:
+            raise UsageError(f"--resume {run_dir} --epochs: that run is --mode feature-extract's converged probe, "
+                             "fitted once; start a --mode finetune run (or --init-from its best.pt) to train further")
+        return _fine_tune_the_probe(stored | kept | {"output": str(run_dir)}, state, given["epochs"])
     offset, planned = state.get("phases", [[0, stored["epochs"]]])[-1]  # its last phase (after a probe, if any)
     epochs = given.get("epochs", planned)
     if offset + epochs <= state["epoch"]:
         done = state["epoch"] - offset
         raise UsageError(f"--resume {run_dir}: that run already completed {done} of its {planned} epochs; give "
                          f"--epochs larger than {done} to train it further")
-    cfg = TrainConfig(**stored | {k: given[k] for k in ("data", "workers", "device", "log") if k in given}
-                      | {"output": str(run_dir), "epochs": epochs})
+    cfg = TrainConfig(**stored | kept | {"output": str(run_dir), "epochs": epochs})
     return cfg, state
+
+
+def _probe_only(state: dict) -> bool:
+    """Was the run a converged probe alone (one fit, no SGD epoch)?"""
+    config, plan = state["config"], state.get("plan") or {}
+    return config.get("solver") == "lbfgs" and plan.get("mode") == "feature-extract"
+
+
+def _fine_tune_the_probe(settings: dict, state: dict, epochs: int) -> tuple[TrainConfig, dict]:
+    """--resume of a probe run with --epochs N: N epochs of fine-tuning from its probe (LP-FT), as the same run given
+    --epochs would have done; a fresh optimiser, for the probe took no SGD step."""
+    given = tuple(dict.fromkeys([*settings.get("given", ()), "epochs"]))
+    state = state | {"plan": {"mode": "finetune", "probe_first": True, "budget": 0.0, "epochs": epochs,
+                              "why": f"resumed with --epochs {epochs}: the run's converged probe, then {epochs} "
+                                     "epochs of fine-tuning from it"},
+                     "phases": [[0, 1], [1, epochs]], "fresh_optimizer": True}
+    return TrainConfig(**settings | {"epochs": epochs, "given": given}), state
 
 
 def check_same_split(state: dict, now: dict, data: str) -> None:

@@ -180,8 +180,7 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     world = dist.init(cfg.device)
     emit = emit if world.main else silent
     device = dist.device(cfg.device)
-    plan = make_plan(cfg, device) if resume is None else Plan(**resume["plan"]) if "plan" in resume else \
-        make_plan(cfg, device)
+    plan = make_plan(cfg, device) if resume is None or "plan" not in resume else Plan(**resume["plan"])
     cfg = validate(dataclasses.replace(cfg, mode=plan.mode))
     _check_world(cfg, world, device)
     torch.manual_seed(cfg.seed)
@@ -229,4 +228,5 @@ def _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train
     if plan.probe_first and not probe_done:
         phases.append(Phase(feature_epochs(trainer, split, local, choice, workers, emit, pre.crop_size, cache), 1))
     offset = 1 if plan.probe_first else 0
-    return phases + [Phase(images, cfg.epochs, offset, planned=plan.budget > 0 and resume is None)]
+    count = cfg.epochs if resume is not None or not plan.epochs else plan.epochs  # a resume: the epochs it asks
+    return phases + [Phase(images, count, offset, planned=plan.budget > 0 and resume is None)]
