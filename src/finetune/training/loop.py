@@ -144,10 +144,9 @@ class _Run:
         seconds = sum(row["seconds"] for row in self.history[-local:]) / local
         count = planned_epochs(budget, time.perf_counter() - self.t_start, seconds, local, phase.count)
         changed = count != phase.count
-        if changed:
-            phase.count = count
+        phase.count = count
+        if local == 1 or changed:  # the schedule was made before the budget's epochs were known
             self.p.trainer.set_schedule_length(count)
-        if local == 1 or changed:
             self.emit("planned", epochs=self.last, phase_epochs=phase.count, epoch_seconds=seconds, budget=budget)
 
     def _epoch(self, epoch: int, phase: Phase, local: int) -> bool:
