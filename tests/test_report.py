@@ -96,3 +96,20 @@ def test_import_does_not_load_matplotlib():
     out = subprocess.run([sys.executable, "-c", "import sys, finetune.report.html; print('matplotlib' in sys.modules)"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_probe_run_shows_its_l2_search_not_one_point_curves(tiny_data, local_weights, tmp_path):
+    """A probe fits once: no epochs to draw. The report shows what it did (held-out loss against L2, the chosen L2)."""
+    import json
+
+    from finetune.config import TrainConfig
+    from finetune.training import run_training
+
+    result = run_training(TrainConfig(data=str(tiny_data), weights=str(local_weights), output=str(tmp_path / "r"),
+                                      workers=0))
+    probe = json.loads((tmp_path / "r" / "results.json").read_text())["probe"]
+    assert len(probe["grid"]) >= 3 and probe["l2"] in [g[0] for g in probe["grid"]]
+    assert min(g[1] for g in probe["grid"]) == pytest.approx(probe["cv_loss"])
+    page = (result.run_dir / "report.html").read_text()
+    assert "The linear probe&#x27;s L2 search" in page and "Training curves" not in page
+    assert (tmp_path / "r" / "curves.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -19,7 +19,7 @@ from finetune.viz import pictures
 
 HISTORY_COLUMNS = (("epoch", "epoch"), ("train_loss", "train loss"), ("train_acc", "train acc"),
                    ("val_loss", "val loss"), ("val_acc", "val acc"), ("lr", "lr"))
-PICTURES = (("curves", "Training curves"), ("confusion", "Confusion"),
+PICTURES = (("curves", "Training curves"), ("probe", "The linear probe's L2 search"), ("confusion", "Confusion"),
             ("wrong", "Most confidently wrong validation images (heat: what drove the prediction, Grad-CAM)"),
             ("reliability", "Calibration (reliability)"), ("filters", "First-layer filters"),
             ("label_issues", "Likely label errors (given / suggested label)"))
@@ -38,7 +38,11 @@ def write_report(run_dir: str | os.PathLike, *, history: list[dict], classes: li
     matrix = metrics.get("confusion_matrix") or [[0] * len(classes) for _ in classes]
     root = config.get("data_root") or config.get("data")  # a label file's paths start at its image folder
     tiles = [w | {"path": os.path.join(root, w["path"]) if root else w["path"]} for w in wrong]
-    paths = {"curves": pictures.curves(run_dir / "curves.png", history, best_epoch)}
+    probe = summary.get("probe")
+    if probe and probe.get("grid") and not any(row.get("lr") for row in history):  # the probe alone: no epochs
+        paths = {"probe": pictures.probe_search(run_dir / "curves.png", probe, history)}
+    else:
+        paths = {"curves": pictures.curves(run_dir / "curves.png", history, best_epoch)}
     if metrics.get("multi_label"):  # per-class 2x2 counts and co-occurrence instead of a confusion matrix
         paths["confusion"] = pictures_ml.label_counts(run_dir / "confusion.png", metrics, classes, best_epoch)
         paths["wrong"] = pictures_ml.wrong_labels(run_dir / "wrong.png", tiles)

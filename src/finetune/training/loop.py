@@ -220,6 +220,9 @@ class _Run:
                        "seconds": seconds, "model": str(self.saver.model_path),
                        "skipped": [{"path": p, "reason": r} for p, r in split.skipped],
                        "label_issues": run_label_issues(self.p)}
+            probe = next((ph.run.probe for ph in self.p.phases if getattr(ph.run, "probe", None) is not None), None)
+            if probe is not None:  # what the probe chose, and the search that chose it (report.html draws it)
+                summary["probe"] = {"l2": probe.l2, "cv_loss": probe.cv_loss, "grid": [list(g) for g in probe.grid]}
             if split.multi_label:
                 summary["best_val_map"] = best.get("val_map")
             if split.missing:

@@ -67,6 +67,24 @@ def curves(path: Path, history: list[dict], best_epoch) -> Path:
     return save(fig, path)
 
 
+def probe_search(path: Path, probe: dict, history: list[dict]) -> Path:
+    """What a probe run did: the cross-validated held-out loss of each L2 strength tried (log scale), the chosen one
+    marked, with the fitted probe's train and val accuracy; a probe has no epochs to draw curves over."""
+    grid = sorted(probe["grid"])
+    fig, axes = subplots(1, 1, figsize=(7.5, 4.2))
+    ax = axes[0, 0]
+    ax.plot([g[0] for g in grid], [g[1] for g in grid], marker="o", label="held-out loss (cross-validated on the train images)")
+    ax.axvline(probe["l2"], color="gray", linestyle="--", linewidth=1, label=f"chosen L2 {probe['l2']:.2g}")
+    ax.set_xscale("log")
+    row = history[-1] if history else {}
+    scores = f"train {100 * row['train_acc']:.1f} %, val {100 * row['val_acc']:.1f} %" if row else ""
+    ax.set(title=f"linear probe: L2 strength searched by cross-validation ({scores})", xlabel="L2 strength",
+           ylabel="cross-entropy on held-out folds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, path)
+
+
 def confusion(path: Path, matrix: list[list[int]], classes: list[str], best_epoch, top: list[dict]) -> Path:
     """The confusion matrix up to MATRIX_UP_TO classes (numbers in cells up to CELL_NUMBERS_UP_TO); beyond,
     the most frequent confusions as bars."""
