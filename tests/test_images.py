@@ -80,3 +80,36 @@ def test_train_transform_output_shape(augment):
     if augment != "none":  # a smaller training crop when asked (none is the eval view, always the eval crop)
         x = pre.train_transform(augment, 48)(torch.randint(0, 255, (3, 64, 90), dtype=torch.uint8))
         assert x.shape == (3, 48, 48)
+
+
+def test_every_path_that_reads_photos_decodes_a_12mp_jpeg_at_reduced_scale(tmp_path, monkeypatch, trained_model,
+                                                                           local_weights):
+    """Big JPEGs stay cheap: training (decode and features), predict, serve and check decode a 4000x3000 phone photo
+    at 1/8 scale (Pillow's draft), never its 12 MP (measured: 40 such photos cost 0.93x the same photos at their own
+    size in a feature-extract run). A change of the data path that loses this fails here, not in a benchmark."""
+    from finetune.config import TrainConfig
+    from finetune.inference.predictor import load_predictor
+    from finetune.quality.doctor import check_dataset
+    from finetune.serving.model import ServedModel
+    from finetune.training import run_training
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls, tint in (("ants", 0), ("bees", 90)):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3 if split == "train" else 2):
+                pixels = rng.integers(0, 60, (3000, 4000, 3), dtype=np.uint8) + np.uint8(tint + 20 * i)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", "JPEG")
+    decoded = []
+    real = D._to_rgb
+    monkeypatch.setattr(D, "_to_rgb", lambda img: decoded.append(img.size) or real(img))
+    paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.jpg"))
+
+    run_training(TrainConfig(data=str(tmp_path / "data"), weights=str(local_weights), output=str(tmp_path / "r"),
+                             workers=0))
+    list(load_predictor([trained_model], device="cpu").predict(paths[:2]))
+    ServedModel(load_predictor([trained_model], device="cpu")).prepare(Path(paths[0]).read_bytes())
+    check_dataset(str(tmp_path / "data"))
+    assert len(decoded) >= 2 * len(paths) + 3
+    assert max(w * h for w, h in decoded) <= 500 * 375  # 4000x3000 / 8: never the 12 MP
