@@ -145,8 +145,8 @@ Amp = Annotated[bool, typer.Option(rich_help_panel=PERF, help=(
 ChannelsLast = Annotated[bool, typer.Option(rich_help_panel=PERF, help="channels_last memory format (faster "
                                             "convolutions on CUDA and CPU).")]
 Compile = Annotated[bool, typer.Option("--compile", rich_help_panel=PERF, help=(
-    "torch.compile the model for training steps: minutes of start-up that long GPU runs can win back "
-    "(measured in benchmarks/gpu.sh)."))]
+    "torch.compile the model for training steps: a compilation cost at start-up that only long runs can win "
+    "back (not yet measured by finetune's benchmarks)."))]
 Gpus = Annotated[int, typer.Option(metavar="N", rich_help_panel=PERF, help=(
     "Train on N GPUs of this machine (DistributedDataParallel through torchrun); -b is per GPU. With --device "
     "cpu: N CPU processes. Several machines: see docs/distributed.md."))]
