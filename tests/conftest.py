@@ -2,6 +2,7 @@
 its own empty working folder, with a private cache, and must leave the repository and torch's global flags as
 they were."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
+# The shared real data and ImageNet weights beside the repository (../shared), as on the machines that develop it;
+# FINETUNE_TEST_SHARED points elsewhere. Tests that need them skip, naming what is missing, where they are absent.
+SHARED = Path(os.environ.get("FINETUNE_TEST_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +38,24 @@ def flat_data(tmp_path_factory, tiny_data) -> Path:
         for f in sorted((tiny_data / "train" / cls).iterdir()) + sorted((tiny_data / "val" / cls).iterdir()):
             shutil.copy(f, root / cls / f.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> Path:
+    """The shared MobileNetV2 ImageNet weights (a real pretrained state_dict)."""
+    path = SHARED / "weights" / "mobilenet_v2-imagenet-int8dequant.pth"
+    if not path.is_file():
+        pytest.skip(f"the shared MobileNetV2 weights are not at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def antsbees() -> Path:
+    """The full ants/bees set (245 train / 153 val photos)."""
+    path = SHARED / "data" / "hymenoptera_data"
+    if not path.is_dir():
+        pytest.skip(f"the shared ants/bees photos are not at {path}")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -99,3 +99,13 @@ def test_a_small_probe_fits_on_one_thread_and_gives_the_threads_back(monkeypatch
         assert set(seen) == {2}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_the_cpu_default_on_real_weights_reaches_the_tutorials_accuracy(antsbees, real_weights, tmp_path):
+    """Transfer learning for real, as a user's first run does it: the CPU default (the converged probe) with real
+    ImageNet weights on the full ants/bees set reaches at least the accuracy the PyTorch tutorial reports (0.93)."""
+    result = run_training(TrainConfig(data=str(antsbees), model="mobilenet_v2", weights=str(real_weights),
+                                      output=str(tmp_path / "r")))
+    assert result.history[-1]["lr"] is None  # the probe: no SGD epoch
+    assert result.best_val_acc >= 0.93
