@@ -9,10 +9,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from finetune.cli.render import err, esc, pct
 from finetune.config import IMBALANCE_WARNING
+from finetune.events import Observer
 
 
-class TrainView:
-    """emit(event, **fields) -> on_<event>(**fields); unknown events are ignored."""
+class TrainView(Observer):
+    """Training's events on stderr: the run header, progress bars and a line per epoch."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -43,9 +44,6 @@ class TrainView:
 
     def warn(self, msg: str) -> None:
         self.log(f"[yellow]warning:[/] {msg}")
-
-    def __call__(self, event: str, **kw) -> None:
-        getattr(self, "on_" + event, lambda **_: None)(**kw)
 
     def _drop_task(self, name: str) -> None:
         task = getattr(self, name)

@@ -14,6 +14,7 @@ from finetune import STARTED
 from finetune._util import ddp as dist
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
+from finetune.events import Emit, Observer, emitter, silent
 from finetune.metrics.multilabel import epoch_map
 from finetune.models.model_file import ModelFile
 from finetune.tasks.multilabel import targets
@@ -22,9 +23,8 @@ from finetune.training.outputs import RunSaver, check_run_folder, open_run_folde
 from finetune.training.plan import planned_epochs
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
-from finetune.training.setup import Phase, Prepared, prepare, silent, torch_flags
+from finetune.training.setup import Phase, Prepared, prepare, torch_flags
 from finetune.training.tracking import tracked
-from finetune.training.trainer import Emit
 
 
 @dataclass
@@ -42,14 +42,16 @@ class RunResult:
     best_val_map: float | None = None  # multi-label runs: the best epoch's macro mAP (what chose it)
 
 
-def run_training(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lambda: 0,
+def run_training(cfg: TrainConfig, emit: Observer | Emit = silent, stop: Callable[[], int] = lambda: 0,
                  resume: dict | None = None) -> RunResult:
     """Train cfg.model on cfg.data; write the run folder; return where the best model is.
 
-    stop() returning a signal number ends training after the current step (Interrupted). resume is
-    a state from training.resume.load_resume_state: training continues after its last completed epoch.
+    emit receives the run's events (finetune.events): an Observer, or a callable taking (name, **fields). stop()
+    returning a signal number ends training after the current step (Interrupted). resume is a state from
+    training.resume.load_resume_state: training continues after its last completed epoch.
     """
     t_start = time.perf_counter()
+    emit = emitter(emit)  # an undeclared event is an error at once
     validate(cfg)
     world = dist.init(cfg.device)
     resuming = resume is not None

@@ -15,6 +15,7 @@ from finetune.data.dataset import DatasetSplit, find_dataset
 from finetune.data.images import default_workers
 from finetune.data.labelfile import options_from
 from finetune.errors import DatasetError, UsageError
+from finetune.events import Emit, silent  # silent: the emit of ranks other than 0 (they train, rank 0 reports)
 from finetune.models import timm as timm_models
 from finetune.models.model_file import ModelFile
 from finetune.models.registry import Network, build_network, check_model_name
@@ -27,11 +28,7 @@ from finetune.training.initfrom import init_choice, kept_head, load_init
 from finetune.training.plan import Plan, make_plan
 from finetune.training.resume import check_same_split
 from finetune.training.sanity import overfit_split
-from finetune.training.trainer import Emit, Trainer
-
-
-def silent(*args, **kwargs) -> None:
-    """The emit of ranks other than 0: they train, rank 0 reports."""
+from finetune.training.trainer import Trainer
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Experiment tracking (`--log tensorboard,mlflow`) as an observer of the training events: the loop emits
-what happened, a Tracked emit passes every event on unchanged and records the few a tracker wants
+"""Experiment tracking (`--log tensorboard,mlflow`) as an observer of the training events (finetune.events): the
+loop emits what happened, the caller's observer sees every event, and the trackers record the few they want
 (run_config, epoch_end, report, finish). The training code holds no tracker call.
 
 TensorBoard: torch's SummaryWriter into RUN/tensorboard/ (scalars per epoch; the confusion matrix and the
@@ -23,6 +23,7 @@ from finetune._util.extras import require
 from finetune._util.files import write_json_atomic
 from finetune.config import TrainConfig, trackers
 from finetune.errors import FinetuneError, Interrupted, ResourceError
+from finetune.events import Observer, emitter
 
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 MLFLOW_FILE = "mlflow.json"  # inside the run folder: the MLflow run a resumed run continues
@@ -158,26 +159,28 @@ class MlflowTracker:
 TRACKERS = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker}
 
 
-class Tracked:
-    """An emit that passes every event on, then gives the trackers the ones they record."""
+class Trackers(Observer):
+    """The trackers as an observer of a run's events: they record the few they want. emit: where their own events
+    (where they record, a tracker dropped) go."""
 
     def __init__(self, emit, active: list):
         self.emit, self.active = emit, active
         self.run_dir: Path | None = None
         self.paths: dict = {}
 
-    def __call__(self, event: str, **kw) -> None:
-        self.emit(event, **kw)
-        if event == "run_config":
-            self.run_dir = Path(kw["run_dir"])
-            self._each(lambda t: t.run_config(self.run_dir, kw["config"], kw["resumed"]))
-            self.emit("tracking", where={t.name: t.where(self.run_dir) for t in self.active})
-        elif event == "epoch_end":
-            self._each(lambda t: t.epoch(kw["row"]))
-        elif event == "report":
-            self.paths = dict(kw["paths"])
-        elif event == "finish":
-            self._each(lambda t: t.finish(self.run_dir, kw["summary"], self.paths, kw["summary"]["best_epoch"]))
+    def on_run_config(self, run_dir: Path, config: dict, resumed: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self._each(lambda t: t.run_config(self.run_dir, config, resumed))
+        self.emit("tracking", where={t.name: t.where(self.run_dir) for t in self.active})
+
+    def on_epoch_end(self, row: dict, improved: bool) -> None:
+        self._each(lambda t: t.epoch(row))
+
+    def on_report(self, paths: dict) -> None:
+        self.paths = dict(paths)
+
+    def on_finish(self, run_dir: Path, model: Path, summary: dict) -> None:
+        self._each(lambda t: t.finish(self.run_dir, summary, self.paths, summary["best_epoch"]))
 
     def _each(self, record) -> None:
         for tracker in list(self.active):
@@ -197,8 +200,8 @@ class Tracked:
 
 @contextlib.contextmanager
 def tracked(cfg: TrainConfig, emit, resuming: bool = False):
-    """emit, or a Tracked emit over the trackers cfg.log names (rank 0 only); each tracker's extra is checked and
-    its store opened now, before any long work. The trackers end as the run ends: finished, killed or failed."""
+    """emit, or emit followed by the trackers cfg.log names (rank 0 only); each tracker's extra is checked and its
+    store opened now, before any long work. The trackers end as the run ends: finished, killed or failed."""
     names = trackers(cfg.log)
     if not names or not dist.current().main:
         yield emit
@@ -208,11 +211,11 @@ def tracked(cfg: TrainConfig, emit, resuming: bool = False):
         for name in names:
             active.append(TRACKERS[name](cfg, resuming))
     except FinetuneError:
-        Tracked(emit, active).close("FAILED")
+        Trackers(emit, active).close("FAILED")
         raise
-    observer, status = Tracked(emit, active), "FAILED"
+    observer, status = Trackers(emit, active), "FAILED"
     try:
-        yield observer
+        yield emitter(emit, observer)
         status = "FINISHED"
     except (Interrupted, KeyboardInterrupt):
         status = "KILLED"

@@ -10,12 +10,11 @@ from finetune._util import ddp as dist
 from finetune._util.devices import autocast_dtype
 from finetune.config import TrainConfig
 from finetune.errors import DivergedError, Interrupted
+from finetune.events import Emit
 from finetune.models.registry import Network
 from finetune.tasks.multilabel import count_correct
 from finetune.tasks.multilabel import criterion as multilabel_criterion
 from finetune.training.sanity import initial_loss_check, update_ratio
-
-Emit = Callable[..., None]  # emit(event_name, **fields): the CLI renders, the library never prints
 
 
 def make_optimizer(cfg: TrainConfig, net: Network, lr: float):
