@@ -124,8 +124,10 @@ BAD_INPUTS = {
     "non-image bytes": (422, "not an image", dict(content=b"hello, I am text", headers={"Content-Type": "image/jpeg"})),
     "empty body": (400, "empty request body", dict(content=b"", headers={"Content-Type": "image/jpeg"})),
     "truncated JPEG": (422, "truncated", dict(content=BEE.read_bytes()[:6000], headers={"Content-Type": "image/jpeg"})),
-    "decompression bomb": (422, "decompression bomb", dict(content=_png_header_only(40000, 40000),
+    "decompression bomb": (413, "decompression bomb", dict(content=_png_header_only(40000, 40000),
                                                           headers={"Content-Type": "image/png"})),
+    "over --max-pixels (81 MP: a phone photo has 12-50)": (413, "over the server's limit of 64 megapixels", dict(
+        content=_png_header_only(9000, 9000), headers={"Content-Type": "image/png"})),
     "over --max-upload": (413, "--max-upload", dict(content=os.urandom(600_000), headers={"Content-Type": "image/jpeg"})),
     "wrong content type": (415, "text/plain", dict(content=b"x", headers={"Content-Type": "text/plain"})),
     "form-encoded (curl's default)": (415, "application/x-www-form-urlencoded", dict(

@@ -11,7 +11,7 @@ from finetune.cli import options as o
 from finetune.cli.app import command
 from finetune.cli.infer import model_paths, name_model, runtime_note
 from finetune.cli.render import err, esc, out, warn
-from finetune.config import MAX_PIXELS
+from finetune.data.images import DECODE_MEMORY_MAX, DECODE_MEMORY_MIN, DECODE_MEMORY_SHARE, decode_budget
 from finetune.errors import UsageError
 from finetune.inference.predictor import load_predictor
 from finetune.serving.app import create_app, web
@@ -45,13 +45,25 @@ def serve(
         "that queued while the previous pass ran."))] = D.batch_wait_ms,
     max_queue: Annotated[int, typer.Option(metavar="N", help=(
         "Most images waiting for the model; requests beyond it get 503 with Retry-After."))] = D.max_queue,
-    device: o.InferDevice = "auto", max_pixels: o.InferMaxPixels = MAX_PIXELS,
+    max_pixels: Annotated[int, typer.Option(metavar="N", help=(
+        "Most pixels in one image, read from its header before any is decoded; an upload over it gets 413. A phone "
+        "photo has 12-50 million."))] = D.max_pixels,
+    max_memory: Annotated[float | None, typer.Option(metavar="MB", help=(
+        "Memory for decoded pixels, all requests together: an image is decoded once its need (estimated from its "
+        f"header) fits; the others wait (see --max-wait). Default: 1/{round(1 / DECODE_MEMORY_SHARE)} of the "
+        f"machine's memory (or its container's), at least {DECODE_MEMORY_MIN // MB} and at most "
+        f"{DECODE_MEMORY_MAX // MB}."))] = None,
+    max_wait: Annotated[float, typer.Option(metavar="S", help=(
+        "How long a request may wait for its turn to be read and decoded before it gets 503 with "
+        "Retry-After."))] = D.max_wait_s,
+    device: o.InferDevice = "auto",
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
     quiet: o.InferQuiet = False,
 ) -> None:
     """Serve a model: a page to drop photos on, and an HTTP API (POST /predict, GET /model, /health, /docs)."""
     web()  # the serve extra, before the model takes seconds to load
-    settings = _settings(top_k, max_upload, max_files, max_batch, batch_wait, max_queue, token, max_pixels)
+    settings = _settings(top_k, max_upload, max_files, max_batch, batch_wait, max_queue, token, max_pixels,
+                         max_memory, max_wait)
     chosen = model_paths(model)
     predictor = load_predictor(chosen, device, tta, max_pixels, runtime=runtime)
     name_model(chosen, predictor.info.describe() + runtime_note(predictor), bool(model), quiet)
@@ -60,26 +72,39 @@ def serve(
     if not is_loopback(host) and token is None:
         warn(f"listening on {esc(host)} without --token: anyone who can reach this machine can use the model "
              f"(set {TOKEN_ENV})")
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{sock.getsockname()[1]}/"
-    err.print(f"serving on {esc(url)} (page), API: POST {esc(url)}predict, docs {esc(url)}docs; Ctrl-C stops",
-              highlight=False)
-    out.print(url, highlight=False, soft_wrap=True)
-    out.file.flush()
+    _announce(host, sock.getsockname()[1], settings, quiet)
     stopped_by = run(app, sock, access_log)
     if stopped_by is not None:
         err.print(f"stopped by {signal.Signals(stopped_by).name} after finishing the requests in flight",
                   highlight=False)
 
 
-def _settings(top_k, max_upload, max_files, max_batch, batch_wait, max_queue, token, max_pixels) -> ServeSettings:
+def _announce(host: str, port: int, settings: ServeSettings, quiet: bool) -> None:
+    """Where to find the server (the URL alone on stdout, for scripts) and the limits it decodes within."""
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/"
+    err.print(f"serving on {esc(url)} (page), API: POST {esc(url)}predict, docs {esc(url)}docs; Ctrl-C stops",
+              highlight=False)
+    if not quiet:
+        err.print(f"images of up to {settings.max_pixels / 1e6:.3g} megapixels (--max-pixels), decoded within "
+                  f"{decode_budget().limit / MB:.0f} MB (--max-memory)", highlight=False)
+    out.print(url, highlight=False, soft_wrap=True)
+    out.file.flush()
+
+
+def _settings(top_k, max_upload, max_files, max_batch, batch_wait, max_queue, token, max_pixels, max_memory,
+              max_wait) -> ServeSettings:
     for name, value in (("--top-k", top_k), ("--max-files", max_files), ("--max-batch", max_batch),
-                        ("--max-queue", max_queue)):
+                        ("--max-queue", max_queue), ("--max-pixels", max_pixels)):
         if value < 1:
             raise UsageError(f"{name} {value}: must be at least 1")
     if max_upload <= 0 or batch_wait < 0:
         raise UsageError("--max-upload must be above 0 and --batch-wait at least 0")
+    if max_memory is not None and not 0 < max_memory < 2**40 or not 0 <= max_wait <= 3600:
+        raise UsageError("--max-memory must be above 0 (MB) and --max-wait between 0 and 3600 (seconds)")
     if token is not None and not token.strip():
         raise UsageError(f"--token (or {TOKEN_ENV}) is empty: give a token, or leave it unset")
-    return ServeSettings(top_k, int(max_upload * MB), max_files, max_batch, batch_wait, max_queue,
-                         token.strip() if token else None, max_pixels)
+    return ServeSettings(top_k=top_k, max_upload=int(max_upload * MB), max_files=max_files, max_batch=max_batch,
+                         batch_wait_ms=batch_wait, max_queue=max_queue, token=token.strip() if token else None,
+                         max_pixels=max_pixels, max_memory=None if max_memory is None else int(max_memory * MB),
+                         max_wait_s=max_wait)

@@ -1,13 +1,17 @@
-"""Safe decoding: what counts as an image, regular files only, header limits, 8-bit RGB out; the dataset
-over decoded images, batches that drop (and name) a failing file, and the decoded-image cache."""
+"""Safe decoding: what counts as an image, regular files only, header limits, a budget for decoded pixels, 8-bit RGB
+at the size needed; the dataset over decoded images, batches that drop (and name) a failing file, the cache."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
 import errno
 import functools
 import io
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,10 +28,99 @@ IGNORED_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
 BACKGROUND_RGB = (255, 255, 255)
 # Longer side over shorter side beyond which an image is refused (a 20000x1 strip would explode on resize).
 MAX_ASPECT = 25
+# Decoded pixels at once in a process (all its decoding threads): this share of its machine's (or cgroup's) memory.
+DECODE_MEMORY_SHARE, DECODE_MEMORY_MIN, DECODE_MEMORY_MAX = 1 / 16, 256 * 2**20, 2 * 2**30
+# Bytes a pixel takes in Pillow by mode (others: 4, RGB included); bytes a pixel a decoder holds beside the image
+# (WebP decodes into canvases of its own, then copies: 16 B/px at peak, measured, against PNG's 4.1); its own state.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_DECODER_BYTES, _DECODER_STATE = {"WEBP": 12}, 4 * 2**20
+JPEG_FORMATS = ("JPEG", "MPO")
+TRIM_BYTES = 64 * 2**20  # after a decode that reserved this much, freed memory goes back to the system
+STRIP_BYTES = 4 * 2**20  # modes other than RGB and grey become RGB a strip of about this many bytes at a time
+EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> Image.Transpose (exif_transpose's)
 
 
 class ImageRejected(ValueError):
     """A file refused before decoding: not a regular file, too many pixels, too elongated."""
+
+
+class TooManyPixels(ImageRejected):
+    """An image whose header claims more pixels than the limit."""
+
+    def __init__(self, size: tuple[int, int], limit: int):
+        self.size, self.limit = size, limit
+        super().__init__(f"{size[0]}x{size[1]} is {size[0] * size[1] / 1e6:.3g} megapixels, over the --max-pixels "
+                         f"limit of {limit / 1e6:.3g}")
+
+
+class DecodeBusy(Exception):
+    """The decode budget stayed full for longer than the caller would wait."""
+
+
+class DecodeBudget:
+    """A byte-counting semaphore over decoded pixels: a decode reserves its estimate (from the header) and waits its
+    turn, first come first served, until it fits; one over the whole budget runs alone. peak: most ever reserved."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use, self.peak = max(1, int(limit)), 0, 0
+        self._cond, self._turns = threading.Condition(), collections.deque()
+
+    waiting = property(lambda self: len(self._turns), doc="Decodes waiting for room now.")
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, wait: float | None = None):
+        """Hold min(nbytes, limit) bytes while the block runs; DecodeBusy after `wait` s without room (None: none)."""
+        n, turn = max(1, min(int(nbytes), self.limit)), object()
+        with self._cond:
+            self._turns.append(turn)
+            try:
+                if not self._cond.wait_for(lambda: self._turns[0] is turn and self.in_use + n <= self.limit, wait):
+                    raise DecodeBusy(f"no room for {n / 2**20:.0f} MB within {wait:g} s")
+                self.in_use += n
+                self.peak = max(self.peak, self.in_use)
+            finally:
+                self._turns.remove(turn)
+                self._cond.notify_all()
+        try:
+            yield n
+        finally:
+            with self._cond:
+                self.in_use -= n
+                self._cond.notify_all()
+            if n >= TRIM_BYTES and _malloc_trim:  # glibc keeps what big decodes free: a storm would stay resident
+                _malloc_trim(0)
+
+
+def default_decode_memory() -> int:
+    """DECODE_MEMORY_SHARE of this machine's memory (or of its cgroup's limit, in a container), within bounds."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 16 * 2**30
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError), open(limit_file) as f:
+            total = min(total, int(f.read()))  # "max" (no limit) is a ValueError
+    return int(min(max(total * DECODE_MEMORY_SHARE, DECODE_MEMORY_MIN), DECODE_MEMORY_MAX))
+
+
+_budget = DecodeBudget(default_decode_memory())
+
+
+# glibc's malloc_trim: freed heap pages back to the system (elsewhere, nothing to do).
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None
+
+
+def decode_budget() -> DecodeBudget:
+    """The process-wide budget every decoder reserves from."""
+    return _budget
+
+
+def set_decode_memory(nbytes: int | None) -> DecodeBudget:
+    """Give the process a new decode budget (None: the default size); decodes holding the old one finish."""
+    global _budget
+    _budget = DecodeBudget(nbytes or default_decode_memory())
+    return _budget
+
+
+if hasattr(os, "register_at_fork"):  # a loader worker forked while a thread held the budget's lock starts afresh
+    os.register_at_fork(after_in_child=lambda: set_decode_memory(_budget.limit))
 
 
 def ignored(name: str) -> bool:
@@ -49,10 +142,8 @@ def heif_ready() -> bool:
 def is_image_file(path: str | os.PathLike) -> bool:
     """True for a non-hidden name with an image extension (any case); HEIC/HEIF when pillow-heif is installed."""
     name = os.path.basename(path)
-    if ignored(name):
-        return False
-    lower = name.lower()
-    return lower.endswith(IMAGE_EXTENSIONS) or (lower.endswith(HEIF_EXTENSIONS) and heif_ready())
+    ext = name.lower()
+    return not ignored(name) and (ext.endswith(IMAGE_EXTENSIONS) or (ext.endswith(HEIF_EXTENSIONS) and heif_ready()))
 
 
 def unsupported_reason(name: str) -> str:
@@ -68,10 +159,8 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (
 
 
 def irregular_reason(path: str | os.PathLike) -> str | None:
-    """None for a regular file (links followed); else why it cannot be read as an image.
-
-    Checked before any open(): a FIFO blocks open() forever, and a link to /dev/zero reads forever.
-    """
+    """None for a regular file (links followed); else why it cannot be read as an image. Checked before any
+    open(): a FIFO blocks open() forever, and a link to /dev/zero reads forever."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
@@ -87,12 +176,10 @@ def irregular_reason(path: str | os.PathLike) -> str | None:
 
 
 def load_image(path: str | os.PathLike, min_side: int | None = None, max_pixels: int = MAX_PIXELS):
-    """Open an image as 8-bit RGB PIL: EXIF-rotated, first frame, high bit depth scaled, alpha composited.
-
-    min_side lets large JPEGs decode at reduced size (PIL draft) while keeping the shorter side at least
-    that many pixels, which is all the resize that follows needs. Non-regular files, unsupported types,
-    decompression bombs and extreme aspect ratios are refused before any pixel is allocated.
-    """
+    """Open an image as 8-bit RGB PIL: EXIF-rotated, first frame, high bit depth scaled, alpha composited. min_side:
+    it comes out reduced (JPEGs by PIL's draft, others box-filtered once decoded), its shorter side still at least
+    that. Non-regular files, unsupported types, bombs and extreme aspect ratios are refused before any pixel
+    exists; the decode waits for room in the process's decode budget."""
     from PIL import Image
 
     reason = irregular_reason(path) or (None if is_image_file(path) else unsupported_reason(os.fspath(path)))
@@ -102,55 +189,110 @@ def load_image(path: str | os.PathLike, min_side: int | None = None, max_pixels:
         return _decode(img, min_side, max_pixels)
 
 
-def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS):
+def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS, wait: float | None = None):
     """An image sent as bytes (an upload: no file name to trust) decoded as load_image does, trying only the
-    formats photo files come in."""
+    formats photo files come in; DecodeBusy when the decode budget has no room within `wait` seconds."""
     from PIL import Image
 
     formats = BYTES_FORMATS + (("HEIF",) if heif_ready() else ())
     with Image.open(io.BytesIO(data), formats=formats) as img:
-        return _decode(img, min_side, max_pixels)
+        return _decode(img, min_side, max_pixels, wait)
 
 
-def _decode(img, min_side: int | None, max_pixels: int):
-    """The checks and conversions of load_image on an opened image."""
-    from PIL import ImageOps
-
+def _decode(img, min_side: int | None, max_pixels: int, wait: float | None = None):
+    """load_image's checks and conversions: the full-size pixels exist only within a reservation of the budget."""
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageRejected(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the --max-pixels limit of "
-                            f"{max_pixels / 1e6:.0f}")
+        raise TooManyPixels((w, h), max_pixels)
     if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
         raise ImageRejected(f"{w}x{h} is more than {MAX_ASPECT}:1; not a photo a classifier can use")
-    if min_side and img.format == "JPEG" and min(w, h) / min_side >= 2:
-        scale = min(w, h) / min_side
+    coefficients = _jpeg_coefficient_bytes(img)
+    if min_side and img.format in JPEG_FORMATS and (scale := min(w, h) / min_side) >= 2:
         img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
     img.seek(0)
-    img.load()
-    return _to_rgb(ImageOps.exif_transpose(img))
+    factor = max(1, min(img.size) // min_side) if min_side else 1
+    with decode_budget().reserve(decode_estimate(img, factor) + coefficients, wait):
+        img.load()
+        orientation = img.getexif().get(0x0112, 1)  # after load: a PNG's eXIf chunk may follow its pixels
+        out = _reduced_rgb(img, factor)
+        if out is not img:
+            img.close()  # the full-size pixels go before the reservation does
+    method = EXIF_TRANSPOSE.get(orientation)
+    return out.transpose(method) if method is not None else out
 
 
-def _to_rgb(img):
+def decode_estimate(img, factor: int = 1) -> int:
+    """Peak bytes to decode an opened (maybe drafted) image, from its header: its pixels, the decoder's, the output."""
+    w, h = img.size
+    pixels = w * h * (_MODE_BYTES.get(img.mode, 4) + _DECODER_BYTES.get(img.format, 0))
+    reduced = 0 if img.mode == "RGB" and factor == 1 else 4 * -(-w // factor) * -(-h // factor)
+    strips = 0 if img.mode in ("RGB", "L") else 24 * w * min(h, _strip_rows(w, factor))  # crop, RGBA, composite
+    return pixels + reduced + strips + _DECODER_STATE
+
+
+def _jpeg_coefficient_bytes(img) -> int:
+    """What libjpeg holds at any draft scale for a JPEG it buffers whole (2 bytes a sample at full size): progressive
+    files, and sequential ones whose first scan (its header is what Pillow's parser read last) lacks a component."""
+    whole = 2 * len(img.getbands()) * img.size[0] * img.size[1] if img.format in JPEG_FORMATS else 0
+    if not whole or img.info.get("progressive"):
+        return whole
+    end, fp = img.fp.tell(), img.fp
+    for ns in range(1, 5):  # the scan header: FFDA, its length (6 + 2 ns), ns = components in the scan, ...
+        fp.seek(max(0, end - 8 - 2 * ns))
+        if fp.read(5) == b"\xff\xda" + (6 + 2 * ns).to_bytes(2, "big") + bytes([ns]):
+            fp.seek(end)
+            return whole if ns < len(img.getbands()) else 0
+    fp.seek(end)
+    return whole  # no scan header where expected: assume the worst
+
+
+def _strip_rows(width: int, factor: int) -> int:
+    return max(factor, STRIP_BYTES // (4 * max(1, width)) // factor * factor)
+
+
+def _reduced_rgb(img, factor: int):
+    """A loaded image as 8-bit RGB box-filtered `factor` times smaller, other modes converted strip by strip."""
+    from PIL import Image
+
+    if img.mode in ("RGB", "L"):
+        return _to_rgb(img.reduce(factor) if factor > 1 else img)
+    w, h = img.size
+    rows, value_range = _strip_rows(w, factor), _value_range(img)
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    for top in range(0, h, rows):
+        strip = img.crop((0, top, w, min(h, top + rows)))
+        rgb = _to_rgb(strip) if value_range is None else _scaled_rgb(strip, *value_range)
+        out.paste(rgb.reduce(factor) if factor > 1 else rgb, (0, top // factor))
+    return out
+
+
+def _value_range(img) -> tuple[float, float] | None:  # the values of a high-bit-depth image that map to 0..255
+    if img.mode not in ("I", "F"):
+        return (0.0, 65535.0) if img.mode.startswith("I;16") else None
+    lo, hi = (float(v) for v in img.getextrema())
+    return (0.0, 1.0) if img.mode == "F" and 0.0 <= lo and hi <= 1.0 else (lo, hi)
+
+
+def _scaled_rgb(img, lo: float, hi: float):
+    """Scaled from lo..hi to 0..255, where convert("L") would clip 16-bit photos to white."""
     import numpy as np
     from PIL import Image
 
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # Scale the actual range to 0..255; convert("L") would clip 16-bit photos to white.
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
-        if mode == "F" and 0.0 <= lo and hi <= 1.0:
-            lo, hi = 0.0, 1.0
-        arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P":
+    arr = np.clip((np.asarray(img, dtype=np.float32) - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if (value_range := _value_range(img)) is not None:
+        return _scaled_rgb(img, *value_range)
+    if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND_RGB + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img if mode == "RGB" else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, BACKGROUND_RGB + (255,))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_to_tensor(path: str, short_side: int, max_pixels: int = MAX_PIXELS):
@@ -183,29 +325,21 @@ def describe_failure(e: BaseException) -> str:
 
 def failure_reason(path: str, e: BaseException) -> str:
     """Why path could not be used, for the user: empty file, not an image, truncated, refused, ..."""
-    try:
+    with contextlib.suppress(OSError):
         if not isinstance(e, ImageRejected) and os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-    except OSError:
-        pass
     return describe_failure(e)
 
 
 class ImageDataset:
-    """(path, label) samples -> (tensor, label, None), or (None, label, (path, reason)) for a file failing now.
-
-    A failing file is dropped from its batch and named; it is never replaced by another sample (which
-    would train on a wrong label).
-    """
+    """(path, label) samples -> (tensor, label, None), or (None, label, (path, reason)) for a file failing now: it
+    is dropped from its batch and named, never replaced by another sample (which would train on a wrong label)."""
 
     def __init__(self, samples: Sequence, transform: Callable, short_side: int, cache: dict | None = None,
                  max_pixels: int = MAX_PIXELS, target: Callable | None = None):
-        self.samples = list(samples)
+        self.samples, self.transform, self.short_side = list(samples), transform, short_side
         self.target = target  # sample -> training target (multilabel.MultiHot); None: the class index
-        self.transform = transform
-        self.short_side = short_side
-        self.cache = cache
-        self.max_pixels = max_pixels
+        self.cache, self.max_pixels = cache, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -236,9 +370,7 @@ def collate(batch):
 def decode_all(paths: Iterable[str], short_side: int, workers: int, on_progress: Callable[[int], None] | None = None,
                keep: bool = True, max_pixels: int = MAX_PIXELS) -> tuple[dict, list[tuple[str, str]]]:
     """Decode every image once (threads: PIL releases the GIL) -> {path: uint8 tensor}, [(path, reason)].
-
-    keep=False only checks that each file decodes (at reduced size: enough to catch truncation).
-    """
+    keep=False only checks that each file decodes (at reduced size: enough to catch truncation)."""
     cache, failed = {}, []
 
     def one(p):
@@ -249,11 +381,10 @@ def decode_all(paths: Iterable[str], short_side: int, workers: int, on_progress:
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for p, tensor, err in pool.map(one, list(paths)):
-            if err is None:
-                if keep:
-                    cache[p] = tensor
-            else:
+            if err is not None:
                 failed.append((p, err))
+            elif keep:
+                cache[p] = tensor
             if on_progress:
                 on_progress(1)
     return cache, failed

@@ -7,9 +7,12 @@ are imported inside the functions that define the routes."""
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+from finetune.data.images import decode_budget, set_decode_memory
 from finetune.errors import UsageError
 from finetune.serving.batching import Batcher
 from finetune.serving.handling import ApiError, ServeSettings, check_token, intake, predict
@@ -21,9 +24,11 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'
 EXAMPLE = [{"file": "photo.jpg", "predictions": [{"class": "bees", "probability": 0.93},
                                                  {"class": "ants", "probability": 0.07}]}]
 ERRORS = {400: "Empty body, no files in the form, or too many files", 401: "Missing or wrong token",
-          413: "Upload over --max-upload", 415: "Not multipart/form-data nor an image content type",
-          422: "No upload is a usable image (not an image, truncated, too many pixels, ...)",
-          503: "Busy: the queue of images is full; retry after Retry-After seconds"}
+          413: "Upload over --max-upload, or every image over --max-pixels (a decompression bomb included)",
+          415: "Not multipart/form-data nor an image content type",
+          422: "No upload is a usable image (not an image, truncated, too elongated, ...)",
+          503: "Busy: no turn to be read, or no room in the decode memory, within --max-wait, or the queue of images "
+               "is full; retry after Retry-After seconds"}
 UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -49,18 +54,25 @@ def create_app(model: ServedModel, paths: Sequence[str], settings: ServeSettings
     fastapi = web()
     batcher = Batcher(lambda items: list(model.probabilities(items)), settings.max_batch,
                       settings.batch_wait_ms / 1000, settings.max_queue)
+    if settings.max_memory is not None:
+        set_decode_memory(settings.max_memory)
+    model.max_pixels = settings.max_pixels
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # Decoding has threads of its own: requests waiting there for decode memory never hold up the threads that
+        # serve the page and its files.
+        app.state.decoders = ThreadPoolExecutor(settings.max_intake, thread_name_prefix="finetune-decode")
         await batcher.start()
         yield
         await batcher.stop()
+        app.state.decoders.shutdown(wait=True, cancel_futures=True)
 
     app = fastapi.FastAPI(title="finetune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                           summary=f"Image classifier: {model.info.describe()}")
     app.state.model, app.state.paths, app.state.settings = model, list(paths), settings
     app.state.batcher, app.state.started, app.state.served = batcher, time.time(), 0
-    app.state.intake = asyncio.Semaphore(settings.max_intake)
+    app.state.intake, app.state.waiting = asyncio.Semaphore(settings.max_intake), 0
     _api(app, fastapi)
     _pages(app, fastapi)
     _errors(app)
@@ -88,15 +100,28 @@ def _api(app, fastapi) -> None:
         check_token(settings, authorization)
         return app.state.model.card(app.state.paths) | {"top_k": settings.top_k,
                                                          "max_upload_mb": settings.max_upload / 2**20,
-                                                         "max_files": settings.max_files}
+                                                         "max_files": settings.max_files,
+                                                         "max_pixels": settings.max_pixels}
 
     @app.get("/health", summary="Liveness and load")
     async def health():
-        stats = app.state.batcher.stats
+        stats, budget = app.state.batcher.stats, decode_budget()
         return {"status": "ok", "uptime_s": round(time.time() - app.state.started, 1),
                 "images_served": app.state.served, "in_flight": app.state.batcher.in_flight, "batches": stats.batches,
                 "mean_batch": round(stats.items / stats.batches, 2) if stats.batches else None,
-                "largest_batch": stats.largest}
+                "largest_batch": stats.largest, "requests_waiting": app.state.waiting,
+                "decodes_waiting": budget.waiting, "decode_memory_mb": {
+                    "limit": round(budget.limit / 2**20), "in_use": round(budget.in_use / 2**20),
+                    "peak": round(budget.peak / 2**20)}, "rss_mb": _rss_mb()}
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _pages(app, fastapi) -> None:

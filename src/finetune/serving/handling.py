@@ -1,18 +1,19 @@
 """What `finetune serve` does with a request: its settings, the token check, the bounded read of the body,
-the uploads it holds (multipart files or a raw image), and their predictions through the batcher. Bad input of
-any kind is an ApiError (4xx, a message naming the problem); requests never name files on the server. The
+the uploads it holds (multipart files or a raw image), their decoding within the process's decode-memory budget,
+and their predictions through the batcher. Bad input of any kind is an ApiError (4xx, a message naming the
+problem), a server too busy to take it a 503 with Retry-After; requests never name files on the server. The
 FastAPI app and its routes: app.py."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from dataclasses import dataclass
 
-from finetune.config import MAX_PIXELS
-from finetune.data.images import describe_failure
+from finetune.data.images import DecodeBusy, TooManyPixels, decode_budget, describe_failure
 from finetune.serving.batching import Busy
-from finetune.serving.model import ServedModel
+from finetune.serving.model import SERVE_MAX_PIXELS, ServedModel
 
 MB = 1024 * 1024
 RAW_TYPES = ("image/", "application/octet-stream")  # a raw image body; anything else but multipart is refused
@@ -29,7 +30,12 @@ class ServeSettings:
     batch_wait_ms: float = 0.0
     max_queue: int = 256  # images waiting for the model; beyond it requests get 503 at once
     token: str | None = None  # when set, /predict and /model need `Authorization: Bearer <token>`
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = SERVE_MAX_PIXELS  # beyond it an upload gets 413 (serving.model says why this value)
+    # Bytes of decoded pixels at once, all requests together (the process's decode budget): an image is decoded when
+    # its estimate (from its header) fits. None: images.default_decode_memory(), 1/16 of the machine's memory.
+    max_memory: int | None = None
+    # How long a request may wait for its turn (to be read, then for decode memory) before it gets 503.
+    max_wait_s: float = 10.0
     # Requests whose bodies are read and decoded at once: memory holds at most this many bodies of --max-upload
     # (others wait, their bytes still with their senders); decoding threads beyond the cores gain nothing.
     max_intake: int = 16
@@ -109,39 +115,80 @@ async def _form_files(request, body: bytes, max_files: int) -> list[tuple[str, b
     return out
 
 
-async def intake(app, request) -> list[tuple[str, tuple | None, str | None]]:
-    """(name, model inputs or None, why not) per upload of request, read and decoded a few requests at a time."""
-    from starlette.concurrency import run_in_threadpool
-
-    async with app.state.intake:
-        items = await uploads(request, app.state.settings)
-        decoded = await asyncio.gather(*(run_in_threadpool(_prepare, app.state.model, data) for _, data in items))
-    return [(name, x, why) for (name, _), (x, why) in zip(items, decoded)]
+def busy(message: str, retry_after_s: int = 1) -> ApiError:
+    """503: the client should retry after the given seconds."""
+    return ApiError(503, f"the server is busy: {message}; retry after {retry_after_s} s (Retry-After)",
+                    {"Retry-After": str(retry_after_s)})
 
 
-async def predict(app, uploaded: list[tuple[str, tuple | None, str | None]], top_k: int) -> list[dict]:
-    """[{"file", "predictions"} or {"file", "error"}] per upload, in order; 422 when no upload is an image."""
+async def intake(app, request) -> list[tuple[str, tuple | None, str | None, int]]:
+    """(name, model inputs or None, why not, status) per upload of request: read and decoded a few requests at a
+    time, each image once its decode fits the decode budget; 503 when the turn does not come within --max-wait."""
+    settings: ServeSettings = app.state.settings
+    deadline = time.monotonic() + settings.max_wait_s
+    app.state.waiting += 1
+    try:
+        async with asyncio.timeout(settings.max_wait_s):
+            await app.state.intake.acquire()
+    except TimeoutError:
+        raise busy(f"{settings.max_intake} requests are being read and decoded, and this one waited "
+                   f"{settings.max_wait_s:g} s (--max-wait) for its turn", _retry_after(settings)) from None
+    finally:
+        app.state.waiting -= 1
+    try:
+        items = await uploads(request, settings)
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(*(loop.run_in_executor(app.state.decoders, _prepare, app.state.model, data,
+                                                              deadline) for _, data in items))
+    finally:
+        app.state.intake.release()
+    if any(status == 503 for _, _, status in decoded):
+        budget = decode_budget()
+        raise busy(f"its images did not fit the decode memory within {settings.max_wait_s:g} s (--max-wait; "
+                   f"{budget.in_use / MB:.0f} of {budget.limit / MB:.0f} MB in use, --max-memory)",
+                   _retry_after(settings))
+    return [(name, x, why, status) for (name, _), (x, why, status) in zip(items, decoded)]
+
+
+def _retry_after(settings: ServeSettings) -> int:
+    return max(1, min(10, round(settings.max_wait_s / 2)))
+
+
+async def predict(app, uploaded: list[tuple[str, tuple | None, str | None, int]], top_k: int) -> list[dict]:
+    """[{"file", "predictions"} or {"file", "error"}] per upload, in order. When no upload is an image: 413 if every
+    one is over the pixel limit, else 422."""
     model: ServedModel = app.state.model
-    good = [x for _, x, _ in uploaded if x is not None]
+    good = [x for _, x, _, _ in uploaded if x is not None]
     if not good:
-        reasons = "; ".join(f"{name}: {why}" for name, _, why in uploaded)
-        raise ApiError(422, reasons if len(uploaded) > 1 else uploaded[0][2])
+        reasons = "; ".join(f"{name}: {why}" for name, _, why, _ in uploaded)
+        status = 413 if all(s == 413 for *_, s in uploaded) else 422
+        raise ApiError(status, reasons if len(uploaded) > 1 else uploaded[0][2])
     try:
         probs = iter(await app.state.batcher.submit(good))
     except Busy:
-        raise ApiError(503, f"the server is busy ({app.state.settings.max_queue} images already waiting); retry "
-                            "shortly", {"Retry-After": "1"}) from None
+        raise busy(f"{app.state.settings.max_queue} images already wait for the model (--max-queue)") from None
     app.state.served += len(good)
     return [{"file": name} | model.answer(next(probs), top_k) if x is not None
-            else {"file": name, "error": why} for name, x, why in uploaded]
+            else {"file": name, "error": why} for name, x, why, _ in uploaded]
 
 
-def _prepare(model: ServedModel, data: bytes):
-    """(inputs, None) or (None, why the bytes are not a usable image)."""
+def _prepare(model: ServedModel, data: bytes, deadline: float):
+    """(inputs, None, 200), or (None, why the bytes are not a usable image, 413 or 422), or (None, why, 503) when
+    the decode budget had no room before the deadline."""
+    from PIL import Image
+
     if not data:
-        return None, "empty file (0 bytes)"
+        return None, "empty file (0 bytes)", 422
     try:
-        return model.prepare(data), None
+        return model.prepare(data, deadline), None, 200
+    except DecodeBusy as e:
+        return None, str(e), 503
+    except TooManyPixels as e:
+        return None, (f"{e.size[0]}x{e.size[1]} is {e.size[0] * e.size[1] / 1e6:.3g} megapixels, over the server's "
+                      f"limit of {e.limit / 1e6:.3g} megapixels (--max-pixels); send a smaller image"), 413
+    except Image.DecompressionBombError:
+        return None, (f"refused as a decompression bomb: its header claims over "
+                      f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (the server's limit: "
+                      f"{model.max_pixels / 1e6:.3g}, --max-pixels)"), 413
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's problem, told to its sender
-        reason = describe_failure(e)
-        return None, reason.replace("--max-pixels limit", "server's --max-pixels limit")
+        return None, describe_failure(e), 422

@@ -3,19 +3,23 @@ probabilities, with predict's preprocessing, temperatures, test-time augmentatio
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.config import MAX_PIXELS
 from finetune.data.images import decode_bytes
 from finetune.inference.predictor import Ensemble, Predictor
+
+# Pixels in one upload: above every phone photo (12-50 MP) and far below Pillow's bomb limit (179 MP, whose images
+# each cost 0.7 GB to decode; a 64-MP PNG costs 256 MB). Beyond it an upload gets 413, read from its header.
+SERVE_MAX_PIXELS = 64_000_000
 
 
 class ServedModel:
     """A Predictor or an Ensemble, taking images as bytes and probabilities in batches (thread-safe for one
     inference thread plus any number of decoding threads)."""
 
-    def __init__(self, predictor: Predictor | Ensemble, max_pixels: int = MAX_PIXELS):
+    def __init__(self, predictor: Predictor | Ensemble, max_pixels: int = SERVE_MAX_PIXELS):
         self.predictor = predictor
         self.members: list[Predictor] = list(getattr(predictor, "members", [predictor]))
         self.classes: list[str] = predictor.classes
@@ -29,14 +33,16 @@ class ServedModel:
         self.multi_label = getattr(predictor, "multi_label", False)
         self.thresholds = getattr(predictor, "thresholds", None)
 
-    def prepare(self, data: bytes) -> tuple:
-        """One input per distinct preprocessing, from an image's bytes (raises what decoding raises)."""
+    def prepare(self, data: bytes, deadline: float | None = None) -> tuple:
+        """One input per distinct preprocessing, from an image's bytes (raises what decoding raises: DecodeBusy
+        when the decode budget has no room before deadline, a time.monotonic(); None: no deadline)."""
         from torchvision.transforms.v2 import functional as F
 
         inputs = []
         for pre, transform in zip(self.preprocessings, self.transforms):
             # Decoded for each preprocessing, as predict does: a JPEG's reduced-size decode depends on the size.
-            img = decode_bytes(data, min_side=pre.resize_size, max_pixels=self.max_pixels)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            img = decode_bytes(data, min_side=pre.resize_size, max_pixels=self.max_pixels, wait=wait)
             img = F.resize(img, pre.resize_size, antialias=True) if min(img.size) > pre.resize_size else img
             inputs.append(transform(F.pil_to_tensor(img)))
         return tuple(inputs)
