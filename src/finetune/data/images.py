@@ -186,7 +186,7 @@ def load_image(path: str | os.PathLike, min_side: int | None = None, max_pixels:
     if reason:
         raise ImageRejected(reason)
     with Image.open(path) as img:
-        return _decode(img, min_side, max_pixels)
+        return decode_image(img, min_side, max_pixels)
 
 
 def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS, wait: float | None = None):
@@ -196,10 +196,10 @@ def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX
 
     formats = BYTES_FORMATS + (("HEIF",) if heif_ready() else ())
     with Image.open(io.BytesIO(data), formats=formats) as img:
-        return _decode(img, min_side, max_pixels, wait)
+        return decode_image(img, min_side, max_pixels, wait)
 
 
-def _decode(img, min_side: int | None, max_pixels: int, wait: float | None = None):
+def decode_image(img, min_side: int | None, max_pixels: int, wait: float | None = None):
     """load_image's checks and conversions: the full-size pixels exist only within a reservation of the budget."""
     w, h = img.size
     if w * h > max_pixels:
