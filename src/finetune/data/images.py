@@ -325,7 +325,7 @@ def describe_failure(e: BaseException) -> str:
 
 def failure_reason(path: str, e: BaseException) -> str:
     """Why path could not be used, for the user: empty file, not an image, truncated, refused, ..."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, TypeError):  # TypeError: an image in memory (the Python API)
         if not isinstance(e, ImageRejected) and os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
     return describe_failure(e)
