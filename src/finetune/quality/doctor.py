@@ -13,12 +13,35 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypedDict
 
 from finetune.config import IMBALANCE_WARNING, MAX_PIXELS
 from finetune.data.dataset import content_groups, find_dataset
 from finetune.data.images import decode_to_tensor, failure_reason
 from finetune.data.labelfile import LabelFileOptions
 
+
+
+class CheckReport(TypedDict):
+    """`check --json`: what training would see in a dataset."""
+
+    root: str  # the folder paths are relative to
+    layout: str  # train/ + val/ folders, a stratified split, a label file's columns
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # train / val -> class -> images
+    images: int
+    usable: int
+    imbalance: dict[str, float | None]  # train / val: largest class over smallest
+    imbalance_warning: float  # the ratio above which train and check warn
+    skipped: list[dict]  # path, reason: what training would skip
+    modes: dict[str, int]  # Pillow mode -> images (RGB, L, P, ...)
+    formats: dict[str, int]  # JPEG, PNG, ...
+    sizes: dict[str, list | None]  # min, median, max [width, height]
+    exif_rotated: list[str]
+    duplicates: dict  # identical files within a class, across classes, across train and val
+    multi_label: bool
+    rows_without_image: list[dict]  # a label file's rows naming no image: line, path
+    notes: list[str]
 
 def _inspect(path: str, max_pixels: int) -> dict:
     """Header facts, and whether the image decodes (at reduced size: enough to catch truncation)."""
@@ -39,7 +62,7 @@ def _inspect(path: str, max_pixels: int) -> dict:
 def check_dataset(data: str, val_fraction: float = 0.2, seed: int = 0, workers: int = 2,
                   max_pixels: int = MAX_PIXELS,
                   on_progress: Callable[[int, int], None] | None = None,
-                  labels: LabelFileOptions | None = None) -> dict:
+                  labels: LabelFileOptions | None = None) -> CheckReport:
     """Inspect every file of a dataset folder (or label file); returns a JSON-ready report."""
     split = find_dataset(data, val_fraction, seed, labels=labels)
     root = split.root
