@@ -1,6 +1,22 @@
-"""finetune: turn a folder of photos into a working image classifier."""
+"""finetune: turn a folder of photos into a working image classifier.
 
+The Python API (finetune.api): train, load, evaluate, export, check; Run, Model, EvalResult, CheckResult,
+Prediction, Failure; Observer (finetune.events) for progress. Imported on first use, so that `import finetune` and
+the command line's start stay fast.
+"""
+
+import importlib
 import time
 
 __version__ = "0.1.0"
 STARTED = time.monotonic()  # when finetune was imported (for the command line: when the command started)
+
+_API = ("train", "load", "evaluate", "export", "check", "Run", "Model", "EvalResult", "CheckResult", "Prediction",
+        "Failure", "Observer")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:  # the API's modules load on first use, as the heavy libraries do
+        return getattr(importlib.import_module("finetune.api"), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -22,8 +22,8 @@ from finetune.formats.export import ATOL, FORMATS, RTOL, export_model
 from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.explain import Explainer, explain_into
-from finetune.inference.onnx_fast import cache_export, light_predictor
-from finetune.inference.predictor import load_predictor, sort_into
+from finetune.inference.loading import open_predictor, prepare_next
+from finetune.inference.predictor import Ensemble, sort_into
 
 
 def model_paths(models: list[str] | None) -> list[str]:
@@ -33,9 +33,8 @@ def model_paths(models: list[str] | None) -> list[str]:
 
 def runtime_note(predictor) -> str:
     """", runtime openvino" (the runtimes of an ensemble's members, once each)."""
-    members = getattr(predictor, "members", [predictor])
-    return ", runtime " + "/".join(dict.fromkeys(m.model.runtime if hasattr(m, "model") else m.runtime
-                                                 for m in members))
+    members = predictor.members if isinstance(predictor, Ensemble) else [predictor]
+    return ", runtime " + "/".join(dict.fromkeys(m.runtime for m in members))
 
 
 def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> None:
@@ -74,9 +73,7 @@ def predict(
     if explain and len(chosen) > 1:
         raise UsageError("--explain: an ensemble's members look at different things; explain one model (-m once)")
     explainer = Explainer(chosen[0], device, max_pixels) if explain else None  # refused before any prediction
-    plain = runtime == "auto" and not (threshold or explain)
-    light = light_predictor(chosen, device, tta, max_pixels) if plain else None
-    predictor = light or load_predictor(chosen, device, tta, max_pixels, threshold, runtime=runtime)
+    predictor = open_predictor(chosen, device, runtime, tta, max_pixels, threshold, needs_torch=bool(explain))
     name_model(chosen, predictor.info.describe() + runtime_note(predictor), bool(model), quiet)
     multi = getattr(predictor, "multi_label", False)
     # Multi-label: the labels above their thresholds; the top-k scores too when -k is given (always in JSON/CSV).
@@ -97,8 +94,7 @@ def predict(
         err.print(f"[yellow]{len(bad)} of {len(good) + len(bad)} input(s) skipped[/]")
     if not good:
         raise typer.Exit(1)
-    if light is None and not multi and device in ("auto", "cpu") and len(chosen) == 1 and \
-            cache_export(chosen[0], [good[0].path]) and not quiet:
+    if prepare_next(predictor, chosen, device, [good[0].path]) and not quiet:
         err.print("[dim]cached an ONNX export of this model: the next predictions with it start without torch[/]")
 
 

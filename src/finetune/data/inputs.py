@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data.dataset import images_under
-from finetune.data.images import failure_reason
+from finetune.data.images import decode_image, failure_reason, load_image
 from finetune.data.labelfile import is_label_file, read_label_file
 from finetune.errors import UsageError
 
@@ -49,6 +49,18 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[Failure]]:
     seen: set[str] = set()  # keep order, drop repeats (a file named twice, or by a folder and a glob)
     unique = [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
     return unique, missing + [Failure(path, reason) for path, reason in skipped]
+
+
+def load_input(item, min_side: int | None, max_pixels: int):
+    """An image the caller named (a path: decoded by load_image) or holds (a PIL image, as the Python API takes
+    them: checked and converted alike), as 8-bit RGB."""
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item, min_side=min_side, max_pixels=max_pixels)
+    from PIL import Image
+
+    if not isinstance(item, Image.Image):
+        raise UsageError(f"{type(item).__name__}: not an image; give a path or a PIL image")
+    return decode_image(item, min_side, max_pixels)
 
 
 def check_inputs(paths: list[str], missing: list[Failure]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TypedDict
 
 from finetune.config import MAX_PIXELS
 from finetune.data.dataset import labelled_samples
@@ -14,16 +15,42 @@ from finetune.data.labelfile import LabelFileOptions
 from finetune.errors import DatasetError
 from finetune.inference.predictor import load_predictor
 from finetune.metrics.calibrate import calibration_summary, expected_calibration_error
-from finetune.metrics.classification import classification_report, confident_mistakes
-from finetune.metrics.multilabel import label_mistakes, multilabel_report
+from finetune.metrics.classification import ClassificationReport, classification_report, confident_mistakes
+from finetune.metrics.multilabel import MultiLabelReport, label_mistakes, multilabel_report
 from finetune.tasks.multilabel import probabilities, targets
 
+
+
+class EvalReport(ClassificationReport, total=False):
+    """`evaluate --json` of a single-label model (or an ensemble): its metrics on a labelled folder."""
+
+    calibration: dict  # ece, nll, the temperature and whether it was fitted
+    members: list[dict]  # an ensemble's: each member's accuracy and ECE
+    model: str | list[str]
+    model_description: str
+    tta: bool
+    data: str  # the folder the paths are relative to
+    classes: list[str]
+    most_confident_wrong: list[dict]  # path, true, predicted, probability; most confident first
+    skipped: list[dict]  # path, reason
+
+
+class MultiLabelEvalReport(MultiLabelReport, total=False):
+    """`evaluate --json` of a multi-label model."""
+
+    model: str
+    model_description: str
+    tta: bool
+    data: str
+    classes: list[str]
+    largest_errors: list[dict]  # path, true, predicted, the largest probability gap
+    skipped: list[dict]
 
 def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto", batch_size: int = 32,
                     workers: int = 2, wrong: int = 10, tta: bool = False, max_pixels: int = MAX_PIXELS,
                     on_start: Callable[[int], None] = lambda n: None,
                     on_progress: Callable[[int], None] = lambda n: None, thresholds: list[str] | None = None,
-                    labels: LabelFileOptions | None = None, runtime: str = "auto") -> dict:
+                    labels: LabelFileOptions | None = None, runtime: str = "auto") -> EvalReport | MultiLabelEvalReport:
     """Run the model (or an ensemble of several) over a labelled folder and report metrics plus the most
     confidently wrong images; for an ensemble, each member's accuracy and ECE too."""
     import torch

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from finetune._util.files import cache_dir
 from finetune.config import MAX_PIXELS
-from finetune.data.images import load_image
-from finetune.data.inputs import Failure, loaded_chunks
+from finetune.data.inputs import Failure, load_input, loaded_chunks
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import ModelFileError
 from finetune.formats.export import export_model
@@ -90,7 +89,7 @@ class LitePredictor:
 
     def _load(self, path: str):
         pre = self.info.preprocessing
-        return prepare(load_image(path, min_side=pre.resize_size, max_pixels=self.max_pixels), pre)
+        return prepare(load_input(path, pre.resize_size, self.max_pixels), pre)
 
     def logits(self, batch):
         out = self.session.run(None, {self.input: batch})[0]

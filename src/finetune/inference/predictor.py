@@ -12,8 +12,7 @@ from pathlib import Path
 
 from finetune._util.files import write_csv_atomic
 from finetune.config import MAX_PIXELS
-from finetune.data.images import load_image
-from finetune.data.inputs import Failure, loaded_chunks
+from finetune.data.inputs import Failure, load_input, loaded_chunks
 from finetune.errors import UsageError
 from finetune.formats.load import Runnable, load_runnable
 from finetune.models.ensemble import check_ensemble, mean_probabilities
@@ -41,6 +40,7 @@ class Predictor:
                  thresholds: Sequence[str] | None = None):
         self.model = model
         self.info = model.info
+        self.runtime: str = model.runtime  # what runs it: torch, onnxruntime, openvino, ...
         self.classes: list[str] = model.info.classes
         self.multi_label = model.info.multi_label  # sigmoid per class, a label where it reaches its threshold
         if thresholds and not self.multi_label:
@@ -57,7 +57,7 @@ class Predictor:
     def _load(self, path: str):
         from torchvision.transforms.v2 import functional as F
 
-        img = load_image(path, min_side=self.short_side, max_pixels=self.max_pixels)
+        img = load_input(path, self.short_side, self.max_pixels)
         if min(img.size) > self.short_side:
             img = F.resize(img, self.short_side, antialias=True)
         return self.transform(F.pil_to_tensor(img))

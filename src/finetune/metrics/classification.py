@@ -5,9 +5,21 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TypedDict
 
 Z95 = 1.959964  # two-sided 95 % normal quantile
 
+
+class ClassificationReport(TypedDict):
+    """Single-label metrics of predictions against the truth."""
+
+    images: int
+    correct: int
+    accuracy: float
+    accuracy_ci95: list[float]  # Wilson 95 % interval [low, high]
+    per_class: dict[str, dict[str, float]]  # class -> precision, recall, f1, support
+    macro: dict[str, float]  # precision, recall, f1 averaged over the classes present
+    confusion_matrix: list[list[int]]  # [true][predicted]
 
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a proportion: sound at small n and near 0 or 1, unlike p +- z*se."""
@@ -20,7 +32,7 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def classification_report(y_true: list[int], y_pred: list[int], classes: list[str]) -> dict:
+def classification_report(y_true: list[int], y_pred: list[int], classes: list[str]) -> ClassificationReport:
     """Accuracy (+ Wilson 95 % CI), per-class precision/recall/F1/support, macro averages, confusion matrix."""
     n = len(classes)
     matrix = [[0] * n for _ in range(n)]  # rows: true class, columns: predicted class

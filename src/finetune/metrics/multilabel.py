@@ -7,12 +7,31 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TypedDict
 
 from finetune.tasks.multilabel import decide
 
 BOOTSTRAP = 1000  # resamples of the images for the 95 % intervals
 BOOTSTRAP_SEED = 0
 
+
+
+class MultiLabelReport(TypedDict):
+    """Multi-label metrics of probabilities against multi-hot truth, at the given thresholds."""
+
+    multi_label: bool  # True
+    images: int
+    map_macro: float
+    map_micro: float
+    f1_macro: float
+    ci95: dict[str, list[float]]  # bootstrap 95 % intervals of map_macro and f1_macro
+    subset_accuracy: float  # every label right (exact match)
+    exact_matches: int
+    hamming_loss: float
+    per_class: dict[str, dict]  # label -> ap, precision, recall, f1, support, threshold, 2x2 counts
+    macro: dict[str, float]
+    cooccurrence: list[list[int]]
+    thresholds: list[float]
 
 def average_precision(scores, y):
     """Per class AP (the mean precision at the rank of each positive; NaN for a class without positives)."""
@@ -67,7 +86,8 @@ def bootstrap_intervals(probs, y, pred, resamples: int = BOOTSTRAP, seed: int = 
     return out
 
 
-def multilabel_report(probs, y, thresholds: list[float], classes: list[str], resamples: int = BOOTSTRAP) -> dict:
+def multilabel_report(probs, y, thresholds: list[float], classes: list[str],
+                      resamples: int = BOOTSTRAP) -> MultiLabelReport:
     """mAP (macro, micro) and macro F1 with bootstrap 95 % intervals; per class AP, precision, recall, F1,
     support and 2x2 counts at the thresholds; subset accuracy; Hamming loss; label co-occurrence."""
     import torch

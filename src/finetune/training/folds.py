@@ -27,7 +27,7 @@ def fold_configs(cfg: TrainConfig) -> tuple[Path, list[TrainConfig]]:
 
 
 def cross_validate(cfg: TrainConfig, run_one: Callable, on_fold: Callable = lambda i, n, cfg: None) -> dict:
-    """Train every fold with run_one(fold_cfg) -> RunResult; returns the summary written to folds.json (rank 0)."""
+    """Train every fold with run_one(fold_cfg) -> Run; returns the summary written to folds.json (rank 0)."""
     validate(cfg)
     root, configs = dist.on_main(lambda: fold_configs(cfg))  # one timestamped folder for all processes
     results = []

@@ -28,22 +28,30 @@ from finetune.training.tracking import tracked
 
 
 @dataclass
-class RunResult:
-    run_dir: Path
-    model_path: Path
+class Run:
+    """A finished training run: where its model is, how good it is, and how it got there."""
+
+    run_dir: Path  # the run folder (config.json, metrics.csv, report.html, ...)
+    model_path: Path  # best.pt: the best epoch's model, self-describing
     best_epoch: int
     best_val_acc: float
     best_val_loss: float
-    history: list[dict]
+    history: list[dict]  # one row per epoch, as metrics.csv has them
     seconds: float
     classes: list[str]
     device: str
-    summary: dict
+    summary: dict  # what results.json holds (RunSummary's fields)
     best_val_map: float | None = None  # multi-label runs: the best epoch's macro mAP (what chose it)
+
+    @property
+    def metrics(self) -> dict:
+        """The best model's val metrics: accuracy with its 95 % interval, per-class precision/recall/F1, the
+        confusion matrix, calibration (multi-label: mAP, F1 at the thresholds, ...)."""
+        return self.summary.get("val_metrics") or {}
 
 
 def run_training(cfg: TrainConfig, emit: Observer | Emit = silent, stop: Callable[[], int] = lambda: 0,
-                 resume: dict | None = None) -> RunResult:
+                 resume: dict | None = None) -> Run:
     """Train cfg.model on cfg.data; write the run folder; return where the best model is.
 
     emit receives the run's events (finetune.events): an Observer, or a callable taking (name, **fields). stop()
@@ -67,13 +75,13 @@ def run_training(cfg: TrainConfig, emit: Observer | Emit = silent, stop: Callabl
         p = prepare(cfg, emit, stop, resume)
         folder = dist.on_main(open_folder)  # rank 0 writes, under the folder's lock
         try:
-            return _Run(p.cfg, p, folder, emit if world.main else silent, resume).train(t_start)
+            return _Training(p.cfg, p, folder, emit if world.main else silent, resume).train(t_start)
         finally:
             if "lock" in held:
                 held["lock"].release()
 
 
-class _Run:
+class _Training:
     """One run's state across epochs: history, the best epoch so far, and what it writes."""
 
     def __init__(self, cfg: TrainConfig, p: Prepared, folder: Path, emit: Emit, resume: dict | None):
@@ -98,7 +106,7 @@ class _Run:
         """The run's last epoch, as planned so far."""
         return self.p.phases[-1].offset + self.p.phases[-1].count
 
-    def train(self, t_start: float) -> RunResult:
+    def train(self, t_start: float) -> Run:
         p, first, self.t_start = self.p, 1, t_start
         if self.resume is not None:
             if not self.resume.get("fresh_optimizer"):  # a probe run fine-tuned from its probe starts one afresh
@@ -213,9 +221,9 @@ class _Run:
                 "config": self.cfg.to_dict(), "classes": p.split.classes, "split": p.split_files,
                 "plan": dataclasses.asdict(p.plan), "phases": [[ph.offset, ph.count] for ph in p.phases]}
 
-    def _finish(self, seconds: float) -> RunResult:
+    def _finish(self, seconds: float) -> Run:
         split, best = self.p.split, self.best
-        result = RunResult(self.saver.folder, self.saver.model_path, best["epoch"], best["val_acc"], best["val_loss"],
+        result = Run(self.saver.folder, self.saver.model_path, best["epoch"], best["val_acc"], best["val_loss"],
                            self.history, seconds, split.classes, str(self.p.device), {}, best.get("val_map"))
         if self.world.main:
             summary = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],

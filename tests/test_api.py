@@ -1,0 +1,73 @@
+"""The Python API (finetune.train, load, evaluate, export, check): typed results, PIL images, an observer, nothing
+printed; the --json schemas declared as TypedDicts match what the commands really write; docs/python.md's example
+runs as written on the shared real weights."""
+
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import finetune
+from finetune.inference.evaluate import EvalReport
+from finetune.quality.doctor import CheckReport
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "python.md"
+
+
+def _keys(typed_dict) -> set:
+    return set(typed_dict.__required_keys__) | set(typed_dict.__optional_keys__)
+
+
+def test_train_load_predict_evaluate_check_print_nothing_and_return_typed_results(tiny_data, local_weights,
+                                                                                  tmp_path, capsys):
+    seen = []
+
+    class Epochs(finetune.Observer):
+        def on_epoch_end(self, row, improved):
+            seen.append(row["epoch"])
+
+    run = finetune.train(tiny_data, weights=str(local_weights), output=str(tmp_path / "r"), workers=0,
+                         observer=Epochs())
+    assert isinstance(run, finetune.Run) and run.model_path.is_file() and seen == [1]  # the probe: one fit
+    assert run.metrics["accuracy"] == pytest.approx(run.best_val_acc)
+    model = finetune.load(run.model_path)
+    assert model.classes == ["ants", "bees"] and model.runtime == "torch"
+    photo = next((tiny_data / "val" / "ants").iterdir())
+    with Image.open(photo) as img:
+        pil = img.copy()
+    by_path, in_memory, missing = model.predict([str(photo), pil, str(tmp_path / "nope.jpg")], top_k=2)
+    assert isinstance(by_path, finetune.Prediction) and in_memory.path == "image 1"
+    assert [c for c, _ in by_path.top] == [c for c, _ in in_memory.top]  # the same pixels, read or given
+    assert [p for _, p in by_path.top] == pytest.approx([p for _, p in in_memory.top], abs=1e-5)
+    assert isinstance(missing, finetune.Failure) and missing.reason
+    result = finetune.evaluate(model, tiny_data / "val")
+    assert isinstance(result, finetune.EvalResult) and result.images == 6 and 0 <= result.accuracy <= 1
+    assert set(result.report) == _keys(EvalReport) - {"members"}  # what evaluate --json writes, as declared
+    checked = finetune.check(tiny_data)
+    assert isinstance(checked, finetune.CheckResult) and checked.images == checked.usable == 18
+    assert set(checked.report) == _keys(CheckReport)
+    assert capsys.readouterr().out == ""  # the library never prints
+
+
+def test_training_settings_passed_to_the_api_count_as_typed(tiny_data, local_weights, tmp_path):
+    run = finetune.train(tiny_data, weights=str(local_weights), epochs=1, batch_size=8, workers=0,
+                         output=str(tmp_path / "r"))
+    assert [row["lr"] is None for row in run.history] == [True, False]  # the probe, then 1 epoch fine-tuning
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs_as_written(antsbees, real_weights, tmp_path, capsys):
+    """docs/python.md's first code block, on the real weights: train (the probe, then 2 epochs), predict a path and a
+    PIL image, evaluate, export to ONNX and predict torch-free from it, check."""
+    code = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1)
+    photo = next((antsbees / "val" / "bees").iterdir())
+    printed = []
+    with Image.open(photo) as img:
+        names = {"DATA": str(antsbees), "WEIGHTS": str(real_weights), "OUT": str(tmp_path / "run"),
+                 "PHOTO": str(photo), "PIL_IMAGE": img.copy(), "print": lambda *a: printed.append(a)}
+    exec(compile(code, str(DOCS), "exec"), names)
+    assert capsys.readouterr().out == ""  # nothing but the example's own prints, which went to `printed`
+    assert names["run"].best_val_acc >= 0.9 and names["result"].accuracy >= 0.9
+    assert names["p"].top[0][0] == "bees"
+    assert Path(names["onnx"]).suffix == ".onnx" and printed[-1][0] == 397 == printed[-1][1]
