@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,39 @@ def test_brackets_in_names_are_printed_verbatim(trained_model, tiny_data, in_tmp
     assert "[bold]ant[1].jpg" in flat
     r = invoke("predict", in_tmp / "[red]missing.jpg", "--model", trained_model)
     assert "[red]missing.jpg" in r.stderr
+
+
+def test_each_training_setting_is_declared_once_in_the_cli():
+    """A setting lives in TrainConfig (default, why) and in options.SETTINGS (option, help); train takes them all,
+    lr-find, tune and check take theirs from the same table, never a copy with its own default."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from finetune.cli import options as o
+    from finetune.cli import tools
+    from finetune.cli import train as train_cli
+    from finetune.config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "given"}
+    assert set(o.SETTINGS) == names
+    assert names <= set(inspect.signature(train_cli.train).parameters)
+    for command in (tools.lr_find, tools.tune, tools.check):
+        params = inspect.signature(command).parameters
+        taken = [n for n in params if params[n].annotation is o.SETTINGS.get(n)]
+        assert len(taken) >= 10 and all(params[n].default == o.OPTION_DEFAULTS.get(n, o.D[n]) for n in taken)
+    declared = {name for name, value in vars(o).items() if any(value is s for s in o.SETTINGS.values())}
+    written = [f"{path.name}: {a.arg}" for path in Path(train_cli.__file__).parent.glob("*.py")
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)
+               for a in node.args.args + node.args.kwonlyargs
+               if isinstance(a.annotation, ast.Attribute) and a.annotation.attr in declared]
+    assert not written  # a command writing out a setting's option again, with a default of its own
+
+
+def test_help_lists_the_commands_in_the_order_a_user_meets_them():
+    from finetune.cli.app import ORDER
+
+    text = CliRunner().invoke(app, ["--help"]).output
+    shown = [name for name in ORDER if f"│ {name} " in text]
+    assert shown[:5] == ["train", "predict", "evaluate", "export", "serve"]
+    assert sorted(shown, key=lambda name: text.index(f"│ {name} ")) == shown

@@ -151,6 +151,18 @@ def _unexpected(e: Exception):
     raise typer.Exit(1) from None
 
 
+# The order a user meets the commands in: train, then use the model; the dataset tools and searches after.
+ORDER = ("train", "predict", "evaluate", "export", "serve", "check", "suggest", "lr-find", "tune")
+
+
+def in_order(typer_app) -> None:
+    """Sort the registered commands as ORDER (help lists them so); any other command goes last."""
+    def name(c) -> str:
+        return c.name or c.callback.__name__.replace("_", "-")
+
+    typer_app.registered_commands.sort(key=lambda c: ORDER.index(name(c)) if name(c) in ORDER else len(ORDER))
+
+
 def command(name: str | None = None, **kwargs):
     """app.command with finetune's help rendering and error boundary."""
     def register(f):

@@ -189,6 +189,7 @@ def _render_int8(r, max_drop: float) -> None:
 
 
 @command(epilog="Example: finetune evaluate ./images --model runs/20261123-101500-resnet18/best.pt --json")
+@o.settings("path_col", "label_col", "label_sep", "image_dir")
 def evaluate(
     data: Annotated[str, typer.Argument(metavar="DATA", show_default=False, help=(
         "Labelled folder: its val/ when it has train/ and val/, else every image of its class folders; or a label "
@@ -198,13 +199,13 @@ def evaluate(
                      ] = 10,
     threshold: o.Threshold = None, tta: o.Tta = False, batch_size: o.InferBatch = 32,
     device: o.InferDevice = "auto", runtime: o.Runtime = "auto", workers: o.InferWorkers = 2,
-    max_pixels: o.InferMaxPixels = MAX_PIXELS, path_col: o.PathCol = None, label_col: o.LabelCol = None,
-    label_sep: o.LabelSep = None, image_dir: o.ImageDir = None, quiet: o.InferQuiet = False,
+    max_pixels: o.InferMaxPixels = MAX_PIXELS, quiet: o.InferQuiet = False, **settings,
 ) -> None:
     """Accuracy with a 95 % interval, per-class precision/recall/F1, confusion matrix, confident mistakes
     (multi-label models: mAP, per-label metrics at the thresholds, the largest errors)."""
     chosen = model_paths(model)
-    labels = LabelFileOptions(path_col, label_col, label_sep, False, image_dir)
+    labels = LabelFileOptions(settings["path_col"], settings["label_col"], settings["label_sep"], False,
+                              settings["image_dir"])
     with LazyProgress("evaluating", quiet) as bar:
         r = evaluate_folder(chosen, data, device, batch_size, workers, wrong, tta, max_pixels, bar.start, bar.advance,
                             threshold, labels, runtime)

@@ -1,8 +1,14 @@
 """Every command-line option, declared once, its default and choices read from finetune.config; commands
-that share an option (train, lr-find, tune) share its declaration."""
+that share an option (train, lr-find, tune) share its declaration.
+
+A training setting is declared twice in all: in TrainConfig (its default and why) and in SETTINGS below (its option
+and help). Commands take them with @settings(...): their signatures are built from this table, never written out.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Annotated
 
 import typer
@@ -216,3 +222,40 @@ MaxAccuracyDrop = Annotated[float, typer.Option(metavar="POINTS", help=(
     "With --int8: refuse the file when its val accuracy is more than this many points below fp32's."))]
 Force = Annotated[bool, typer.Option("--force", help=(
     "With --int8: keep the file even when the accuracy check fails or cannot run (no labelled images)."))]
+
+
+# Each TrainConfig setting's option, in the order help lists them (within its panel).
+SETTINGS = {
+    "val_fraction": ValFraction, "seed": Seed, "strict": Strict, "max_pixels": MaxPixels, "folds": Folds,
+    "fold": Fold, "path_col": PathCol, "label_col": LabelCol, "label_sep": LabelSep, "multi_label": MultiLabel,
+    "image_dir": ImageDir, "model": Model, "weights": Weights, "mode": Mode, "solver": Solver, "dropout": Dropout,
+    "freeze_epochs": FreezeEpochs, "backbone_lr_mult": BackboneLrMult, "epochs": Epochs, "time_budget": TimeBudget,
+    "batch_size": BatchSize, "lr": Lr, "optimizer": Optimizer, "momentum": Momentum, "weight_decay": WeightDecay,
+    "scheduler": Scheduler, "augment": Augment, "train_size": TrainSize, "mixup": Mixup, "cutmix": Cutmix,
+    "label_smoothing": LabelSmoothing, "erasing": Erasing, "init_from": InitFrom, "balance": Balance,
+    "patience": Patience, "calibrate": Calibrate, "overfit": Overfit, "deterministic": Deterministic,
+    "device": Device, "workers": Workers, "amp": Amp, "channels_last": ChannelsLast, "compile": Compile,
+    "sync_bn": SyncBn, "output": Output, "overwrite": Overwrite, "log": Log,
+}
+# Where an option's default differs in form from the setting's: a duration is typed as text (10m).
+OPTION_DEFAULTS = {"time_budget": None}
+
+
+def settings(*names: str):
+    """The command also takes these TrainConfig settings as options (from SETTINGS, defaults from TrainConfig); they
+    reach it in its **settings. Its own parameters come first in help, the settings after them."""
+    def wrap(func):
+        sig = inspect.signature(func, eval_str=True)  # real types: typer reads its options from them
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=OPTION_DEFAULTS.get(n, D[n]),
+                                   annotation=SETTINGS[n]) for n in names]
+
+        @functools.wraps(func)
+        def command(*args, **kwargs):
+            return func(*args, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=[*own, *added])
+        command.__annotations__ = {**func.__annotations__, **{n: SETTINGS[n] for n in names}}
+        return command
+
+    return wrap

@@ -21,7 +21,7 @@ from finetune.cli.train import command_line
 from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
-from finetune.data.labelfile import LabelFileOptions
+from finetune.data.labelfile import options_from
 from finetune.errors import DivergedError, Interrupted, UsageError
 from finetune.quality.doctor import check_dataset
 from finetune.quality.label_errors import check_trust
@@ -31,37 +31,33 @@ from finetune.training.lrfind import lr_find as run_lr_find
 from finetune.training.lrfind import write_result
 from finetune.tune import Space, run_search
 
-D = o.D
 
 
 @command(epilog="Example: finetune check ./images --labels --review-into ./to-review --json > report.json")
+@o.settings("val_fraction", "seed", "max_pixels", "path_col", "label_col", "label_sep", "multi_label", "image_dir",
+            "model", "weights", "device", "batch_size")
 def check(
-    data: o.Data, as_json: o.AsJson = False, val_fraction: o.ValFraction = D["val_fraction"], seed: o.Seed = D["seed"],
-    max_pixels: o.MaxPixels = D["max_pixels"], path_col: o.PathCol = None, label_col: o.LabelCol = None,
-    label_sep: o.LabelSep = None, multi_label: o.MultiLabel = False, image_dir: o.ImageDir = None,
+    data: o.Data, as_json: o.AsJson = False,
     workers: Annotated[int, typer.Option("--workers", "-j", metavar="N", help="Reading threads.")] = 2,
-    labels: o.Labels = False, model: o.Model = D["model"], weights: o.Weights = D["weights"],
-    label_folds: o.LabelFolds = LABEL_FOLDS, similarity: o.Similarity = NEAR_DUPLICATE,
-    review: o.ReviewInto = None, device: o.Device = D["device"], batch_size: o.BatchSize = D["batch_size"],
+    labels: o.Labels = False, label_folds: o.LabelFolds = LABEL_FOLDS, similarity: o.Similarity = NEAR_DUPLICATE,
+    review: o.ReviewInto = None, **settings,
 ) -> None:
     """Inspect a dataset before training: counts, unusable files, duplicates and train/val leakage; with --labels,
     likely label errors, near-duplicates and outliers."""
-    label_file = LabelFileOptions(path_col, label_col, label_sep, multi_label, image_dir)
+    cfg = TrainConfig(data=data, workers=workers, **settings)
     if review and not labels:
         raise UsageError("--review-into: copies the suspects --labels finds; add --labels")
     if labels:
         require_cleanlab()  # before any work: a missing extra is said at once
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("checking", total=None)
-        report = check_dataset(data, val_fraction, seed, workers, max_pixels,
-                               on_progress=lambda i, n: progress.update(task, completed=i, total=n), labels=label_file)
+        report = check_dataset(data, cfg.val_fraction, cfg.seed, workers, cfg.max_pixels,
+                               on_progress=lambda i, n: progress.update(task, completed=i, total=n),
+                               labels=options_from(cfg))
     if labels:
         if report.get("multi_label"):
             raise UsageError("--labels: label errors are ranked for single-label data (one class per image); this "
                              "dataset is multi-label")
-        cfg = TrainConfig(data=data, model=model, weights=weights, val_fraction=val_fraction, seed=seed,
-                          max_pixels=max_pixels, workers=workers, device=device, batch_size=batch_size,
-                          path_col=path_col, label_col=label_col, label_sep=label_sep, image_dir=image_dir)
         with TrustView(False) as view:
             report |= check_trust(cfg, label_folds, similarity, review, view)
     if as_json:
@@ -111,30 +107,25 @@ def _render_check(r: dict) -> None:
 
 
 @command("lr-find", epilog="Example: finetune lr-find ./images --model resnet50")
+@o.settings("model", "weights", "path_col", "label_col", "label_sep", "multi_label", "image_dir", "mode", "optimizer",
+            "batch_size", "augment", "seed", "device", "workers")
 def lr_find(
-    ctx: typer.Context, data: o.Data, model: o.Model = D["model"], weights: o.Weights = D["weights"],
-    path_col: o.PathCol = None, label_col: o.LabelCol = None, label_sep: o.LabelSep = None,
-    multi_label: o.MultiLabel = False, image_dir: o.ImageDir = None,
-    mode: o.Mode = D["mode"], optimizer: o.Optimizer = D["optimizer"], batch_size: o.BatchSize = D["batch_size"],
-    augment: o.Augment = D["augment"], seed: o.Seed = D["seed"], device: o.Device = D["device"],
-    workers: o.Workers = D["workers"],
+    ctx: typer.Context, data: o.Data,
     start_lr: Annotated[float, typer.Option(metavar="LR", help="First learning rate.")] = 1e-7,
     end_lr: Annotated[float, typer.Option(metavar="LR", help=(
         "Last learning rate (the test stops earlier once the loss explodes)."))] = 10.0,
     steps: Annotated[int, typer.Option(metavar="N", help="Steps from --start-lr to --end-lr.")] = 100,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", help=(
         "Folder for lr_find.png and lr_find.json. Default: runs/lr-find-<date>-<time>-<model>."))] = None,
-    quiet: o.Quiet = False,
+    quiet: o.Quiet = False, **settings,
 ) -> None:
     """Learning-rate range test: plot loss against an exponentially rising lr and suggest a rate."""
-    cfg = TrainConfig(data=data, model=model, weights=weights, mode=mode, optimizer=optimizer, batch_size=batch_size,
-                      augment=augment, seed=seed, device=device, workers=workers, path_col=path_col,
-                      label_col=label_col, label_sep=label_sep, multi_label=multi_label, image_dir=image_dir)
+    cfg = TrainConfig(data=data, **settings)
     with TrainView(quiet) as view:
         result = run_lr_find(cfg, start_lr, end_lr, steps, view)
-    files = write_result(Path(output) if output else timestamped_dir("lr-find", model), result)
+    files = write_result(Path(output) if output else timestamped_dir("lr-find", cfg.model), result)
     again = command_line(ctx, skip={"start_lr", "end_lr", "steps", "output", "quiet"},
-                         extra={} if mode != "auto" else {"mode": "finetune"})
+                         extra={} if cfg.mode != "auto" else {"mode": "finetune"})
     err.print(esc(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: "
                   f"{files['plot']}; train with: finetune train {shlex.join(again)} --lr {result.suggestion:.2g}"),
               highlight=False)
@@ -157,8 +148,10 @@ def _trials_table(rows: list, title: str) -> Table:
 
 
 @command(epilog="Example: finetune tune ./images --trials 30 --budget 1h --mode feature-extract")
+@o.settings("model", "weights", "seed", "val_fraction", "path_col", "label_col", "label_sep", "multi_label",
+            "image_dir", "device", "workers")
 def tune(
-    data: o.Data, model: o.Model = D["model"], weights: o.Weights = D["weights"],
+    data: o.Data,
     trials: Annotated[int, typer.Option(metavar="N", help=(
         "Trials in the search in all: about 30 % random, then TPE (Optuna). The same command again resumes an "
         "interrupted search; a larger N adds trials to a finished one."))] = 20,
@@ -174,24 +167,20 @@ def tune(
     mode: Annotated[str, typer.Option(metavar="MODE", help=(
         "Modes to search: both, finetune or feature-extract (fast: backbone features computed once, cached)."))
                     ] = "both",
-    seed: o.Seed = D["seed"], val_fraction: o.ValFraction = D["val_fraction"], path_col: o.PathCol = None,
-    label_col: o.LabelCol = None, label_sep: o.LabelSep = None, multi_label: o.MultiLabel = False,
-    image_dir: o.ImageDir = None, device: o.Device = D["device"], workers: o.Workers = D["workers"],
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FOLDER", help=(
         "Search folder (the study is FOLDER/study.db). Default: runs/tune-<date>-<time>-<model>."))] = None,
+    **settings,
 ) -> None:
     """Hyper-parameter search (Optuna: TPE, pruning); writes every trial and the best settings (best.json)."""
     if mode not in ("both", *MODES):
         raise UsageError(f"--mode {mode}: choose both, {', '.join(MODES)}")
     require("optuna", "tune", "finetune tune")  # before the live table starts
-    root = Path(output) if output else timestamped_dir("tune", model)
-    base = TrainConfig(data=data, model=model, weights=weights, seed=seed, val_fraction=val_fraction, device=device,
-                       workers=workers, path_col=path_col, label_col=label_col, label_sep=label_sep,
-                       multi_label=multi_label, image_dir=image_dir)
+    base = TrainConfig(data=data, **settings)
+    root = Path(output) if output else timestamped_dir("tune", base.model)
     space = Space(mode=MODES if mode == "both" else (mode,))
     result = _live_search(root, lambda view, stop: run_search(
-        base, root, trials, coarse_epochs, fine_epochs, parse_duration(budget, "--budget") or None, seed, space, view,
-        pruner=pruner, stop=stop))
+        base, root, trials, coarse_epochs, fine_epochs, parse_duration(budget, "--budget") or None, base.seed, space,
+        view, pruner=pruner, stop=stop))
     _tune_outcome(result, trials, data, root)
 
 

@@ -22,37 +22,20 @@ from finetune.training.initfrom import init_arch
 from finetune.training.resume import STATE_FILE, resume_config
 from finetune.training.sanity import overfit_config, overfit_verdict
 
-D = o.D
-NOT_SETTINGS = {"gpus", "resume", "config", "quiet"}
+# Every setting but the DATA argument and what no option sets (given: what the user typed, recorded).
+TRAIN_SETTINGS = tuple(name for name in o.SETTINGS)
 
 
 @command(epilog="Example: finetune train ./images --model resnet50 --epochs 15")
+@o.settings(*TRAIN_SETTINGS)
 def train(
-    ctx: typer.Context, data: o.OptionalData = None, val_fraction: o.ValFraction = D["val_fraction"],
-    seed: o.Seed = D["seed"], strict: o.Strict = D["strict"], max_pixels: o.MaxPixels = D["max_pixels"],
-    folds: o.Folds = D["folds"], fold: o.Fold = D["fold"], path_col: o.PathCol = D["path_col"],
-    label_col: o.LabelCol = D["label_col"], label_sep: o.LabelSep = D["label_sep"],
-    multi_label: o.MultiLabel = D["multi_label"], image_dir: o.ImageDir = D["image_dir"],
-    model: o.Model = D["model"], weights: o.Weights = D["weights"],
-    mode: o.Mode = D["mode"], solver: o.Solver = D["solver"], dropout: o.Dropout = D["dropout"], freeze_epochs: o.FreezeEpochs = D["freeze_epochs"],
-    backbone_lr_mult: o.BackboneLrMult = D["backbone_lr_mult"], epochs: o.Epochs = D["epochs"],
-    time_budget: o.TimeBudget = None,
-    batch_size: o.BatchSize = D["batch_size"], lr: o.Lr = D["lr"], optimizer: o.Optimizer = D["optimizer"],
-    momentum: o.Momentum = D["momentum"], weight_decay: o.WeightDecay = D["weight_decay"],
-    scheduler: o.Scheduler = D["scheduler"], augment: o.Augment = D["augment"], train_size: o.TrainSize = D["train_size"],
-    mixup: o.Mixup = D["mixup"], cutmix: o.Cutmix = D["cutmix"], label_smoothing: o.LabelSmoothing = D["label_smoothing"],
-    erasing: o.Erasing = D["erasing"], init_from: o.InitFrom = D["init_from"],
-    balance: o.Balance = D["balance"], patience: o.Patience = D["patience"], calibrate: o.Calibrate = D["calibrate"],
-    overfit: o.Overfit = D["overfit"], deterministic: o.Deterministic = D["deterministic"],
-    device: o.Device = D["device"], workers: o.Workers = D["workers"], amp: o.Amp = D["amp"],
-    channels_last: o.ChannelsLast = D["channels_last"], compile: o.Compile = D["compile"], gpus: o.Gpus = 1, sync_bn: o.SyncBn = D["sync_bn"],
-    output: o.Output = D["output"], overwrite: o.Overwrite = D["overwrite"], resume: o.Resume = None,
-    config: o.Config = None, log: o.Log = D["log"], quiet: o.Quiet = False,
+    ctx: typer.Context, data: o.OptionalData = None, gpus: o.Gpus = 1, resume: o.Resume = None,
+    config: o.Config = None, quiet: o.Quiet = False, **settings,
 ) -> None:
     """Fine-tune a pretrained torchvision model on a folder of photos."""
     if gpus != 1:
-        raise typer.Exit(_launch(ctx, gpus, device))
-    world = ddp.init(device)
+        raise typer.Exit(_launch(ctx, gpus, settings["device"]))
+    world = ddp.init(settings["device"])
     quiet = quiet or not world.main
     cfg, resume_state = _config(ctx, config, resume)
     if cfg.folds and not cfg.fold and resume_state is None:
