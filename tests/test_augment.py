@@ -10,6 +10,7 @@ from finetune.data.images import decode_to_tensor
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import UsageError
 from finetune.models.registry import build_network
+from finetune.tasks.base import SingleLabel
 from finetune.training.sanity import overfit_config
 from finetune.training.trainer import Trainer, batch_mixer
 
@@ -58,8 +59,8 @@ def test_mixup_and_cutmix_give_soft_targets_drawn_per_batch():
 def test_the_training_step_takes_soft_targets_and_counts_against_the_real_labels():
     cfg = TrainConfig(data="x", weights="none", mixup=0.4, cutmix=1.0, label_smoothing=0.1, channels_last=False)
     net = build_network("mobilenet_v3_small", 3)
-    t = Trainer(cfg, net, torch.device("cpu"), lambda *a, **k: None, images_per_step=4, train_labels=[0, 1, 2, 0],
-                num_classes=3, check_initial_loss=False)
+    t = Trainer(cfg, net, torch.device("cpu"), lambda *a, **k: None, task=SingleLabel(), images_per_step=4,
+                train_targets=torch.tensor([0, 1, 2, 0]), num_classes=3, check_initial_loss=False)
     assert t.train_criterion.label_smoothing == 0.1 and t.criterion.label_smoothing == 0.0  # val loss stays plain
     torch.manual_seed(0)
     net.module.train()

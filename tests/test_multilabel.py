@@ -185,3 +185,14 @@ def _docs_snippet_prints(folder: Path, image: Path) -> list[str]:
     p = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     return sorted(ast.literal_eval(p.stdout.strip()))  # the snippet prints a list of class names
+
+
+@pytest.mark.parametrize("setting", ["mixup", "cutmix", "label_smoothing"])
+def test_settings_of_one_class_per_image_are_refused_for_multi_label_data_not_dropped(setting):
+    from finetune.config import TrainConfig
+    from finetune.tasks.base import task_for
+
+    cfg = TrainConfig(data="x", **{setting: 0.2})
+    task_for(False).check(cfg)  # single-label: applied
+    with pytest.raises(UsageError, match=f"--{setting.replace('_', '-')}: defined for single-label data"):
+        task_for(True).check(cfg)

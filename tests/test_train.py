@@ -9,10 +9,10 @@ from finetune.data.images import decode_to_tensor
 from finetune.errors import DivergedError, FinetuneError
 from finetune.models.model_file import network_from_file
 from finetune.models.registry import Network
+from finetune.tasks.base import class_weights
 from finetune.training import cache, run_training
 from finetune.training.sanity import initial_loss_check, overfit_config, overfit_split
 from finetune.training.setup import prepare, train_crop
-from finetune.training.trainer import class_weights
 
 
 def _val_accuracy_of_saved_model(model_path, data):
@@ -88,9 +88,9 @@ def test_ram_cache_budget_from_the_environment(monkeypatch):
 def test_initial_loss_check():
     from math import log
 
-    assert initial_loss_check(0.7, 2) == {"loss": 0.7, "expected": pytest.approx(log(2)), "suspicious": False}
-    assert initial_loss_check(5.4, 2)["suspicious"]  # e.g. unnormalised inputs blowing up the logits
-    assert initial_loss_check(0.01, 10)["suspicious"]  # labels leaking into the inputs?
+    assert initial_loss_check(0.7, log(2)) == {"loss": 0.7, "expected": pytest.approx(log(2)), "suspicious": False}
+    assert initial_loss_check(5.4, log(2))["suspicious"]  # e.g. unnormalised inputs blowing up the logits
+    assert initial_loss_check(0.01, log(10))["suspicious"]  # labels leaking into the inputs?
 
 
 def test_update_ratios_logged_and_early_stop(tiny_data, tmp_path):

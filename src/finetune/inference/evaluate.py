@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypedDict
 
 from finetune.config import MAX_PIXELS
 from finetune.data.dataset import labelled_samples
@@ -18,7 +17,6 @@ from finetune.metrics.calibrate import calibration_summary, expected_calibration
 from finetune.metrics.classification import ClassificationReport, classification_report, confident_mistakes
 from finetune.metrics.multilabel import MultiLabelReport, label_mistakes, multilabel_report
 from finetune.tasks.multilabel import probabilities, targets
-
 
 
 class EvalReport(ClassificationReport, total=False):

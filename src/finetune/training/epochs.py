@@ -8,8 +8,8 @@ from finetune.data.dataset import DatasetSplit
 from finetune.data.images import ImageDataset, collate
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DatasetError
-from finetune.tasks.multilabel import MultiHot, count_correct
-from finetune.training.trainer import Trainer, class_weights
+from finetune.tasks.base import class_weights
+from finetune.training.trainer import Trainer
 
 
 def inference_batch(device, batch_size: int) -> int:
@@ -59,7 +59,7 @@ def evaluate(trainer: Trainer, loader, on_failed=lambda failed: None,
             with trainer.autocast(training=False):
                 logits = trainer.net.module(x).float()
             loss_sum += trainer.criterion(logits, y).item() * len(y)
-            correct += count_correct(logits, y)
+            correct += trainer.task.correct(logits, y)
             total += len(y)
             if logits_out is not None:
                 logits_out.append(logits.cpu())
@@ -79,7 +79,7 @@ class ImageEpochs:
         self.t, self.root, self.world = trainer, split.root, dist.current()
         self.val_paths, self.val_order = [s.path for s in split.val], val_order
         short = pre.resize_size
-        target = MultiHot(len(split.classes)) if split.multi_label else None
+        target = trainer.task.sample_target(len(split.classes))
         train_ds = ImageDataset(split.train, pre.train_transform(cfg.augment, train_size, cfg.erasing), short, cache,
                                 cfg.max_pixels, target)
         val_ds = ImageDataset(split.val, pre.eval_transform(), short, cache, cfg.max_pixels, target)
@@ -235,4 +235,4 @@ class FeatureEpochs:
         self.val_logits = logits.cpu()
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
                 "val_loss": t.criterion(logits, self.val_labels).item(),
-                "val_acc": count_correct(logits, self.val_labels) / max(len(self.val_labels), 1)}
+                "val_acc": t.task.correct(logits, self.val_labels) / max(len(self.val_labels), 1)}

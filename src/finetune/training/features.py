@@ -20,7 +20,6 @@ from finetune.data.dataset import DatasetSplit
 from finetune.data.images import ImageDataset, collate
 from finetune.errors import ResourceError
 from finetune.models.weights import WeightsChoice
-from finetune.tasks.multilabel import targets
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
 from finetune.training.probe import ProbeEpochs
@@ -110,8 +109,6 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
     head then trains identically on every rank (it is tiny next to the backbone pass). cache: images already
     decoded (and unusable files already dropped) when the run also fine-tunes after a probe.
     """
-    import torch
-
     cfg = trainer.cfg
     # The probe fits on the plain view alone, the one predict sees (the CLIP paper's protocol): augmented views
     # as extra rows cost it accuracy, measured with MobileNetV2 on ants/bees (0.967 plain; 0.935-0.948 with 2
@@ -132,10 +129,7 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
         if dist.current().main:  # with every file of the key left out, whether decoding or extraction dropped it
             kept, why = {s.path for s in split.train + split.val}, dict(split.skipped)
             save(key, train_feats, val_feats, [[p, why.get(p, "unreadable")] for p in paths if p not in kept])
-    if split.multi_label:
-        labels = lambda samples: targets(samples, len(split.classes))  # noqa: E731 - [N, classes] multi-hot
-    else:
-        labels = lambda samples: torch.tensor([s.label for s in samples])  # noqa: E731
+    labels = lambda samples: trainer.task.targets(samples, len(split.classes))  # noqa: E731
     epochs = ProbeEpochs if cfg.solver == "lbfgs" or cfg.mode != "feature-extract" else FeatureEpochs
     return epochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
 

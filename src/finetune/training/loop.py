@@ -17,7 +17,6 @@ from finetune.errors import Interrupted, ResourceError
 from finetune.events import Emit, Observer, emitter, silent
 from finetune.metrics.multilabel import epoch_map
 from finetune.models.model_file import ModelFile
-from finetune.tasks.multilabel import targets
 from finetune.training.label_issues import run_label_issues
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.plan import planned_epochs
@@ -99,7 +98,8 @@ class _Training:
         # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
         self.best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": p.net.first_conv_weight()}
         # Multi-label runs keep the epoch with the best val mAP (threshold-free), not exact-match accuracy.
-        self.val_targets = targets(p.split.val, len(p.split.classes)) if p.split.multi_label else None
+        self.task = p.trainer.task
+        self.val_targets = self.task.targets(p.split.val, len(p.split.classes)) if self.task.multi_label else None
 
     @property
     def last(self) -> int:
@@ -170,7 +170,7 @@ class _Training:
         if self.val_targets is not None:
             row["val_map"] = epoch_map(phase.run.val_logits, self.val_targets)
         t.check_finite("validation", row["val_loss"], epoch)  # nothing of a diverged epoch is saved
-        score = row["val_acc"] if row.get("val_map") is None else row["val_map"]
+        score = row[self.task.best_by] if row.get(self.task.best_by) is not None else row["val_acc"]
         if scheduled:
             for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr):
                 self.emit("update_ratio", **warning)

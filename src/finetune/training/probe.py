@@ -14,9 +14,6 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-from finetune.tasks.multilabel import count_correct, pos_weight
-from finetune.training.trainer import class_weights
-
 L2_GRID = tuple(10.0 ** e for e in range(1, -7, -1))  # strong to weak; then refined around the best (as CLIP)
 CV_FOLDS = 5
 MAX_ITER = 100
@@ -185,9 +182,7 @@ class ProbeEpochs:
         import torch
 
         t = self.t
-        multi = self.train_labels.dim() == 2
-        weights = None if t.cfg.balance == "none" else pos_weight(self.train_labels.cpu()) if multi else \
-            class_weights(self.train_labels.tolist(), t.num_classes)
+        weights = None if t.cfg.balance == "none" else t.task.loss_weights(self.train_labels.cpu(), t.num_classes)
         self.probe = fit_probe(self.train_feats.cpu(), self.train_labels.cpu(), t.num_classes, t.cfg.seed, weights)
         with torch.no_grad():
             self.linear.weight.copy_(self.probe.weight)
@@ -201,8 +196,8 @@ class ProbeEpochs:
         y = labels.repeat(len(self.train_feats), *[1] * (labels.dim() - 1))
         self.val_logits = val
         vy = self.val_labels.cpu()
-        return {"train_loss": float(_row_losses(train, y).mean()), "train_acc": count_correct(train, y) / len(y),
-                "val_loss": float(_row_losses(val, vy).mean()), "val_acc": count_correct(val, vy) / max(len(vy), 1)}
+        return {"train_loss": float(_row_losses(train, y).mean()), "train_acc": t.task.correct(train, y) / len(y),
+                "val_loss": float(_row_losses(val, vy).mean()), "val_acc": t.task.correct(val, vy) / max(len(vy), 1)}
 
 
 class _NoGenerator:

@@ -4,7 +4,6 @@ the model can overfit a few images (`--overfit N`)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
 from finetune.config import TrainConfig
@@ -18,10 +17,9 @@ from finetune.data.dataset import DatasetSplit, Sample
 UPDATE_RATIO_BANDS = {"backbone": (1e-4, 1e-2), "head": (5e-3, 0.15)}
 
 
-def initial_loss_check(loss: float, num_classes: int) -> dict:
-    """The first batch's loss against ln(classes), what a fresh head should give; far off means broken labels,
-    broken preprocessing or an exploding start."""
-    expected = math.log(num_classes)
+def initial_loss_check(loss: float, expected: float) -> dict:
+    """The first batch's loss against what a fresh head should give (ln(classes) for a softmax); far off means
+    broken labels, broken preprocessing or an exploding start."""
     return {"loss": loss, "expected": expected, "suspicious": not 0.5 * expected <= loss <= 2.0 * expected + 0.5}
 
 

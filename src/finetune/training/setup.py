@@ -20,7 +20,7 @@ from finetune.models import timm as timm_models
 from finetune.models.model_file import ModelFile
 from finetune.models.registry import Network, build_network, check_model_name
 from finetune.models.weights import WeightsChoice, load_pretrained_state, resolve_weights
-from finetune.tasks.multilabel import check_balance, targets
+from finetune.tasks.base import task_for
 from finetune.training.cache import decode_for_training
 from finetune.training.epochs import ImageEpochs
 from finetune.training.features import feature_epochs
@@ -153,10 +153,7 @@ def _build(cfg: TrainConfig, split: DatasetSplit, choice: WeightsChoice, resume:
 
 
 def _label_file_checks(cfg: TrainConfig, split: DatasetSplit, emit: Emit) -> None:
-    """A label file's rows without an image: summarised, or the end of a --strict run; notes on the split; and
-    what multi-label data cannot do."""
-    if split.multi_label:
-        check_balance(cfg.balance)
+    """A label file's rows without an image: summarised, or the end of a --strict run; notes on the split."""
     if split.missing and cfg.strict:
         line, path = split.missing[0]
         raise dist.echoed(DatasetError(f"--strict: {len(split.missing)} row(s) of {cfg.data} name no image, e.g. "
@@ -187,6 +184,8 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     resolve = timm_models.resolve_weights if timm_models.is_timm(cfg.model) else resolve_weights
     choice = init_choice(cfg, init) if init is not None else resolve(cfg.model, cfg.weights)
     emit("dataset", split=split, device=str(device), weights=choice.label, processes=world.size)
+    task = task_for(split.multi_label)
+    task.check(cfg)  # what this kind of head cannot use, refused before any long work
     _label_file_checks(cfg, split, emit)
     if split.skipped:
         emit("skipped", files=list(split.skipped), root=split.root)
@@ -197,9 +196,9 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     per_step = min(cfg.batch_size * (1 if use_features else world.size), len(split.train))
     # ln(classes) is what a fresh head gives: not one fitted by the probe first, nor a trained model's (--init-from).
     fresh_head = resume is None and not plan.probe_first and init is None
-    trainer = Trainer(cfg, net, device, emit, images_per_step=per_step, train_labels=[s.label for s in split.train],
-                      num_classes=len(split.classes), stop=stop, check_initial_loss=fresh_head,
-                      train_targets=targets(split.train, len(split.classes)) if split.multi_label else None)
+    trainer = Trainer(cfg, net, device, emit, task=task, images_per_step=per_step,
+                      train_targets=task.targets(split.train, len(split.classes)), num_classes=len(split.classes),
+                      stop=stop, check_initial_loss=fresh_head)
     emit("plan", why=plan.why)
     train_size = train_crop(cfg, choice, net)
     if use_features:

@@ -12,8 +12,7 @@ from finetune.config import TrainConfig
 from finetune.errors import DivergedError, Interrupted
 from finetune.events import Emit
 from finetune.models.registry import Network
-from finetune.tasks.multilabel import count_correct
-from finetune.tasks.multilabel import criterion as multilabel_criterion
+from finetune.tasks.base import Task
 from finetune.training.sanity import initial_loss_check, update_ratio
 
 
@@ -60,24 +59,16 @@ def batch_mixer(cfg: TrainConfig, num_classes: int):
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def class_weights(labels: list[int], num_classes: int):
-    """Inverse-frequency weights, normalised so a balanced dataset gets all ones."""
-    import torch
-
-    counts = torch.bincount(torch.tensor(labels), minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
 class Trainer:
     """Everything one optimiser step needs; complete once constructed."""
 
-    def __init__(self, cfg: TrainConfig, net: Network, device, emit: Emit, *, images_per_step: int,
-                 train_labels: list[int], num_classes: int, stop: Callable[[], int] = lambda: 0,
-                 check_initial_loss: bool = True, train_targets=None):
+    def __init__(self, cfg: TrainConfig, net: Network, device, emit: Emit, *, task: Task, images_per_step: int,
+                 train_targets, num_classes: int, stop: Callable[[], int] = lambda: 0,
+                 check_initial_loss: bool = True):
         import torch
 
         self.cfg, self.net, self.device, self.emit, self.stop = cfg, net, device, emit, stop
-        self.num_classes = num_classes
+        self.task, self.num_classes = task, num_classes
         self.checked_initial_loss = not check_initial_loss
         self.update_ratios: dict = {"head": None, "backbone": None}
         self.frozen = cfg.mode == "feature-extract"
@@ -89,16 +80,10 @@ class Trainer:
         self.lr = cfg.base_lr(images_per_step)
         self.optimizer = make_optimizer(cfg, net, self.lr)
         self.scheduler = make_scheduler(cfg, self.optimizer)
-        self.criterion = torch.nn.CrossEntropyLoss()  # for val: metrics stay comparable across these options
-        self.multi_label = train_targets is not None  # [N, classes] multi-hot: one sigmoid per class
-        if self.multi_label:
-            self.criterion = multilabel_criterion()
-            weighted = cfg.balance == "weighted-loss"  # pos_weight: a rare label's positives count more
-            self.train_criterion = multilabel_criterion(train_targets).to(device) if weighted else self.criterion
-        else:  # rarer classes weigh more with weighted-loss; soft targets from mixing work as well
-            weights = class_weights(train_labels, num_classes).to(device) if cfg.balance == "weighted-loss" else None
-            self.train_criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-        self.mix = None if self.multi_label else batch_mixer(cfg, num_classes)
+        self.criterion = task.val_loss()  # for val: metrics stay comparable across these options
+        self.train_criterion = task.train_loss(train_targets, num_classes, cfg.balance == "weighted-loss",
+                                               cfg.label_smoothing).to(device)
+        self.mix = batch_mixer(cfg, num_classes)  # soft targets from mixing work with the cross-entropy
         self.forward = net.module  # what a training step calls: the model, its compiled form, or its DDP wrapper
         if cfg.compile:
             self.forward = torch.compile(net.module)
@@ -156,8 +141,7 @@ class Trainer:
         self.check_finite("training", value, epoch, step)
         if not self.checked_initial_loss:
             self.checked_initial_loss = True
-            # A fresh sigmoid head's BCE is ln 2, as a fresh two-class softmax's cross-entropy.
-            self.emit("initial_loss", **initial_loss_check(value, 2 if self.multi_label else self.num_classes))
+            self.emit("initial_loss", **initial_loss_check(value, self.task.fresh_loss(self.num_classes)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         before = self._snapshot() if step == 1 else None  # one measured update per epoch is enough
@@ -166,7 +150,7 @@ class Trainer:
         if before is not None:
             self.update_ratios = self._update_ratios(before)
         self.emit("batch", step=step, loss=value, size=len(y))
-        return value, count_correct(logits, y)
+        return value, self.task.correct(logits, y)
 
     def check_finite(self, what: str, value: float, epoch: int, step: int | None = None) -> None:
         """A NaN/inf loss ends the run (exit 6) before anything is saved from it, in every process at once."""
