@@ -32,7 +32,6 @@ from finetune.training.lrfind import write_result
 from finetune.tune import Space, run_search
 
 
-
 @command(epilog="Example: finetune check ./images --labels --review-into ./to-review --json > report.json")
 @o.settings("val_fraction", "seed", "max_pixels", "path_col", "label_col", "label_sep", "multi_label", "image_dir",
             "model", "weights", "device", "batch_size")

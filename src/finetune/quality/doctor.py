@@ -21,7 +21,6 @@ from finetune.data.images import decode_to_tensor, failure_reason
 from finetune.data.labelfile import LabelFileOptions
 
 
-
 class CheckReport(TypedDict):
     """`check --json`: what training would see in a dataset."""
 
