@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -363,3 +364,158 @@ def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(traine
         assert [c["class"] for c in answer["labels"]] == [c for c, _ in expected.labels], photo
         assert [c["probability"] for c in answer["predictions"]] == pytest.approx([p for _, p in expected.top],
                                                                                   abs=1e-5)
+
+
+# The 503 paths, the pixel limit and the decode-memory budget, in-process (fast): the app under starlette's
+# TestClient, the model a real one whose steps are held at a gate where a test needs a request to stay put.
+
+@pytest.fixture
+def served(trained_model):
+    """A factory of (TestClient, ServedModel) for settings; the process's decode budget is restored afterwards."""
+    from fastapi.testclient import TestClient
+
+    from finetune.data.images import set_decode_memory
+    from finetune.serving.app import create_app
+    from finetune.serving.handling import ServeSettings
+    from finetune.serving.model import ServedModel
+
+    clients = []
+
+    def make(**settings):
+        model = ServedModel(load_predictor([str(trained_model)], "cpu"))
+        client = TestClient(create_app(model, [str(trained_model)], ServeSettings(**settings)))
+        clients.append(client.__enter__())
+        return client, model
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+    set_decode_memory(None)
+
+
+def _post_bee(client, **kw):
+    return client.post("/predict", content=BEE.read_bytes(), headers={"Content-Type": "image/jpeg"}, **kw)
+
+
+def _until(condition, seconds=30.0):
+    """Wait for condition() (a state the test drives the server into), failing if it never comes."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server never reached the state the test waits for"
+        time.sleep(0.01)
+
+
+def _busy_answer(r, words):
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"] == "application/json" and int(r.headers["retry-after"]) >= 1
+    assert words in r.json()["error"] and "retry after" in r.json()["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_next_request_is_served(served):
+    client, model = served(max_queue=1, max_batch=1)
+    gate, real = threading.Event(), model.probabilities
+    model.probabilities = lambda items: gate.wait(60) and real(items)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_post_bee, client)  # computing (held at the gate)
+        _until(lambda: client.get("/health").json()["in_flight"] == 1)
+        second = pool.submit(_post_bee, client)  # queued: the queue is full
+        _until(lambda: client.get("/health").json()["in_flight"] == 2)
+        _busy_answer(_post_bee(client), "--max-queue")
+        gate.set()
+        assert first.result().status_code == second.result().status_code == 200
+    assert _post_bee(client).status_code == 200
+
+
+def test_no_room_in_the_decode_memory_within_max_wait_is_503_then_served(served):
+    from finetune.data.images import decode_budget
+
+    client, _ = served(max_wait_s=0.2)
+    budget = decode_budget()
+    with budget.reserve(budget.limit):  # another decode holds all the decode memory
+        _busy_answer(_post_bee(client), "decode memory")
+        assert client.get("/health").json()["decode_memory_mb"]["in_use"] == round(budget.limit / 2**20)
+    r = _post_bee(client)
+    assert r.status_code == 200 and r.json()[0]["predictions"][0]["class"] in ("ants", "bees")
+
+
+def test_a_request_that_gets_no_turn_to_be_read_within_max_wait_is_503(served):
+    client, model = served(max_intake=1, max_wait_s=0.3)
+    gate, real = threading.Event(), model.prepare
+    model.prepare = lambda data, deadline=None: gate.wait(60) and real(data, deadline)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(_post_bee, client)  # holds the only turn, decoding at the gate
+        _until(lambda: client.app.state.intake.locked())
+        _busy_answer(_post_bee(client), "--max-wait")
+        health = client.get("/health")  # the event loop answers while requests wait
+        assert health.status_code == 200 and health.json()["requests_waiting"] == 0
+        gate.set()
+        assert first.result().status_code == 200
+    assert _post_bee(client).status_code == 200
+
+
+def test_over_the_pixel_limit_is_413_naming_the_limit_even_among_good_files(served):
+    client, _ = served(max_pixels=100_000)  # the bee photo has 500x375 = 0.19 MP
+    r = _post_bee(client)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"] == ("500x464 is 0.232 megapixels, over the server's limit of 0.1 megapixels "
+                                 "(--max-pixels); send a smaller image")
+    small = _image_bytes((300, 200))
+    r = client.post("/predict", files=[("file", ("big.jpg", BEE.read_bytes(), "image/jpeg")),
+                                       ("file", ("small.png", small, "image/png"))])
+    assert r.status_code == 200
+    big, ok = r.json()
+    assert "over the server's limit" in big["error"] and ok["predictions"]
+    assert client.get("/model").json()["max_pixels"] == 100_000
+
+
+def _image_bytes(size, fmt="PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 160, 40)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_a_tiny_decode_budget_decodes_medium_images_one_at_a_time_and_answers_all(served, monkeypatch):
+    """Four concurrent 1600x1200 PNGs (7.7 MB each decoded) with decode memory for one: the first is held inside its
+    reservation until the others that have a decoding thread wait for room; at no time do two decode at once, and
+    all four are answered."""
+    import io
+
+    from PIL import Image
+
+    from finetune.data import images as D
+
+    photo = _image_bytes((1600, 1200))
+    client, model = served(max_memory=int(1.5 * (1600 * 1200 * 4 + D._DECODER_STATE)), max_intake=4, max_wait_s=60)
+    budget, threads = D.decode_budget(), client.app.state.decoders._max_workers  # one a core
+    if threads < 2:
+        pytest.skip("one decoding thread on a one-core machine: decodes never overlap, budget or not")
+    now, most, held, real = [0], [0], [], D._reduced_rgb
+    lock = threading.Lock()
+
+    def watched(img, factor):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            first = not held
+            held.append(True)
+        if first:
+            _until(lambda: budget.waiting == min(3, threads - 1))
+        try:
+            return real(img, factor)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(D, "_reduced_rgb", watched)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.post("/predict", content=photo,
+                                                      headers={"Content-Type": "image/png"}), range(4)))
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert most[0] == 1 and budget.in_use == 0
+    with Image.open(io.BytesIO(photo)) as img:  # the premise: one decode fits, two do not
+        one = D.decode_estimate(img, 1200 // model.preprocessings[0].resize_size)
+    assert budget.peak == one <= budget.limit < 2 * one

@@ -226,7 +226,7 @@ def decode_estimate(img, factor: int = 1) -> int:
     w, h = img.size
     pixels = w * h * (_MODE_BYTES.get(img.mode, 4) + _DECODER_BYTES.get(img.format, 0))
     reduced = 0 if img.mode == "RGB" and factor == 1 else 4 * -(-w // factor) * -(-h // factor)
-    strips = 0 if img.mode in ("RGB", "L") else 24 * w * min(h, _strip_rows(w, factor))  # crop, RGBA, composite
+    strips = 0 if img.mode in ("RGB", "L") else 32 * w * min(h, _strip_rows(w, factor))  # crop, RGBA, floats
     return pixels + reduced + strips + _DECODER_STATE
 
 
