@@ -239,3 +239,16 @@ def test_check_holds_one_decode_at_a_time_within_the_budget(tmp_path, one_decode
     report = check_dataset(str(tmp_path / "data"), workers=4)
     assert report["usable"] == 6 and report["skipped"] == []
     assert one_decode_at_a_time["most"] == 1
+
+
+def test_an_image_a_caller_holds_is_converted_within_the_budget_and_left_usable(tmp_path):
+    """decode_image on PIL images the Python API's callers hold (loaded or not, JPEG or not): reduced as files are,
+    and never closed under them."""
+    _gradient("RGB").save(tmp_path / "x.jpg", quality=80)
+    held = [_gradient("RGBA"), Image.open(tmp_path / "x.jpg")]
+    held.append(Image.open(tmp_path / "x.jpg"))
+    held[-1].load()  # a loaded JPEG: no file left to probe
+    for img in held:
+        out = D.decode_image(img, 224, D.MAX_PIXELS)
+        assert out.mode == "RGB" and min(out.size) >= 224 and max(out.size) < W
+        assert img.getpixel((W - 1, H - 1)) is not None  # still the caller's, still usable

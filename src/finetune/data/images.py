@@ -186,7 +186,7 @@ def load_image(path: str | os.PathLike, min_side: int | None = None, max_pixels:
     if reason:
         raise ImageRejected(reason)
     with Image.open(path) as img:
-        return decode_image(img, min_side, max_pixels)
+        return decode_image(img, min_side, max_pixels, own=True)
 
 
 def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS, wait: float | None = None):
@@ -196,18 +196,19 @@ def decode_bytes(data: bytes, min_side: int | None = None, max_pixels: int = MAX
 
     formats = BYTES_FORMATS + (("HEIF",) if heif_ready() else ())
     with Image.open(io.BytesIO(data), formats=formats) as img:
-        return decode_image(img, min_side, max_pixels, wait)
+        return decode_image(img, min_side, max_pixels, wait, own=True)
 
 
-def decode_image(img, min_side: int | None, max_pixels: int, wait: float | None = None):
-    """load_image's checks and conversions: the full-size pixels exist only within a reservation of the budget."""
+def decode_image(img, min_side: int | None, max_pixels: int, wait: float | None = None, own: bool = False):
+    """load_image's checks and conversions, the full-size pixels within a reservation of the decode budget (and
+    drafted and closed in it when `own`: img was opened for this alone; an image a caller holds is left as is)."""
     w, h = img.size
     if w * h > max_pixels:
         raise TooManyPixels((w, h), max_pixels)
     if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
         raise ImageRejected(f"{w}x{h} is more than {MAX_ASPECT}:1; not a photo a classifier can use")
     coefficients = _jpeg_coefficient_bytes(img)
-    if min_side and img.format in JPEG_FORMATS and (scale := min(w, h) / min_side) >= 2:
+    if own and min_side and img.format in JPEG_FORMATS and (scale := min(w, h) / min_side) >= 2:
         img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
     img.seek(0)
     factor = max(1, min(img.size) // min_side) if min_side else 1
@@ -215,7 +216,7 @@ def decode_image(img, min_side: int | None, max_pixels: int, wait: float | None 
         img.load()
         orientation = img.getexif().get(0x0112, 1)  # after load: a PNG's eXIf chunk may follow its pixels
         out = _reduced_rgb(img, factor)
-        if out is not img:
+        if own and out is not img:
             img.close()  # the full-size pixels go before the reservation does
     method = EXIF_TRANSPOSE.get(orientation)
     return out.transpose(method) if method is not None else out
@@ -234,16 +235,14 @@ def _jpeg_coefficient_bytes(img) -> int:
     """What libjpeg holds at any draft scale for a JPEG it buffers whole (2 bytes a sample at full size): progressive
     files, and sequential ones whose first scan (its header is what Pillow's parser read last) lacks a component."""
     whole = 2 * len(img.getbands()) * img.size[0] * img.size[1] if img.format in JPEG_FORMATS else 0
-    if not whole or img.info.get("progressive"):
-        return whole
-    end, fp = img.fp.tell(), img.fp
-    for ns in range(1, 5):  # the scan header: FFDA, its length (6 + 2 ns), ns = components in the scan, ...
-        fp.seek(max(0, end - 8 - 2 * ns))
-        if fp.read(5) == b"\xff\xda" + (6 + 2 * ns).to_bytes(2, "big") + bytes([ns]):
-            fp.seek(end)
-            return whole if ns < len(img.getbands()) else 0
-    fp.seek(end)
-    return whole  # no scan header where expected: assume the worst
+    fp = getattr(img, "fp", None)  # None: decoded already (an image a caller holds), no decoder will run
+    if not whole or fp is None or img.info.get("progressive"):
+        return whole if fp is not None else 0
+    end = fp.tell()
+    fp.seek(max(0, end - 16))
+    tail, _ = fp.read(end - max(0, end - 16)), fp.seek(end)  # the scan header: FFDA, 6 + 2 ns, ns components, ...
+    scans = [ns for ns in range(1, 5) if tail[-8 - 2 * ns:-3 - 2 * ns] == b"\xff\xda" + bytes([0, 6 + 2 * ns, ns])]
+    return whole if not scans or scans[0] < len(img.getbands()) else 0  # no scan header found: assume the worst
 
 
 def _strip_rows(width: int, factor: int) -> int:
