@@ -256,6 +256,12 @@ def test_runtime_that_cannot_run_the_file_is_a_usage_error(trained_model):
     assert r.exit_code == 2 and "--runtime onnx: cannot run best.pt" in r.output
 
 
+@pytest.mark.parametrize("option, value", [("--max-memory", "0"), ("--max-wait", "-1"), ("--max-pixels", "0")])
+def test_bad_memory_options_are_one_line_usage_errors_before_the_model_loads(option, value, tmp_path):
+    r = CliRunner().invoke(app, ["serve", "-m", str(tmp_path / "no-model.pt"), option, value])
+    assert r.exit_code == 2 and option in r.output and r.output.strip().count("\n") == 0, r.output
+
+
 def _browser(playwright):
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium; .ci/run does)")

@@ -100,8 +100,10 @@ def _settings(top_k, max_upload, max_files, max_batch, batch_wait, max_queue, to
             raise UsageError(f"{name} {value}: must be at least 1")
     if max_upload <= 0 or batch_wait < 0:
         raise UsageError("--max-upload must be above 0 and --batch-wait at least 0")
-    if max_memory is not None and not 0 < max_memory < 2**40 or not 0 <= max_wait <= 3600:
-        raise UsageError("--max-memory must be above 0 (MB) and --max-wait between 0 and 3600 (seconds)")
+    if max_memory is not None and not 0 < max_memory < 2**40:
+        raise UsageError(f"--max-memory {max_memory:g}: must be above 0 (megabytes for decoded pixels)")
+    if not 0 <= max_wait <= 3600:
+        raise UsageError(f"--max-wait {max_wait:g}: must be between 0 and 3600 (seconds)")
     if token is not None and not token.strip():
         raise UsageError(f"--token (or {TOKEN_ENV}) is empty: give a token, or leave it unset")
     return ServeSettings(top_k=top_k, max_upload=int(max_upload * MB), max_files=max_files, max_batch=max_batch,
