@@ -11,8 +11,12 @@ Two scenarios, each against a fresh server process (its resident memory sampled 
 - mixed: 32 clients send 1,000 requests drawn (seeded) from photos, phone JPEGs, 48-MP PNG/JPEG/progressive
   JPEG/WebP files, 144-MP PNGs and garbage; resident memory before, at its peak, every 100 answers, and after.
 Every answer must be 200, a 4xx or a 503, with a JSON body; anything else (a 5xx, a dropped connection, a
-timeout) counts as unanswered. The test images are written once under --cache (a temp folder by default).
-Results: benchmarks/results-serve-storm.json (--results).
+timeout) counts as unanswered.
+- decode: the same bound outside the server: training's decode (kept at size), predict and check over a folder of
+  16 48-MP PNGs with 2 workers, each in a fresh process; the rise of its peak resident memory (VmHWM) over its
+  warm baseline, against the decoding module of --before (the commit before the budget) on the same files.
+The test images are written once under --cache (a temp folder by default). Results:
+benchmarks/results-serve-storm.json (--results; a scenario run alone replaces its rows only).
 """
 
 from __future__ import annotations
@@ -254,6 +258,72 @@ def scenario(model: str, extra: list[str], plan: list[tuple[str, bytes]], client
                        "after_3s_idle": round(after / 2**20)}, "server_exit_code": code}
 
 
+DECODE = r"""
+import json, sys, importlib.util
+what, folder, model, workers, source, warm = sys.argv[1:7]
+if source:  # another commit's decoding module, for a before/after comparison on the same files
+    spec = importlib.util.spec_from_file_location("finetune.data.images", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune.data.images"] = module
+    spec.loader.exec_module(module)
+    module.decode_image = getattr(module, "decode_image", None) or module._decode
+from pathlib import Path
+from finetune.data import images as D
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+paths, workers = sorted(str(p) for p in Path(folder).rglob("*.png")), int(workers)
+if what == "training":
+    run = lambda files: D.decode_all(files, 256, workers)[0]
+elif what == "predict":
+    from finetune.inference.predictor import load_predictor
+    predictor = load_predictor([model], "cpu")
+    run = lambda files: list(predictor.predict(files, batch_size=8, workers=workers))
+else:
+    from finetune.quality.doctor import check_dataset
+    run = lambda files: check_dataset(folder if files == paths else warm, workers=workers)
+run([warm] if what != "check" else None)
+before = status("VmRSS")
+kept = run(paths)
+print(json.dumps({"rise": status("VmHWM") - before, "kept": sum(t.numel() for t in kept.values())
+                  if what == "training" else 0}))
+"""
+
+
+def decode_scenario(model: str, cache: Path, before: str) -> dict:
+    """Training's decode, predict and check over 16 48-MP PNGs with 2 workers: peak RSS rise, now and at --before."""
+    folder, warm = cache / "folder-48mp", cache / "warm"
+    for i in range(16):
+        path = folder / ("train" if i < 12 else "val") / ("a" if i % 2 else "b") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.link(cache / "stripes-8000x6000.png", path)
+    for cls in ("a", "b"):
+        for split in ("train", "val"):
+            (warm / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.open(BEE).save(warm / split / cls / "bee.png")
+    old = cache / f"images-{before}.py"
+    old.write_bytes(subprocess.run(["git", "show", f"{before}:src/finetune/data/images.py"], capture_output=True,
+                                   check=True, cwd=REPO).stdout)
+    with Image.open(cache / "stripes-8000x6000.png") as img:
+        from finetune.data.images import decode_estimate
+        one = decode_estimate(img, min(img.size) // 256)
+    rows = {"one_decode_estimate_mb": round(one / 2**20, 1), "workers": 2}
+    for what in ("training", "predict", "check"):
+        for name, source in (("now", ""), (f"at {before}", str(old))):
+            out = subprocess.run([sys.executable, "-c", DECODE, what, str(folder), model, "2", source,
+                                  str(warm / "train" / "a" / "bee.png") if what != "check" else str(warm)],
+                                 capture_output=True, text=True, timeout=900)
+            if out.returncode != 0:
+                raise SystemExit(f"decode scenario {what} ({name}) failed: {out.stderr[-2000:]}")
+            m = json.loads(out.stdout)
+            rows[f"{what}, {name}"] = {"peak_rss_rise_mb": round(m["rise"] / 2**20), "kept_tensors_mb":
+                                       round(m["kept"] / 2**20, 1)}
+            print(f"decode {what:8s} {name:14s}: peak RSS rise {rows[f'{what}, {name}']}", flush=True)
+    return rows
+
+
 def show(name: str, row: dict) -> None:
     print(f"{name}: {row['requests']} requests in {row['seconds']} s, statuses {row['statuses']}, "
           f"{row['images_per_s']} images/s, p50 {row['latency_all'].get('p50_ms')} ms, "
@@ -267,7 +337,8 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="model file to serve")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=1000, help="requests of the mixed scenario")
-    ap.add_argument("--only", choices=("storm", "mixed"), help="run one scenario")
+    ap.add_argument("--only", choices=("storm", "mixed", "decode"), help="run one scenario")
+    ap.add_argument("--before", default="63ae81a", help="the commit whose decoding the decode scenario compares")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "finetune-serve-storm"))
     ap.add_argument("--results", default="benchmarks/results-serve-storm.json")
     args = ap.parse_args()
@@ -285,14 +356,18 @@ def main() -> None:
         kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=args.requests)
         rows["mixed, defaults"] = scenario(args.model, [], [(k, data[k]) for k in kinds], args.clients)
         show("mixed, defaults", rows["mixed, defaults"])
+    if args.only in (None, "decode"):
+        rows["decode, 16 48-MP PNGs, 2 workers"] = decode_scenario(args.model, Path(args.cache), args.before)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
-    load = os.getloadavg()
-    Path(args.results).write_text(json.dumps({
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in load],
-                    "commit": commit},
+    results = Path(args.results)
+    earlier = json.loads(results.read_text())["scenarios"] if args.only and results.exists() else {}
+    results.write_text(json.dumps({
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "commit": commit,
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "command": "python benchmarks/serve_storm.py --model " + os.path.basename(args.model),
-        "upload_bytes": {k: len(v) for k, v in data.items()}, "mix": MIX, "scenarios": rows}, indent=1) + "\n")
+        "upload_bytes": {k: len(v) for k, v in data.items()}, "mix": MIX, "scenarios": earlier | rows},
+        indent=1) + "\n")
 
 
 if __name__ == "__main__":
