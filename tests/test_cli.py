@@ -71,6 +71,8 @@ def test_train_predict_export_end_to_end(tiny_data, in_tmp):
     assert r.exit_code == 0, r.output
     assert "max logit difference" in r.stderr and "top-1 agrees 6/6" in r.stderr
     assert (in_tmp / "model.pt").is_file()
+    r = invoke("export", in_tmp / "quiet.pt", "--quiet")  # checked all the same; only the path is said
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout.strip() == str(in_tmp / "quiet.pt")
 
 
 def test_train_flat_layout_with_feature_extract(flat_data, in_tmp):

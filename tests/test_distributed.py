@@ -23,7 +23,7 @@ from finetune.training import run_training
 
 HERE = Path(__file__).resolve().parent
 
-pytestmark = pytest.mark.slow  # every test here starts torchrun or 2 processes
+SLOW = pytest.mark.slow  # the tests that start torchrun or 2 processes; the others are in the fast subset
 
 
 def _finetune(*args, timeout=600, env=None):
@@ -64,6 +64,7 @@ def _torchrun_worker(*args, env=None):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@SLOW
 def test_ranks_train_on_disjoint_shares_whose_union_is_the_training_set(tiny_data, tmp_path):
     _torchrun_worker("shares", tiny_data, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
@@ -90,6 +91,7 @@ def ddp_run(tiny_data, tmp_path_factory):
     return out, r
 
 
+@SLOW
 def test_two_process_run_writes_the_single_process_model_format(ddp_run, trained_model, tiny_data):
     out, r = ddp_run
     assert r.stdout.strip() == str(out / "best.pt")  # printed once, by rank 0
@@ -106,6 +108,7 @@ def test_two_process_run_writes_the_single_process_model_format(ddp_run, trained
     assert {c for c, _ in prediction.top} == {"ants", "bees"}
 
 
+@SLOW
 def test_two_process_val_metrics_equal_a_single_process_evaluation(ddp_run, tiny_data):
     out, _ = ddp_run
     results = json.loads((out / "results.json").read_text())
@@ -116,6 +119,7 @@ def test_two_process_val_metrics_equal_a_single_process_evaluation(ddp_run, tiny
     assert results["calibration"]["ece_before"] == pytest.approx(single["calibration"]["ece_before"], abs=1e-4)
 
 
+@SLOW
 def test_distributed_run_resumes_at_the_right_epoch_with_any_number_of_processes(ddp_run, tiny_data, tmp_path):
     out, _ = ddp_run
     for processes in (2, 1):
@@ -140,6 +144,7 @@ def test_distributed_run_resumes_at_the_right_epoch_with_any_number_of_processes
         load_model_file(run / "best.pt")
 
 
+@SLOW
 def test_feature_extract_mode_with_two_processes(tiny_data, tmp_path):
     out = tmp_path / "fe"
     r = _finetune("train", tiny_data, "--gpus", 2, "--device", "cpu", "--weights", "none", "--mode",
@@ -151,6 +156,7 @@ def test_feature_extract_mode_with_two_processes(tiny_data, tmp_path):
     assert results["val_metrics"]["confusion_matrix"] == single["confusion_matrix"]
 
 
+@SLOW
 @pytest.mark.parametrize("case", ["sync-bn on CPU", "no such folder (found by rank 0)"])
 def test_errors_are_printed_once_with_one_exit_code(case, tiny_data, tmp_path):
     if case == "sync-bn on CPU":
@@ -194,6 +200,7 @@ def test_one_process_commands_refuse_torchrun(command, tiny_data, monkeypatch, t
     assert not (tmp_path / "x").exists()
 
 
+@SLOW
 def test_image_failing_mid_run_in_another_process_is_reported_once_by_rank_0(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -205,6 +212,7 @@ def test_image_failing_mid_run_in_another_process_is_reported_once_by_rank_0(tin
     assert "not an image" in out["reported"][0][1] and out["epochs"] == 3
 
 
+@SLOW
 def test_unfreezing_the_backbone_keeps_every_rank_identical(tiny_data, tmp_path):
     """--freeze-epochs: DDP is rebuilt when the backbone joins, so its gradients are averaged too."""
     _torchrun_worker("freeze", tiny_data, tmp_path)

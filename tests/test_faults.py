@@ -48,6 +48,24 @@ def test_two_epochs_interrupt_resume_equals_four_straight(tiny_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_one_epoch_interrupt_resume_is_bit_exact_fast(tiny_data, tmp_path):
+    """The fast subset's exact-resume check (a small network, 2 epochs; the test above runs resnet18 for 4): the
+    resumed run's weights equal an uninterrupted run's bit for bit."""
+    cfg = lambda out: _cfg(tiny_data, out, epochs=2, model="mobilenet_v3_small", train_size=64)  # noqa: E731
+    straight = run_training(cfg(tmp_path / "a"))
+    done = []
+    with pytest.raises(Interrupted):
+        run_training(cfg(tmp_path / "b"), lambda e, **kw: done.append(e) if e == "epoch_end" else None,
+                     stop=lambda: signal.SIGINT if done else 0)
+    resumed_cfg, state = R.resume_config(tmp_path / "b", {})
+    resumed = run_training(resumed_cfg, resume=state)
+    assert state["epoch"] == 1 and [r["epoch"] for r in resumed.history] == [1, 2]
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    a = torch.load(tmp_path / "a" / R.STATE_FILE, weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / R.STATE_FILE, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_other_classes_or_architecture(tiny_data, tmp_path):
     run_training(_cfg(tiny_data, tmp_path / "r", epochs=1))
     with pytest.raises(FinetuneError, match="--model alexnet differs from that run's 'resnet18'") as e:

@@ -1,5 +1,6 @@
 """Input expansion and batched prediction."""
 
+import json
 
 import pytest
 import torch
@@ -77,3 +78,23 @@ def test_sort_into_copies_never_overwrites_never_duplicates_and_logs(tiny_data, 
     assert [r["predicted"] for r in rows] == ["ants", "bees", "ants"] * 2
     assert [r["action"] for r in rows] == ["copied"] * 3 + ["already there"] * 3
     assert rows[1]["copied_to"].endswith("unsure/" + src[1].name)
+
+
+def test_the_default_predict_path_caches_an_export_then_runs_without_torch(trained_model, tiny_data, monkeypatch):
+    """As a user meets it (the torch-free path on, as by default): the first prediction runs through torch and caches
+    an ONNX export; the next one with the same model file runs on onnxruntime, with the same answers."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    monkeypatch.delenv("FINETUNE_LITE")  # the suite turns it off for every other test
+    runner = CliRunner()
+    args = ["predict", str(tiny_data / "val"), "-m", str(trained_model), "--json"]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == 0 == second.exit_code, first.output + second.output
+    assert "runtime torch" in first.stderr and "cached an ONNX export" in first.stderr
+    assert "runtime onnxruntime (no torch)" in second.stderr and "cached" not in second.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert [r["predictions"][0]["class"] for r in a] == [r["predictions"][0]["class"] for r in b]
+    assert [r["predictions"][0]["probability"] for r in a] == pytest.approx(
+        [r["predictions"][0]["probability"] for r in b], abs=1e-4)

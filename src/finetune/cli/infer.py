@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from typing import Annotated
@@ -156,33 +157,40 @@ def export(
 ) -> None:
     """Write a model that loads without finetune, checked against PyTorch on real images."""
     chosen = model_paths(model)
+    status = contextlib.nullcontext() if quiet else err.status(f"{'quantizing' if int8 else 'exporting'} "
+                                                               f"{esc(out_path)}{' to int8' if int8 else ''}")
     if int8:
-        with err.status(f"quantizing {esc(out_path)} to int8"):
+        with status:
             r = export_int8(chosen, out_path, check_images, calibration_images, calibration_count, max_accuracy_drop,
                             force)
-        _render_int8(r, max_accuracy_drop)
+        _render_int8(r, max_accuracy_drop, quiet)
         return
-    with err.status(f"exporting {esc(out_path)}"):
+    with status:
         report = export_model(chosen, out_path, check_images)
+    if not quiet:
+        _render_export(report)
+    out.print(str(report.path), highlight=False, soft_wrap=True)
+
+
+def _render_export(report) -> None:
     if report.multi_label:
         err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max probability "
                   f"difference {report.max_abs_diff:.2e} (sigmoids; tolerance {ATOL:g}), every label agrees on "
                   f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
-        out.print(str(report.path), highlight=False, soft_wrap=True)
         return
     err.print(f"checked on {report.checked_images} images ({esc(report.image_source)}): max logit difference "
               f"{report.max_abs_diff:.2e} (tolerance {ATOL:g} + {RTOL:g}*|logit|), top-1 agrees "
               f"{report.top1_agree}/{report.checked_images}; {report.seconds:.1f} s", highlight=False)
-    out.print(str(report.path), highlight=False, soft_wrap=True)
 
 
-def _render_int8(r, max_drop: float) -> None:
+def _render_int8(r, max_drop: float, quiet: bool) -> None:
     accuracy = (f"accuracy int8 {pct(r.int8_accuracy)} vs fp32 {pct(r.fp32_accuracy)} (allowed drop {max_drop:g} "
                 "points)" if r.int8_accuracy is not None else "accuracy not checked (no labels)")
-    err.print(f"int8, calibrated on {r.calibration_images} images ({esc(r.calibration_source)}); checked on "
-              f"{r.checked_images} images ({esc(r.image_source)}): top-1 agrees with fp32 on {pct(r.agreement)}, "
-              f"{accuracy}; {r.seconds:.1f} s", highlight=False)
-    if r.forced:
+    if not quiet:
+        err.print(f"int8, calibrated on {r.calibration_images} images ({esc(r.calibration_source)}); checked on "
+                  f"{r.checked_images} images ({esc(r.image_source)}): top-1 agrees with fp32 on {pct(r.agreement)}, "
+                  f"{accuracy}; {r.seconds:.1f} s", highlight=False)
+    if r.forced:  # even with --quiet: the file kept failed its check
         warn("kept because of --force although the accuracy check " + ("failed" if r.int8_accuracy is not None
                                                                         else "could not run"))
     out.print(str(r.path), highlight=False, soft_wrap=True)
