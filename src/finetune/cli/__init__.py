@@ -5,7 +5,7 @@ torch is never imported at module level anywhere in finetune (only inside the fu
 so `finetune --help` and importing this package stay fast.
 """
 
-from finetune.cli import infer, serve, tools, train  # noqa: F401 - registers the commands
+from finetune.cli import infer, serve, suggest, tools, train  # noqa: F401 - registers the commands
 from finetune.cli.app import app, in_order
 
 in_order(app)  # help lists the commands in the order a user meets them
