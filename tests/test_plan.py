@@ -52,6 +52,12 @@ def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, loca
     assert "initial_loss" not in [e for e, _ in events]  # the fitted head's low loss is no fresh head's ln(classes)
     state = torch.load(tmp_path / "r" / "state.pt", weights_only=True)
     assert state["plan"]["probe_first"] and state["phases"] == [[0, 1], [1, 1]]
+    # Fine-tuning from the probe keeps the BatchNorm statistics its features were made with, and moves the backbone
+    # at a tenth of the head's lr.
+    pretrained = torch.load(local_weights, weights_only=True)
+    assert torch.equal(state["model"]["layer3.0.bn1.running_var"], pretrained["layer3.0.bn1.running_var"])
+    assert not torch.equal(state["model"]["layer3.0.conv1.weight"], pretrained["layer3.0.conv1.weight"])
+    assert state["config"]["backbone_lr_mult"] == 0.1 and state["plan"]["frozen_statistics"]
 
 
 # A value for each setting a kind of run may not use, unlike its default.
@@ -153,3 +159,12 @@ def test_a_config_files_keys_are_given_but_a_run_records_only_what_its_user_gave
     record = dataclasses.asdict(TrainConfig(data="x", lr=0.01, given=("lr",))) | {"lr_used": 0.01}
     (tmp_path / "config.json").write_text(json.dumps(record))
     assert given_in(load_config(tmp_path / "config.json")) == ("lr",)  # not all 50 settings it records
+
+
+def test_fine_tuning_from_the_probe_is_gentle_unless_told_otherwise():
+    lpft = make_plan(TrainConfig(data="x", epochs=3, given=("epochs",)), CPU)
+    assert lpft.frozen_statistics and lpft.backbone_lr_mult == 0.1
+    told = make_plan(TrainConfig(data="x", epochs=3, backbone_lr_mult=1.0, given=("epochs", "backbone_lr_mult")), CPU)
+    assert told.backbone_lr_mult is None  # the typed value stands
+    outright = make_plan(TrainConfig(data="x", mode="finetune"), CPU)  # from a random head: the usual statistics
+    assert not outright.frozen_statistics and outright.backbone_lr_mult is None

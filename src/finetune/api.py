@@ -39,7 +39,7 @@ __all__ = ["CheckResult", "EvalResult", "Failure", "Model", "Observer", "Predict
 def train(data: str | os.PathLike, *, observer: Observer | Emit | None = None, **settings) -> Run:
     """Train on a folder of photos (or a label file) with these settings (TrainConfig's fields); every keyword counts
     as typed (under mode auto on a CPU, e.g., epochs=3 fine-tunes from the probe). Returns the finished Run."""
-    cfg = TrainConfig(data=os.fspath(data), **settings, given=tuple(settings))
+    cfg = TrainConfig(data=os.fspath(data), **settings, given=tuple(sorted(settings)))
     return run_training(cfg, observer or silent)
 
 

@@ -149,7 +149,7 @@ EVERY_RUN = ("data", "model", "weights", "mode", "time_budget", "workers", "val_
              "init_from", "given")
 # What config.json records about a run besides its settings (finetune.training.loop); `--config` ignores them.
 RUN_FACTS = ("lr_used", "train_size_used", "classes", "layout", "train_images", "val_images", "device", "precision",
-             "base_weights", "preprocessing", "processes", "data_root")
+             "base_weights", "preprocessing", "processes", "data_root", "plan")
 _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
             "balance": BALANCE, "solver": SOLVERS}
 

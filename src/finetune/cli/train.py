@@ -71,7 +71,7 @@ def _config(ctx: typer.Context, config: str | None, resume: str | None):
     from_file = load_config(config) if config else {}
     settings |= {k: v for k, v in from_file.items() if k not in given and k != "given"}
     settings["time_budget"] = parse_duration(settings["time_budget"], "--time-budget")
-    settings["given"] = tuple(dict.fromkeys([*given_in(from_file), *given]))
+    settings["given"] = tuple(sorted({*given_in(from_file), *given}))
     if settings.get("data") is None:
         raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
     if settings.get("init_from"):

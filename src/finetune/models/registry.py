@@ -60,12 +60,19 @@ class Network:
         for name, p in self.module.named_parameters():
             p.requires_grad = self.is_head(name) or not frozen
 
-    def set_train_mode(self, frozen_backbone: bool) -> None:
-        """train(), except a frozen backbone keeps BatchNorm/Dropout in eval so its statistics stay put."""
+    def set_train_mode(self, frozen_backbone: bool, frozen_statistics: bool = False) -> None:
+        """train(), except a frozen backbone keeps BatchNorm/Dropout in eval so its statistics stay put; with
+        frozen_statistics every BatchNorm layer normalises with its running statistics (its weights still train)."""
+        import torch
+
         self.module.train()
         if frozen_backbone:
             for name, m in self.module.named_modules():
                 if name and not self.is_head(name) and not list(m.children()):
+                    m.eval()
+        if frozen_statistics:
+            for m in self.module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._NormBase):
                     m.eval()
 
     def plain_state_dict(self) -> dict:

@@ -74,8 +74,9 @@ class ImageEpochs:
     """
 
     def __init__(self, trainer: Trainer, split: DatasetSplit, pre: Preprocessing, cache: dict | None, workers: int,
-                 train_size: int, val_order: list[str] | None = None):
+                 train_size: int, val_order: list[str] | None = None, frozen_statistics: bool = False):
         cfg = trainer.cfg
+        self.frozen_statistics = frozen_statistics  # BatchNorm keeps its running statistics (fine-tuning a probe)
         self.t, self.root, self.world = trainer, split.root, dist.current()
         self.val_paths, self.val_order = [s.path for s in split.val], val_order
         short = pre.resize_size
@@ -102,7 +103,7 @@ class ImageEpochs:
     def endless_batches(self):
         """Endless training batches on the device, for the lr range test: (inputs, labels, module to call)."""
         t = self.t
-        t.net.set_train_mode(t.frozen)
+        t.net.set_train_mode(t.frozen, self.frozen_statistics)
         while True:
             for x, y, failed in self.train_loader:
                 self._failed(failed)
@@ -136,7 +137,7 @@ class ImageEpochs:
         frozen = t.frozen or epoch <= t.cfg.freeze_epochs
         if not t.frozen:
             t.net.freeze_backbone(frozen)  # --freeze-epochs: the backbone joins after N epochs
-        t.net.set_train_mode(frozen)
+        t.net.set_train_mode(frozen, self.frozen_statistics)
         t.wrap()
         if self.world.distributed:  # each epoch's randomness from (seed, rank, epoch): resumable at any world size
             self.train_loader.batch_sampler.set_epoch(epoch)

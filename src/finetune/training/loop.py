@@ -91,7 +91,8 @@ class _Training:
             "layout": p.split.layout, "train_images": len(p.split.train), "val_images": len(p.split.val),
             "data_root": p.split.root, "multi_label": p.split.multi_label,
             "device": str(p.device), "precision": p.trainer.precision, "base_weights": p.choice.label,
-            "preprocessing": p.choice.preprocessing.to_dict(), "processes": self.world.size}
+            "preprocessing": p.choice.preprocessing.to_dict(), "processes": self.world.size,
+            "plan": dataclasses.asdict(p.plan)}
         self.saver = RunSaver(folder, config, p.split.classes, enabled=self.world.main)
         self.history: list[dict] = []
         self.t_start = 0.0

@@ -10,6 +10,7 @@ from pathlib import Path
 from finetune._util.files import atomic_write
 from finetune.config import SETTINGS, TrainConfig, option
 from finetune.errors import DatasetError, ModelFileError, UsageError
+from finetune.training.plan import LPFT_BACKBONE_LR_MULT
 
 STATE_FILE = "state.pt"  # resumable state of the last completed epoch
 STATE_VERSION = 2  # 2: folds numbered from 1 in the stored config, the split stored
@@ -105,9 +106,11 @@ def _fine_tune_the_probe(settings: dict, state: dict, epochs: int) -> tuple[Trai
     """--resume of a probe run with --epochs N: N epochs of fine-tuning from its probe (LP-FT), as the same run given
     --epochs would have done; a fresh optimiser, for the probe took no SGD step."""
     given = tuple(dict.fromkeys([*settings.get("given", ()), "epochs"]))
+    gentle = None if "backbone_lr_mult" in given else LPFT_BACKBONE_LR_MULT  # as a run given --epochs would
     state = state | {"plan": {"mode": "finetune", "probe_first": True, "budget": 0.0, "epochs": epochs,
                               "why": f"resumed with --epochs {epochs}: the run's converged probe, then {epochs} "
-                                     "epochs of fine-tuning from it"},
+                                     "epochs of fine-tuning from it", "frozen_statistics": True,
+                              "backbone_lr_mult": gentle},
                      "phases": [[0, 1], [1, epochs]], "fresh_optimizer": True}
     return TrainConfig(**settings | {"epochs": epochs, "given": given}), state
 

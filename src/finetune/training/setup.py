@@ -175,7 +175,8 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     emit = emit if world.main else silent
     device = dist.device(cfg.device)
     plan = make_plan(cfg, device) if resume is None or "plan" not in resume else Plan(**resume["plan"])
-    cfg = validate(dataclasses.replace(cfg, mode=plan.mode))
+    cfg = validate(dataclasses.replace(cfg, mode=plan.mode, backbone_lr_mult=plan.backbone_lr_mult
+                                       if plan.backbone_lr_mult is not None else cfg.backbone_lr_mult))
     _check_world(cfg, world, device)
     torch.manual_seed(cfg.seed)
     split, local = _read_split(cfg, world, resume)
@@ -218,7 +219,7 @@ def _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train
     cache = decode_for_training(split, local, pre.resize_size, workers, cfg, emit)
     # Decoded tensors live in this process and transforms on them are cheap: no worker processes then.
     images = ImageEpochs(trainer, local, pre, cache, 0 if cache is not None else workers, train_size,
-                         [s.path for s in split.val])
+                         [s.path for s in split.val], frozen_statistics=plan.frozen_statistics)
     probe_done = resume is not None and plan.probe_first
     phases = []
     if plan.probe_first and not probe_done:
