@@ -127,13 +127,15 @@ class Rss:
         self._stop.set()
 
 
-def start(model: str, extra: list[str]) -> tuple[subprocess.Popen, str, Rss]:
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", "-m", model, "--port", "0", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(model: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str, Rss]:
+    """The server, its stderr into log (a pipe nobody reads would block it once full)."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", "-m", model, "--port", "0", *extra],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     url = proc.stdout.readline().strip().rstrip("/")
     if not url.startswith("http://127.0.0.1:"):
         proc.kill()
-        raise SystemExit(f"the server did not start: {proc.stderr.read()}")
+        raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
     return proc, url, Rss(proc.pid)
 
 
@@ -168,19 +170,24 @@ async def post(client: httpx.AsyncClient, url: str, kind: str, data: bytes) -> t
     return kind, r.status_code, seconds, body["error"]
 
 
-async def poll(client: httpx.AsyncClient, url: str, done: asyncio.Event) -> dict:
-    """/health and / every 200 ms until done: their latencies (seconds; a failure counts as 60)."""
-    lat: dict[str, list[float]] = {"/health": [], "/": []}
-    while not done.is_set():
-        for path in lat:
-            t0 = time.perf_counter()
-            try:
-                ok = (await client.get(url + path, timeout=60)).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            lat[path].append(time.perf_counter() - t0 if ok else 60.0)
-        await asyncio.sleep(0.2)
-    return lat
+# /health and / every 200 ms, each on a new connection (as a load balancer's probe), from a process of its own so
+# that the clients' work does not delay it; until its stdin closes, then their latencies (seconds; a failure: 60).
+POLL = r"""
+import json, sys, threading, time, urllib.request
+url, stop, lat = sys.argv[1], threading.Event(), {"/health": [], "/": []}
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+while not stop.is_set():
+    for path in lat:
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(url + path, timeout=60) as r:
+                ok = r.status == 200 and r.read() is not None
+        except Exception:
+            ok = False
+        lat[path].append(time.perf_counter() - t0 if ok else 60.0)
+    stop.wait(0.2)
+print(json.dumps(lat))
+"""
 
 
 def summary(latencies: list[float]) -> dict:
@@ -188,17 +195,17 @@ def summary(latencies: list[float]) -> dict:
         return {}
     s = sorted(latencies)
     return {"n": len(s), "p50_ms": round(statistics.median(s) * 1000, 1),
-            "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1000, 1), "max_ms": round(s[-1] * 1000, 1)}
+            "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1000, 1), "max_ms": round(s[-1] * 1000, 1),
+            "over_1s": sum(x > 1 for x in s), "over_2s": sum(x > 2 for x in s)}
 
 
 async def run_requests(url: str, plan: list[tuple[str, bytes]], clients: int, rss: Rss) -> dict:
     """plan's requests from `clients` concurrent clients, with /health and / polled meanwhile."""
     results, left, timeline = [], list(reversed(plan)), []
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=180, limits=limits) as client, \
-            httpx.AsyncClient(timeout=60) as poller_client:
-        done = asyncio.Event()
-        poller = asyncio.create_task(poll(poller_client, url, done))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    poller = subprocess.Popen([sys.executable, "-c", POLL, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    async with httpx.AsyncClient(timeout=180, limits=limits) as client:
 
         async def one_client():
             while left:
@@ -210,8 +217,7 @@ async def run_requests(url: str, plan: list[tuple[str, bytes]], clients: int, rs
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         seconds = time.perf_counter() - t0
-        done.set()
-        polled = await poller
+    polled = json.loads(poller.communicate(timeout=120)[0])
     return {"results": results, "seconds": seconds, "polled": polled, "timeline": timeline}
 
 
@@ -240,7 +246,8 @@ async def after_storm(url: str) -> dict:
 
 
 def scenario(model: str, extra: list[str], plan: list[tuple[str, bytes]], clients: int) -> dict:
-    proc, url, rss = start(model, extra)
+    log = Path(tempfile.mkstemp(prefix="serve-storm-", suffix=".log")[1])
+    proc, url, rss = start(model, extra, log)
     try:
         asyncio.run(run_requests(url, [("bee photo", BEE.read_bytes())] * clients, clients, rss))  # inference warm
         time.sleep(1)
@@ -253,7 +260,10 @@ def scenario(model: str, extra: list[str], plan: list[tuple[str, bytes]], client
         after = rss.now()
     finally:
         code = stop(proc, rss)
+    stderr = log.read_text().splitlines()
+    log.unlink()
     return {"server_options": extra, "clients": clients, **report(run), "normal_photo_after": right_after,
+            "server_stderr_lines": len(stderr), "server_stderr_tail": stderr[-4:],
             "rss_mb": {"before": round(before / 2**20), "peak": round(peak / 2**20),
                        "after_3s_idle": round(after / 2**20)}, "server_exit_code": code}
 

@@ -309,6 +309,35 @@ def test_page_in_a_real_browser_classifies_a_dropped_photo_offline_at_phone_widt
 
 
 @pytest.mark.slow
+def test_the_page_sends_a_photo_again_after_a_503s_retry_after(server):
+    """The server's first two answers to the page are 503 (Retry-After: 1, as a busy server sends them): the page
+    says it is trying again, and the third try shows the photo's classes."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    busy = []
+
+    def predict(route):
+        if len(busy) < 2:
+            busy.append(route.request.url)
+            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+                          body='{"error": "the server is busy: ...; retry after 1 s (Retry-After)"}')
+        else:
+            route.continue_()
+
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page, outside = _offline_page(browser, server.url)
+        page.route("**/predict*", predict)
+        page.goto(server.url + "/")
+        page.locator("#model", has_text="resnet18").wait_for()
+        page.set_input_files("#files", [str(BEE)])
+        page.locator(f".card[data-file='{BEE.name}'] .state", has_text="trying again").wait_for(timeout=30_000)
+        page.wait_for_selector(f".card[data-file='{BEE.name}'] .top-class", timeout=60_000)
+        failed = page.locator(".card.failed").count()
+        browser.close()
+    assert len(busy) == 2 and failed == 0 and outside == []
+
+
+@pytest.mark.slow
 def test_docs_page_renders_offline_in_a_real_browser(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:

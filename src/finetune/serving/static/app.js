@@ -4,6 +4,7 @@
 "use strict";
 
 const IN_FLIGHT = 4; // photos sent at once
+const TRIES = 4; // a photo answered 503 (server busy) is sent again after its Retry-After, up to this many times
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("finetune-token") || "";
 let topK = 5;
@@ -86,7 +87,7 @@ function showError(card, message) {
   card.querySelector(".state").textContent = message;
 }
 
-async function classify(file, card) {
+async function classify(file, card, attempt = 1) {
   card.querySelector(".state").textContent = "classifying…";
   const form = new FormData();
   form.append("file", file, file.name);
@@ -96,6 +97,11 @@ async function classify(file, card) {
     if (r.status === 401) {
       $("token-form").hidden = false;
       showError(card, "needs a token (above); drop the photo again after entering it");
+    } else if (r.status === 503 && attempt < TRIES) {
+      const seconds = Math.min(30, Math.max(1, Number(r.headers.get("Retry-After")) || 1));
+      card.querySelector(".state").textContent = "server busy: trying again in " + seconds + " s";
+      await new Promise((resume) => setTimeout(resume, seconds * 1000));
+      return classify(file, card, attempt + 1);
     } else if (!r.ok) {
       showError(card, answer.error || r.statusText);
     } else if (answer[0].error) {
