@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.data.labelfile import read_label_file
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import UsageError
 from finetune.models.model_file import ModelFile, save_model_file
 from finetune.models.registry import build_network
-from finetune.data.preprocessing import Preprocessing
 from finetune.quality import photo_features, ranking
 from finetune.quality.suggest import suggest
 
@@ -29,6 +29,11 @@ SAME = 1.0  # near-duplicates only when the features are identical
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def _unit(v):
@@ -79,7 +84,7 @@ def test_the_choice_is_uncertain_spread_out_and_never_a_near_duplicate(seed):
 
 
 def test_near_copies_of_labelled_photos_are_left_out():
-    x, probs, group = _pool()
+    x, probs, _ = _pool()
     labelled = x[[2, 3]] + 0.01  # two photos of group A labelled already (a re-encoded copy reads like this)
     choices, left_out = ranking.choose(x, probs, 5, labelled=labelled)
     assert {2, 3} <= set(left_out) and not set(left_out) & {c.index for c in choices}
@@ -166,18 +171,18 @@ def test_into_a_folder_copies_by_guess_and_the_next_round_suggests_other_photos(
     assert first.into["copied"] == 5 and sorted(os.listdir(pool)) == before  # copies: the pool is never changed
     for s in first.suggestions:
         assert (tmp_path / "to-label" / s.guess[0] / Path(s.path).name).is_file()
-    log = list(csv.DictReader(open(tmp_path / "to-label" / "suggested.csv")))
+    log = _rows(tmp_path / "to-label" / "suggested.csv")
     assert [row["source"] for row in log] == [s.path for s in first.suggestions]
     second = suggest(str(model), [str(pool)], 5, into=str(tmp_path / "to-label"), workers=1, similarity=SAME)
     assert len(second.pending) == 5 and not {s.path for s in second.suggestions} & {s.path for s in first.suggestions}
-    assert len(list(csv.DictReader(open(tmp_path / "to-label" / "suggested.csv")))) == 10
+    assert len(_rows(tmp_path / "to-label" / "suggested.csv")) == 10
 
 
 def test_into_a_label_file_gives_rows_to_correct_that_train_reads(tmp_path, pool):
     model = _model_file(tmp_path / "m.pt", ["ants", "bees"])
     labels = tmp_path / "to-label.csv"
     r = suggest(str(model), [str(pool)], 6, into=str(labels), workers=1, similarity=SAME)
-    rows = list(csv.DictReader(open(labels)))
+    rows = _rows(labels)
     assert r.into == {"form": "label_file", "path": str(labels), "added": 6, "rows": 6}
     assert list(rows[0]) == ["path", "guess"] and all(row["guess"] in ("ants", "bees") for row in rows)
     for i, row in enumerate(rows):  # the user corrects the guesses
@@ -189,7 +194,7 @@ def test_into_a_label_file_gives_rows_to_correct_that_train_reads(tmp_path, pool
     table = read_label_file(labels)
     assert table.classes == ["ants", "bees"] and len(table.rows) == 6 and "label column 'guess'" in table.columns
     again = suggest(str(model), [str(pool)], 4, into=str(labels), workers=1, similarity=SAME)
-    kept = list(csv.DictReader(open(labels)))
+    kept = _rows(labels)
     assert kept[:6] == rows and len(kept) == 10 and len(again.pending) == 6  # corrections kept, nothing twice
 
 
@@ -198,7 +203,7 @@ def test_multi_label_models_rank_per_label_and_go_to_a_label_file_only(tmp_path,
     r = suggest(str(model), [str(pool)], 3, into=str(tmp_path / "ml.csv"), workers=1, similarity=SAME)
     assert r.multi_label and len(r.suggestions) == 3
     assert all("threshold" in s.reason and len(s.top) == 3 for s in r.suggestions)
-    rows = list(csv.DictReader(open(tmp_path / "ml.csv")))
+    rows = _rows(tmp_path / "ml.csv")
     assert all(set(filter(None, row["guess"].split(";"))) <= {"ants", "bees", "grass"} for row in rows)
     with pytest.raises(UsageError, match="label file instead"):
         suggest(str(model), [str(pool)], 3, into=str(tmp_path / "folder"), workers=1)

@@ -85,13 +85,15 @@ def _table(r: Suggestions) -> None:
 
 def _summary(r: Suggestions, quiet: bool) -> None:
     """On stderr: what was ranked, what was left out and why, where the photos went and what to do next."""
-    left = [(len(r.already_labelled), "labelled already"), (len(r.pending), "waiting in --into from an earlier "
-                                                                             "round"),
+    left = [(len(r.already_labelled), "labelled already"),
+            (len(r.pending), "waiting in --into from an earlier round"),
             (len(r.near_labelled), "near-duplicates of labelled photos")]
     out_words = ", ".join(f"{n} {why}" for n, why in left if n) or "none"
     if not quiet:
-        err.print(f"ranked {r.ranked} of the pool's {r.pool} photos in {r.seconds:.1f} s ({r.features_cached} "
-                  f"photos' features from the cache); labelled photos known: {r.labelled}, {esc(r.labelled_source)}; "
+        t = r.timings
+        err.print(f"ranked {r.ranked} of the pool's {r.pool} photos in {r.seconds:.1f} s (loading the model "
+                  f"{t['model']:.1f} s, features {t['features']:.1f} s with {r.features_cached} from the cache, "
+                  f"ranking {t['ranking']:.1f} s); labelled photos known: {r.labelled}, {esc(r.labelled_source)}; "
                   f"left out: {out_words}", highlight=False)
     if not r.suggestions:
         err.print("[yellow]nothing to suggest[/]: every photo of the pool is labelled, waiting, unreadable, or a "

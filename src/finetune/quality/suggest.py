@@ -19,10 +19,15 @@ from pathlib import Path
 
 from finetune.config import MAX_PIXELS
 from finetune.data import content_index
-from finetune.data.inputs import Failure, check_inputs, expand_inputs
+from finetune.data.inputs import check_inputs, expand_inputs
 from finetune.errors import UsageError
 from finetune.quality.near_duplicates import NEAR_DUPLICATE
-from finetune.quality.photo_features import LoadedModel, head_logits, open_model, photo_features
+from finetune.quality.photo_features import (
+    LoadedModel,
+    head_logits,
+    open_model,
+    photo_features,
+)
 from finetune.quality.ranking import Choice, choose
 from finetune.quality.suggest_into import check_into, pending_in, suggest_into
 
@@ -67,7 +72,9 @@ class Suggestions:
     near_labelled: list[str]  # pool photos left out: near-duplicates of a labelled photo
     skipped: list[dict]  # {"path", "reason"}: names that match nothing, files that cannot be read
     features_cached: int  # photos whose features came from the cache
-    seconds: float  # the whole call: reading, features, ranking
+    seconds: float  # the whole call, from loading the model (torch's import included) to the ranked list
+    timings: dict = field(default_factory=dict)  # seconds: model (loading it), pool (listing, left-outs), features,
+    # ranking
     suggestions: list[Suggestion] = field(default_factory=list)
     into: dict | None = None  # where the photos were copied or listed (suggest_into)
 
@@ -116,13 +123,20 @@ def suggest(model_path: str, pool: Sequence[str], n: int, labelled: Sequence[str
     """Rank the photos of pool (files, folders, globs, label files) and return the n to label next; with into,
     copy them there (a folder) or list them (a .csv label file). similarity: the cosine similarity of features at
     which two photos are near-duplicates."""
-    t0 = time.perf_counter()
+    t0 = clock = time.perf_counter()
+    timings = {}
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        timings[what], clock = time.perf_counter() - clock, time.perf_counter()
+
     if n < 1:
         raise UsageError(f"-n {n}: suggest at least 1 photo")
     if not -1 < similarity <= 1:
         raise UsageError(f"--similarity {similarity}: a cosine similarity above -1, at most 1 (default "
                          f"{NEAR_DUPLICATE}; 1 passes over only photos whose features are identical)")
     model = open_model(model_path, device)
+    lap("model")
     if into:
         check_into(into, model.info.multi_label)
     files, missing = expand_inputs(list(pool))
@@ -132,16 +146,19 @@ def suggest(model_path: str, pool: Sequence[str], n: int, labelled: Sequence[str
     done = same_photos(files, known)
     waiting = same_photos([p for p in files if p not in done], pending_in(into)) if into else set()
     todo = [p for p in files if p not in done and p not in waiting]
+    lap("pool")
     on_start(len(todo) + len(known))
     feats, good, failed, cached = photo_features(model, todo, batch_size, workers, max_pixels, on_progress)
-    lab_feats, lab_good, lab_failed, lab_cached = photo_features(model, known, batch_size, workers, max_pixels,
-                                                                 on_progress)
+    lab_feats, lab_good, _, lab_cached = photo_features(model, known, batch_size, workers, max_pixels,
+                                                         on_progress)
+    lap("features")
     result = Suggestions(model_path, model.info.describe(), model.info.multi_label, list(model.info.classes), n,
                          len(files), len(good), len(lab_good), source, sorted(done), sorted(waiting), [],
                          [{"path": f.path, "reason": f.reason} for f in missing + failed],
-                         cached + lab_cached, 0.0)
+                         cached + lab_cached, 0.0, timings)
     if good:
         _rank(result, model, feats, good, lab_feats, lab_good, seed, similarity)
+    lap("ranking")
     if into and result.suggestions:
         result.into = suggest_into(result.suggestions, into, model.info.multi_label)
     result.seconds = time.perf_counter() - t0
@@ -189,10 +206,10 @@ def _suggestion(rank: int, c: Choice, good: list[str], lab_good: list[str], prob
 def reason(c: Choice, unsure: str, ranked: int) -> str:
     """Why a photo was chosen, in words: how sure the model is of it, and how unlike the photos above it."""
     sure = c.margin >= SURE_MARGIN
-    words = [f"{'fairly sure' if sure else 'unsure'} ({unsure}; {_ordinal(c.uncertainty_rank)} least sure of "
-             f"{ranked})"]
+    how = f"{'fairly sure' if sure else 'unsure'} ({unsure}; {_ordinal(c.uncertainty_rank)} least sure of {ranked})"
+    words = [how]
     if c.closest_chosen is None:
-        words.append("the most to learn from of all (the head's largest change)")
+        words.append("the most to learn from of all: the largest change to the model once labelled")
     else:
         words.append(f"{'but ' if sure else ''}unlike the photos above (closest {c.closest_chosen[1]:.2f})")
     if c.closest_labelled is not None:
