@@ -406,15 +406,17 @@ def test_a_multi_label_model_answers_with_its_labels_as_predict_json_does(traine
 
 @pytest.fixture
 def served(trained_model):
-    """A factory of (TestClient, ServedModel) for settings; the process's decode budget is restored afterwards."""
+    """A factory of (TestClient, ServedModel) for settings; the process's decode budget and Pillow's PNG text limit
+    are restored afterwards."""
     from fastapi.testclient import TestClient
+    from PIL import PngImagePlugin
 
     from finetune.data.images import set_decode_memory
     from finetune.serving.app import create_app
     from finetune.serving.handling import ServeSettings
     from finetune.serving.model import ServedModel
 
-    clients = []
+    clients, text_limit = [], PngImagePlugin.MAX_TEXT_MEMORY
 
     def make(**settings):
         model = ServedModel(load_predictor([str(trained_model)], "cpu"))
@@ -426,6 +428,7 @@ def served(trained_model):
     for client in clients:
         client.__exit__(None, None, None)
     set_decode_memory(None)
+    PngImagePlugin.MAX_TEXT_MEMORY = text_limit
 
 
 def _post_bee(client, **kw):
@@ -554,3 +557,23 @@ def test_a_tiny_decode_budget_decodes_medium_images_one_at_a_time_and_answers_al
     with Image.open(io.BytesIO(photo)) as img:  # the premise: one decode fits, two do not
         one = D.decode_estimate(img, 1200 // model.preprocessings[0].resize_size)
     assert budget.peak == one <= budget.limit < 2 * one
+
+
+def test_a_png_whose_text_chunks_inflate_to_60_mb_is_refused_without_holding_them(served):
+    """60 KB of zTXt chunks that Pillow would inflate to 60 MB when opening the file (outside any pixel budget):
+    the server allows 1 MB of text an image, so the upload gets 422 and the next request is served."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    client, _ = served()
+    info = PngImagePlugin.PngInfo()
+    for i in range(60):
+        info.add_text(f"note{i}", "A" * 1_000_000, zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 140, 30)).save(buf, "PNG", pnginfo=info)
+    assert len(buf.getvalue()) < 100_000
+    r = client.post("/predict", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 422 and "text chunks" in r.json()["error"]
+    assert PngImagePlugin.MAX_TEXT_MEMORY <= 2**20
+    assert _post_bee(client).status_code == 200

@@ -59,6 +59,7 @@ def create_app(model: ServedModel, paths: Sequence[str], settings: ServeSettings
     if settings.max_memory is not None:
         set_decode_memory(settings.max_memory)
     model.max_pixels = settings.max_pixels
+    _limit_png_text()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -116,6 +117,14 @@ def _api(app, fastapi) -> None:
                 "decodes_waiting": budget.waiting, "decode_memory_mb": {
                     "limit": round(budget.limit / 2**20), "in_use": round(budget.in_use / 2**20),
                     "peak": round(budget.peak / 2**20)}, "rss_mb": _rss_mb()}
+
+
+def _limit_png_text() -> None:
+    """PNG text chunks are inflated when the file is opened, before any budget sees its size, up to 64 MB an image
+    in Pillow (a 60 KB upload held 60 MB): this process serves images, not their text, so 1 MB an image."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 2**20)
 
 
 def _yielding_thread() -> None:
