@@ -168,3 +168,39 @@ def test_fine_tuning_from_the_probe_is_gentle_unless_told_otherwise():
     assert told.backbone_lr_mult is None  # the typed value stands
     outright = make_plan(TrainConfig(data="x", mode="finetune"), CPU)  # from a random head: the usual statistics
     assert not outright.frozen_statistics and outright.backbone_lr_mult is None
+
+
+def test_the_recipe_follows_the_photos_and_the_run(tiny_data, tmp_path):
+    from PIL import Image
+
+    from finetune.data.dataset import find_dataset
+    from finetune.data.preprocessing import Preprocessing
+    from finetune.training.recipe import choose_recipe
+
+    pre = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    split = find_dataset(tiny_data)  # 500x375-ish photos
+    cfg = TrainConfig(data="x")
+    assert choose_recipe(cfg, True, False, pre, split).augment == "standard"  # large photos, from a random head
+    assert choose_recipe(cfg, True, True, pre, split).augment == "light"  # from the probe
+    assert choose_recipe(cfg, False, False, pre, split).augment == "standard"  # a frozen backbone's head
+    given = TrainConfig(data="x", augment="trivial", given=("augment",))
+    assert choose_recipe(given, True, True, pre, split).augment == "trivial"  # as typed
+    small = tmp_path / "small"
+    for s in split.train + split.val:
+        out = small / s.path.split("photos/")[1]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(s.path) as img:
+            img.resize((128, 96)).save(out)
+    recipe = choose_recipe(cfg, True, False, pre, find_dataset(small))
+    assert recipe.augment == "light" and recipe.photo_side == 96 and "small" in recipe.why
+
+
+def test_train_accuracy_below_val_for_epochs_says_the_augmentation_is_too_strong(tiny_data, tmp_path, monkeypatch):
+    from finetune.training import loop
+
+    said = []
+    monkeypatch.setattr(loop, "STRONG_MARGIN", -2.0)  # every epoch counts as below val: the check itself is tested
+    run_training(TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=3, batch_size=8,
+                             output=str(tmp_path / "r"), workers=0),
+                 lambda e, **k: said.append(k) if e == "augmentation_strong" else None)
+    assert len(said) == 1 and said[0]["epochs"] == 3 and said[0]["augment"] == "standard"

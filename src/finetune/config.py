@@ -18,7 +18,7 @@ SCHEDULERS = ("cosine", "step", "plateau", "none")
 MODES = ("auto", "finetune", "feature-extract")
 BALANCE = ("none", "weighted-loss", "sampler")
 SOLVERS = ("lbfgs", "sgd")
-AUGMENTATIONS = ("none", "light", "standard", "trivial", "randaugment")
+AUGMENTATIONS = ("auto", "none", "light", "standard", "trivial", "randaugment")
 TRACKERS = ("tensorboard", "mlflow")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # Pillow's own decompression-bomb error threshold (2 x 89.5 MP): larger images are refused from the header.
@@ -47,7 +47,7 @@ class TrainConfig:
     time_budget: float = 0.0  # seconds for the whole run: fine-tuning epochs planned to fit; 0 = --epochs as given
     batch_size: int = 32  # larger than the tutorial's 4: fewer, better-utilised steps
     workers: int = -1  # -1: min(4, cpu count - 1)
-    augment: str = "standard"  # none | light | standard
+    augment: str = "auto"  # auto: chosen for the run and the photos (training.recipe) | none | light | standard | ...
     train_size: int = 0  # training crop in pixels; 0: 80 % of the eval crop in finetune mode (training.setup)
     val_fraction: float = 0.2  # used only when DATA has no val folder (or its label file no split column)
     path_col: str | None = None  # label file: the column of image paths; None = detected (path, file, image, ...)
@@ -149,7 +149,7 @@ EVERY_RUN = ("data", "model", "weights", "mode", "time_budget", "workers", "val_
              "init_from", "given")
 # What config.json records about a run besides its settings (finetune.training.loop); `--config` ignores them.
 RUN_FACTS = ("lr_used", "train_size_used", "classes", "layout", "train_images", "val_images", "device", "precision",
-             "base_weights", "preprocessing", "processes", "data_root", "plan")
+             "base_weights", "preprocessing", "processes", "data_root", "plan", "recipe")
 _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "augment": AUGMENTATIONS,
             "balance": BALANCE, "solver": SOLVERS}
 

@@ -49,7 +49,7 @@ class Observer:
         """What the run will do on this machine with what was given (probe, fine-tuning, budget), and why."""
 
     def on_recipe(self, why: str, train_size: int, eval_size: int, augment: str) -> None:
-        """The training recipe chosen for these photos (crop sizes, augmentation), and why."""
+        """Fine-tuning's recipe: the training and eval crops, the augmentation chosen for the photos, and why."""
 
     def on_decode_start(self, total: int, keep: bool, budget_gb: float) -> None:
         """Decoding the images once before epoch 1: into RAM when keep, else a check that each decodes."""
@@ -92,6 +92,9 @@ class Observer:
 
     def on_update_ratio(self, group: str, ratio: float, band: tuple[float, float], advice: str) -> None:
         """An update/weight ratio outside the healthy band: the learning rate is likely wrong."""
+
+    def on_augmentation_strong(self, augment: str, epochs: int, train_acc: float, val_acc: float) -> None:
+        """Train accuracy stayed below val for several epochs: the augmentation is too strong for these photos."""
 
     def on_early_stop(self, epoch: int, best_epoch: int, patience: int) -> None:
         """--patience ended the run."""

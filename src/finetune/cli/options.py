@@ -82,8 +82,9 @@ WeightDecay = Annotated[float, typer.Option(metavar="WD", rich_help_panel=OPTIM,
 Scheduler = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, help=(
     f"Learning-rate schedule: {one_of(SCHEDULERS)}."))]
 Augment = Annotated[str, typer.Option(metavar="NAME", rich_help_panel=OPTIM, help=(
-    f"Training augmentation, {one_of(AUGMENTATIONS)}: light = crop 35-100 % + flip; standard = crop 8-100 %, "
-    "flip, rotation up to 10 deg; trivial = crop 8-100 %, flip + TrivialAugmentWide; randaugment = crop 8-100 %, "
+    f"Training augmentation, {one_of(AUGMENTATIONS)}: auto = light for small photos (shorter side under the "
+    "resize) and for fine-tuning from the probe, else standard; light = crop 35-100 % + flip; standard = crop "
+    "8-100 %, flip, rotation up to 10 deg; trivial = crop 8-100 %, flip + TrivialAugmentWide; randaugment = crop 8-100 %, "
     "flip + RandAugment (2 ops, magnitude 9)."))]
 Mixup = Annotated[float, typer.Option(metavar="ALPHA", rich_help_panel=OPTIM, help=(
     "MixUp: blend pairs of training images and their labels, weight ~ Beta(ALPHA, ALPHA), e.g. 0.2 (0 = off). "

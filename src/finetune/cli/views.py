@@ -67,6 +67,9 @@ class TrainView(Observer):
     def on_plan(self, why):
         self.log(f"[bold]plan[/] {esc(why)}")
 
+    def on_recipe(self, why, train_size, eval_size, augment):
+        self.log(f"[bold]recipe[/] train crop {train_size} / eval crop {eval_size} px; {esc(why)}")
+
     def on_planned(self, epochs, phase_epochs, epoch_seconds, budget):
         self.epochs = epochs
         if self.epoch_task is not None:
@@ -162,6 +165,11 @@ class TrainView(Observer):
                  f"{pct(row['train_acc']):>6}  val loss {row['val_loss']:.4f} acc {pct(row['val_acc']):>6}{mean_ap}"
                  f"  {'lr ' + format(row['lr'], '.2e') if row['lr'] is not None else 'probe      '}  "
                  f"{row['seconds']:.1f}s{mark}")
+
+    def on_augmentation_strong(self, augment, epochs, train_acc, val_acc):
+        self.warn(f"train accuracy stayed below val for {epochs} epochs ({pct(train_acc)} against {pct(val_acc)}): the "
+                  f"{esc(augment)} augmentation is too strong for these photos; try --augment "
+                  f"{'light' if augment != 'light' else 'none'}")
 
     def on_update_ratio(self, group, ratio, band, advice):
         self.warn(f"{group} update/weight ratio {ratio:.1e} is outside the healthy {band[0]:g}..{band[1]:g} for a "

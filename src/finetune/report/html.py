@@ -25,7 +25,7 @@ PICTURES = (("curves", "Training curves"), ("probe", "The linear probe's L2 sear
             ("label_issues", "Likely label errors (given / suggested label)"))
 # Settings shown as used: the key of what was used instead of the requested value, and the label.
 USED_INSTEAD = {"lr": "lr_used", "train_size": "train_size_used", "amp": "precision", "weights": "base_weights"}
-NOT_SHOWN = set(USED_INSTEAD.values()) | {"preprocessing", "classes", "plan"}
+NOT_SHOWN = set(USED_INSTEAD.values()) | {"preprocessing", "classes", "plan", "recipe"}
 
 
 def write_report(run_dir: str | os.PathLike, *, history: list[dict], classes: list[str], wrong: list[dict],
@@ -95,7 +95,8 @@ def _facts(config: dict, classes: list[str], summary: dict) -> list[tuple[str, o
                   f"{100 * interval[1]:.1f} %, Wilson)")
     facts = [("arch", config.get("model")), ("base weights", config.get("base_weights")), ("data", config.get("data")),
              ("classes", ", ".join(classes) if len(classes) <= 20 else f"{len(classes)} classes"),
-             ("plan", (config.get("plan") or {}).get("why")), ("best epoch", summary.get("best_epoch")),
+             ("plan", (config.get("plan") or {}).get("why")), ("recipe", config.get("recipe")),
+             ("best epoch", summary.get("best_epoch")),
              ("best val accuracy", shown),
              ("time", None if seconds is None else f"{seconds:.0f} s")]
     cal = summary.get("calibration")

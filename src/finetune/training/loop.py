@@ -26,6 +26,10 @@ from finetune.training.setup import Phase, Prepared, prepare, torch_flags
 from finetune.training.tracking import tracked
 
 
+# Train accuracy this far below val for this many fine-tuning epochs in a row: the augmentation is too strong.
+STRONG_AFTER, STRONG_MARGIN = 3, 0.02
+
+
 @dataclass
 class Run:
     """A finished training run: where its model is, how good it is, and how it got there."""
@@ -92,12 +96,13 @@ class _Training:
             "data_root": p.split.root, "multi_label": p.split.multi_label,
             "device": str(p.device), "precision": p.trainer.precision, "base_weights": p.choice.label,
             "preprocessing": p.choice.preprocessing.to_dict(), "processes": self.world.size,
-            "plan": dataclasses.asdict(p.plan)}
+            "plan": dataclasses.asdict(p.plan), "recipe": p.recipe.why}
         self.saver = RunSaver(folder, config, p.split.classes, enabled=self.world.main)
         self.history: list[dict] = []
         self.t_start = 0.0
         # best also carries what the run's pictures need: filters before training and at the best epoch, val logits.
         self.best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "filters_before": p.net.first_conv_weight()}
+        self.said_strong = False  # the augmentation-too-strong warning, given once
         # Multi-label runs keep the epoch with the best val mAP (threshold-free), not exact-match accuracy.
         self.task = p.trainer.task
         self.val_targets = self.task.targets(p.split.val, len(p.split.classes)) if self.task.multi_label else None
@@ -175,6 +180,7 @@ class _Training:
         if scheduled:
             for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr):
                 self.emit("update_ratio", **warning)
+            self._check_augmentation(row)
         row["seconds"] = time.perf_counter() - t0
         row["elapsed"] = time.monotonic() - STARTED  # since the command started: time to this epoch's model
         self.history.append(row)
@@ -195,6 +201,17 @@ class _Training:
             self.emit("early_stop", epoch=epoch, best_epoch=self.best["epoch"], patience=self.cfg.patience)
             return True
         return False
+
+    def _check_augmentation(self, row: dict) -> None:
+        """Train accuracy below val for STRONG_AFTER epochs in a row, on augmented views, means the augmentation is
+        too strong for these photos (said once)."""
+        trained = [r for r in self.history + [row] if r.get("lr") is not None][-STRONG_AFTER:]
+        if len(trained) < STRONG_AFTER or self.cfg.augment == "none" or self.said_strong:
+            return
+        if all(r["train_acc"] < r["val_acc"] - STRONG_MARGIN for r in trained):
+            self.said_strong = True
+            self.emit("augmentation_strong", augment=self.cfg.augment, epochs=STRONG_AFTER,
+                      train_acc=row["train_acc"], val_acc=row["val_acc"])
 
     @staticmethod
     def _run_epoch(phase: Phase, local: int) -> dict:

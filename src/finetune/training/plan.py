@@ -115,7 +115,7 @@ def _budget_ignored(budget: float) -> str:
 
 def _budget_words(cfg: TrainConfig) -> str:
     if not cfg.time_budget:
-        return f", {cfg.epochs} epochs"
+        return f", {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
     cap = f"at most {cfg.epochs} " if "epochs" in cfg.given else ""
     return (f", {cap}epochs to fill {cfg.time_budget / 60:.3g} min (planned from the first epoch's time; the lr "
             "schedule spans them)")

@@ -26,6 +26,7 @@ from finetune.training.epochs import ImageEpochs
 from finetune.training.features import feature_epochs
 from finetune.training.initfrom import init_choice, kept_head, load_init
 from finetune.training.plan import Plan, make_plan
+from finetune.training.recipe import Recipe, choose_recipe
 from finetune.training.resume import check_same_split
 from finetune.training.sanity import overfit_split
 from finetune.training.trainer import Trainer
@@ -71,6 +72,7 @@ class Prepared:
     phases: list[Phase]
     train_size: int  # the training crop (the eval crop is choice.preprocessing.crop_size)
     split_files: dict  # the split as scanned (DatasetSplit.files), before unreadable files were dropped
+    recipe: Recipe  # the augmentation chosen for the run and the photos
 
     @property
     def epochs(self):
@@ -185,6 +187,8 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
     resolve = timm_models.resolve_weights if timm_models.is_timm(cfg.model) else resolve_weights
     choice = init_choice(cfg, init) if init is not None else resolve(cfg.model, cfg.weights)
     emit("dataset", split=split, device=str(device), weights=choice.label, processes=world.size)
+    recipe = choose_recipe(cfg, plan.mode == "finetune", plan.probe_first, choice.preprocessing, split)
+    cfg = dataclasses.replace(cfg, augment=recipe.augment)
     task = task_for(split.multi_label)
     task.check(cfg)  # what this kind of head cannot use, refused before any long work
     _label_file_checks(cfg, split, emit)
@@ -202,6 +206,9 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
                       stop=stop, check_initial_loss=fresh_head)
     emit("plan", why=plan.why)
     train_size = train_crop(cfg, choice, net)
+    if plan.mode == "finetune":
+        emit("recipe", why=recipe.why, train_size=train_size, eval_size=choice.preprocessing.crop_size,
+             augment=recipe.augment)
     if use_features:
         run = feature_epochs(trainer, split, local, choice, workers, emit, train_size)
         phases = [Phase(run, getattr(run, "count", cfg.epochs))]
@@ -209,7 +216,7 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
         phases = _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train_size, resume)
     if any(getattr(ph.run, "scheduled", True) for ph in phases):  # a probe alone takes no SGD step
         emit("precision", precision=trainer.precision)
-    return Prepared(cfg, plan, device, split, choice, net, trainer, phases, train_size, split_files)
+    return Prepared(cfg, plan, device, split, choice, net, trainer, phases, train_size, split_files, recipe)
 
 
 def _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train_size, resume) -> list[Phase]:
