@@ -7,9 +7,11 @@ writes (or reuses) under --out:
 - antsbees/           the ants/bees folder as it is (a link): 245 train / 153 val photos, median 500x375
 - antsbees-thumbs/    the same photos shrunk to 128 px on their longer side (thumbnails: 128x96 for most)
 - antsbees-12mp/      the same photos upscaled to 12 MP (4000x3000 for 4:3) and saved as JPEG (phone-camera files)
-- dogs/               the dog-breed label file and photos as they are (a link): 120 fine-grained classes, 2-17 each
-- dogs-thumbs/        the dog photos shrunk to 128 px, with the same label file (small and fine-grained)
-The split of each is the one finetune makes (val folders where given, else its stratified 20 %, seed 0).
+- dogs/               the dog-breed photos in train/ and val/ class folders (links): finetune's own split of the
+                      label file (stratified 20 %, seed 0), without the 3 breeds too small to hold a photo out
+                      (117 fine-grained classes, 2-13 training photos each), so that the PyTorch tutorial's
+                      ImageFolder recipe and finetune see the same split
+- dogs-thumbs/        the same photos and split, shrunk to 128 px (small and fine-grained)
 """
 
 import argparse
@@ -51,16 +53,34 @@ def phone(w: int, h: int) -> tuple[int, int]:
     return round(w * scale), round(h * scale)
 
 
+def _split_folders(labels: Path, dst: Path) -> None:
+    """finetune's split of a label file as train/ and val/ class folders of links (classes with a val photo only)."""
+    from finetune.data.dataset import find_dataset
+
+    if dst.exists():
+        return
+    split = find_dataset(labels)
+    with_val = {s.label for s in split.val}
+    for part, samples in (("train", split.train), ("val", split.val)):
+        for s in samples:
+            if s.label in with_val:
+                link = dst / part / split.classes[s.label] / os.path.basename(s.path)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(os.path.abspath(s.path))
+
+
 def build(shared: Path, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     hym, dogs = shared / "hymenoptera_data", shared / "dog_breeds"
     _link(hym, out / "antsbees")
     _resized(hym, out / "antsbees-thumbs", thumb)
     _resized(hym, out / "antsbees-12mp", phone)
-    _link(dogs, out / "dogs")
-    _resized(dogs, out / "dogs-thumbs", thumb)
-    shutil.copyfile(dogs / "labels.csv", out / "dogs-thumbs" / "labels.csv")
-    return {name: out / name / ("labels.csv" if name.startswith("dogs") else "") for name in SETS}
+    _split_folders(dogs / "labels.csv", out / "dogs")
+    small = out / "dog-photos-thumbs"
+    _resized(dogs, small, thumb)
+    shutil.copyfile(dogs / "labels.csv", small / "labels.csv")
+    _split_folders(small / "labels.csv", out / "dogs-thumbs")
+    return {name: out / name for name in SETS}
 
 
 def main() -> None:
