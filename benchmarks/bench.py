@@ -99,10 +99,14 @@ def commit() -> str:
 
 
 def train_commands(a: argparse.Namespace, scenario: str, seed: int, tmp: Path) -> dict[str, list]:
-    common = ["--mode", scenario, "--epochs", a.epochs, "--seed", seed, "--weights", a.weights]
-    return {"baseline": [sys.executable, BASELINE, a.data, *common,
+    common = ["--mode", scenario, "--seed", seed, "--weights", a.weights]
+    # finetune's feature-extract fits its converged probe once: --epochs is the tutorial's alone there (finetune
+    # refuses an option its run would not use).
+    epochs = ["--epochs", a.epochs]
+    return {"baseline": [sys.executable, BASELINE, a.data, *common, *epochs,
                          "--out", tmp / "base.pt", "--json", tmp / "base.json"],
-            "finetune": [FINETUNE, "train", a.data, "--model", "resnet18", *common, "-o", tmp / "run", "-q"]}
+            "finetune": [FINETUNE, "train", a.data, "--model", "resnet18", *common,
+                         *(epochs if scenario == "finetune" else []), "-o", tmp / "run", "-q"]}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -117,6 +121,7 @@ def summarize(runs: list[dict]) -> dict:
                            "mean_acc": statistics.mean(accs), "min_acc": min(accs), "max_acc": max(accs),
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         s["commits"] = sorted({r.get("commit", "?") for r in runs if r["scenario"] == scenario})
+        s["cpus"] = sorted({r.get("cpu", "?") for r in runs if r["scenario"] == scenario})  # one, or say so
         if len(s) == len(TOOLS) + 1:
             s["seconds_ratio"] = s["baseline"]["mean_seconds"] / s["finetune"]["mean_seconds"]
         summary[scenario] = s
@@ -132,12 +137,13 @@ def save(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     lines = ["| scenario | baseline s | finetune s | ratio | baseline acc (min-max) | finetune acc (min-max) "
-             "| baseline peak MB | finetune peak MB | commit |", "|---|---:|---:|---:|---|---|---:|---:|---|"]
+             "| baseline peak MB | finetune peak MB | commit | CPU |", "|---|---:|---:|---:|---|---|---:|---:|---|---|"]
     for scenario, s in results["summary"].items():
         b, f = s["baseline"], s["finetune"]
         acc = [f"{t['mean_acc']:.3f} ({t['min_acc']:.3f}-{t['max_acc']:.3f})" for t in (b, f)]
         lines.append(f"| {scenario} | {b['mean_seconds']:.1f} | {f['mean_seconds']:.1f} | {s['seconds_ratio']:.2f}x "
-                     f"| {acc[0]} | {acc[1]} | {b['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {', '.join(s['commits'])} |")
+                     f"| {acc[0]} | {acc[1]} | {b['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {', '.join(s['commits'])} "
+                     f"| {', '.join(s['cpus'])} |")
     one, folder, export = results["predict"]["one_image"], results["predict"]["folder"], results["export"]
     if "feature_extract_cache_warm" in results:
         lines += ["", f"feature-extract again on the same data (feature cache warm): "
@@ -177,7 +183,8 @@ def main() -> None:
                 print(f"[{scenario} seed {seed}] {tool} ...", file=sys.stderr, flush=True)
                 timing, _ = run(cmds[tool], tmp)
                 out = tmp / ("base.json" if tool == "baseline" else "run/results.json")
-                record = {"tool": tool, "scenario": scenario, "seed": seed, "commit": version, **timing,
+                record = {"tool": tool, "scenario": scenario, "seed": seed, "commit": version,
+                          "cpu": results["machine"]["cpu"], **timing,
                           "best_val_acc": json.loads(out.read_text())["best_val_acc"]}
                 results["runs"].append(record)
                 save(results, a.out)
