@@ -148,7 +148,7 @@ def test_distributed_run_resumes_at_the_right_epoch_with_any_number_of_processes
 def test_feature_extract_mode_with_two_processes(tiny_data, tmp_path):
     out = tmp_path / "fe"
     r = _finetune("train", tiny_data, "--gpus", 2, "--device", "cpu", "--weights", "none", "--mode",
-                  "feature-extract", "--epochs", 3, "-b", 4, "-o", out, "-q")
+                  "feature-extract", "-o", out, "-q")  # the probe: each rank extracts its share, all fit alike
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     single = evaluate_folder(str(out / "best.pt"), str(tiny_data), device="cpu")
