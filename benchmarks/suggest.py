@@ -12,6 +12,11 @@ accuracy, and adds N photos of the pool: the ones `suggest` ranks first (finetun
 head's probabilities and the features, the photos labelled so far passed as labelled), or N at random. Until the
 pool is used up.
 
+With --arms, other rankings run beside them (the ablation behind suggest's choice): margin (the N smallest top-1
+minus top-2), entropy (the N largest), kcenter (k-center greedy on the features' cosine distance from the labelled and
+chosen photos) and wkmeans (the 10N smallest margins clustered by k-means weighted by uncertainty, the photo nearest
+each centre: Zhdanov 2019); --fixed-l2 fits every head at one L2 (no search: an ablation runs in minutes, not hours).
+
 The score: labels needed to reach 95 % of the accuracy with every pool photo labelled, per seed, read two ways:
 first reached (the first round at or above it), and reached for good (the first round from which every later
 round stays at or above it: where a user can stop). The file holds every curve; the plot draws the mean over seeds
@@ -50,10 +55,13 @@ def embedded(data: str, weights: str):
     return emb.features[train], y[train], emb.features[test], y[test], emb.classes
 
 
+FIXED_L2: list = [None]  # --fixed-l2: one L2 for every fit (None: searched by cross-validation, as train does)
+
+
 def fitted(x, y, classes: int, seed: int):
     from finetune.training.probe import fit_probe
 
-    return fit_probe(x, y, classes, seed)
+    return fit_probe(x, y, classes, seed, l2=FIXED_L2[0])
 
 
 def accuracy(probe, x, y) -> float:
@@ -70,6 +78,9 @@ def picks(arm: str, probe, x, labelled: list[int], n: int, seed: int, rng) -> tu
     t0 = time.perf_counter()
     if arm == "random":
         chosen = left[torch.randperm(len(left), generator=rng)[:n]].tolist()
+    elif arm in BASELINES:
+        probs = (x[left] @ probe.weight.T + probe.bias).softmax(1)
+        chosen = [int(left[i]) for i in BASELINES[arm](x[left], probs, x[labelled], n, rng)]
     else:
         probs = (x[left] @ probe.weight.T + probe.bias).softmax(1)
         choices, _ = choose(x[left], probs, n, x[labelled], seed=seed)
@@ -78,6 +89,58 @@ def picks(arm: str, probe, x, labelled: list[int], n: int, seed: int, rng) -> tu
             rest = [int(i) for i in left if int(i) not in chosen]
             chosen += rest[:n - len(chosen)]
     return chosen, time.perf_counter() - t0
+
+
+def _margin(x, probs, labelled, n, rng):
+    top = probs.topk(2, 1).values
+    return (top[:, 0] - top[:, 1]).argsort()[:n].tolist()
+
+
+def _entropy(x, probs, labelled, n, rng):
+    return (probs * probs.clamp_min(1e-12).log()).sum(1).argsort()[:n].tolist()
+
+
+def _kcenter(x, probs, labelled, n, rng):
+    import torch
+
+    z, zl = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(labelled, dim=1)
+    far = (1 - z @ zl.T).min(1).values
+    out = []
+    for _ in range(min(n, len(x))):
+        i = int(far.argmax())
+        out.append(i)
+        far = torch.minimum(far, 1 - z @ z[i])
+        far[out] = -1
+    return out
+
+
+def _wkmeans(x, probs, labelled, n, rng, iters: int = 20):
+    import torch
+
+    top = probs.topk(2, 1).values
+    margin = top[:, 0] - top[:, 1]
+    pool = margin.argsort()[:10 * n]
+    z, w = torch.nn.functional.normalize(x[pool], dim=1), (1 - margin[pool]).clamp_min(1e-6)
+    centres = [int(torch.multinomial(w / w.sum(), 1, generator=rng))]
+    d2 = ((z - z[centres[0]]) ** 2).sum(1)
+    while len(centres) < min(n, len(pool)):
+        weight = w * d2
+        centres.append(int(torch.multinomial(weight / weight.sum(), 1, generator=rng)) if weight.sum() > 0
+                       else int(d2.argmax()))
+        d2 = torch.minimum(d2, ((z - z[centres[-1]]) ** 2).sum(1))
+    c = z[centres].clone()
+    for _ in range(iters):
+        nearest = torch.cdist(z, c).argmin(1)
+        for j in range(len(c)):
+            if (nearest == j).any():
+                c[j] = (w[nearest == j, None] * z[nearest == j]).sum(0) / w[nearest == j].sum()
+    dist = torch.cdist(z, c)
+    out = list(dict.fromkeys(int(pool[dist[:, j].argmin()]) for j in range(len(c))))
+    rest = [int(i) for i in pool if int(i) not in out] + [i for i in range(len(x)) if i not in set(pool.tolist())]
+    return (out + rest)[:n]
+
+
+BASELINES = {"margin": _margin, "entropy": _entropy, "kcenter": _kcenter, "wkmeans": _wkmeans}
 
 
 def simulate(data, arm: str, seed: int, start: int, step: int) -> dict:
@@ -110,24 +173,25 @@ def needed(curve: list, target: float) -> dict:
     return {"first": first, "for_good": for_good}
 
 
-def run_set(name: str, shared: Path, weights: str, seeds: int) -> dict:
+def run_set(name: str, shared: Path, weights: str, seeds: int, arms: tuple = ("suggest", "random")) -> dict:
     rel, start, step = SETS[name]
     data = embedded(str(shared / rel), weights)
     x, y, xt, yt, classes = data
     full = accuracy(fitted(x, y, len(classes), 0), xt, yt)
     target = TARGET * full
     runs = []
-    for arm in ("suggest", "random"):
+    for arm in arms:
         for seed in range(seeds):
             t0 = time.perf_counter()
             r = simulate(data, arm, seed, start, step)
             runs.append(r | needed(r["curve"], target) | {"seconds": round(time.perf_counter() - t0, 1)})
     summary = {}
-    for arm in ("suggest", "random"):
+    for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
         summary[arm] = {k: {"per_seed": [r[k] for r in mine], "mean": sum(r[k] for r in mine) / len(mine)}
                         for k in ("first", "for_good")}
-    ratio = {k: summary["random"][k]["mean"] / summary["suggest"][k]["mean"] for k in ("first", "for_good")}
+    ratio = {k: summary["random"][k]["mean"] / summary["suggest"][k]["mean"] for k in ("first", "for_good")} \
+        if {"random", "suggest"} <= set(arms) else None
     return {"data": rel, "pool": len(x), "test": len(xt), "classes": len(classes), "start_per_class": start,
             "step": step, "all_labels_accuracy": full, "target": target, "labels_needed": summary,
             "fewer_labels_than_random": ratio, "runs": runs}
@@ -168,21 +232,25 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results-suggest.json"))
     ap.add_argument("--plot", default=str(HERE / "suggest.png"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    ap.add_argument("--arms", default="suggest,random", help=f"suggest, random, {', '.join(BASELINES)}")
+    ap.add_argument("--fixed-l2", type=float, help="one L2 for every head fit (no search)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    FIXED_L2[0] = args.fixed_l2
     shared = Path(args.shared)
     weights = str(shared / "weights" / "mobilenet_v2-imagenet-int8dequant.pth")
     for name in args.sets.split(","):
         t0 = time.perf_counter()
-        found = run_set(name, shared, weights, args.seeds)
+        found = run_set(name, shared, weights, args.seeds, tuple(args.arms.split(",")))
         results = json.loads(Path(args.out).read_text()) if os.path.exists(args.out) else {"sets": {}}
         results["sets"][name] = found | {"seconds": round(time.perf_counter() - t0), "cpu": cpu_name(),
                                          "command": "python benchmarks/suggest.py " + " ".join(
                                              f"--{k} {v}" for k, v in vars(args).items() if k != "shared")}
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        plot(results, Path(args.plot))
+        if args.plot != "none":
+            plot(results, Path(args.plot))
 
 
 if __name__ == "__main__":

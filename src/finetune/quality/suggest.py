@@ -118,7 +118,8 @@ def same_photos(pool: list[str], others: list[str]) -> set[str]:
 
 def suggest(model_path: str, pool: Sequence[str], n: int, labelled: Sequence[str] | None = None,
             into: str | None = None, seed: int = 0, device: str = "auto", batch_size: int = 32, workers: int = 2,
-            max_pixels: int = MAX_PIXELS, similarity: float = NEAR_DUPLICATE, on_start: Callable[[int], None] = lambda total: None,
+            max_pixels: int = MAX_PIXELS, similarity: float = NEAR_DUPLICATE,
+            on_start: Callable[[int], None] = lambda total: None,
             on_progress: Callable[[int], None] = lambda n: None) -> Suggestions:
     """Rank the photos of pool (files, folders, globs, label files) and return the n to label next; with into,
     copy them there (a folder) or list them (a .csv label file). similarity: the cosine similarity of features at
@@ -148,14 +149,17 @@ def suggest(model_path: str, pool: Sequence[str], n: int, labelled: Sequence[str
     todo = [p for p in files if p not in done and p not in waiting]
     lap("pool")
     on_start(len(todo) + len(known))
-    feats, good, failed, cached = photo_features(model, todo, batch_size, workers, max_pixels, on_progress)
-    lab_feats, lab_good, _, lab_cached = photo_features(model, known, batch_size, workers, max_pixels,
-                                                         on_progress)
+    everything, got, failed, cached = photo_features(model, todo + known, batch_size, workers, max_pixels,
+                                                     on_progress)  # one pass: the cache is read and written once
+    ours = set(todo)
+    good = [p for p in got if p in ours]
+    lab_good = [p for p in got if p not in ours]
+    feats, lab_feats = everything[:len(good)], everything[len(good):]
     lap("features")
     result = Suggestions(model_path, model.info.describe(), model.info.multi_label, list(model.info.classes), n,
                          len(files), len(good), len(lab_good), source, sorted(done), sorted(waiting), [],
-                         [{"path": f.path, "reason": f.reason} for f in missing + failed],
-                         cached + lab_cached, 0.0, timings)
+                         [{"path": f.path, "reason": f.reason} for f in missing + [f for f in failed if f.path in ours]],
+                         cached, 0.0, timings)
     if good:
         _rank(result, model, feats, good, lab_feats, lab_good, seed, similarity)
     lap("ranking")
