@@ -127,11 +127,13 @@ class Rss:
         self._stop.set()
 
 
-def start(model: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str, Rss]:
-    """The server, its stderr into log (a pipe nobody reads would block it once full)."""
+def start(model: str, extra: list[str], log: Path, src: Path | None) -> tuple[subprocess.Popen, str, Rss]:
+    """The server (src: the package from another commit), its stderr into log (a pipe nobody reads would block it
+    once full)."""
+    env = {**os.environ, "PYTHONPATH": str(src)} if src else None
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", "-m", model, "--port", "0", *extra],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     url = proc.stdout.readline().strip().rstrip("/")
     if not url.startswith("http://127.0.0.1:"):
         proc.kill()
@@ -245,9 +247,10 @@ async def after_storm(url: str) -> dict:
     return {"status": status, "top_class": top, "ms": round(seconds * 1000, 1), "health": health}
 
 
-def scenario(model: str, extra: list[str], plan: list[tuple[str, bytes]], clients: int) -> dict:
+def scenario(model: str, extra: list[str], plan: list[tuple[str, bytes]], clients: int,
+             src: Path | None = None) -> dict:
     log = Path(tempfile.mkstemp(prefix="serve-storm-", suffix=".log")[1])
-    proc, url, rss = start(model, extra, log)
+    proc, url, rss = start(model, extra, log, src)
     try:
         asyncio.run(run_requests(url, [("bee photo", BEE.read_bytes())] * clients, clients, rss))  # inference warm
         time.sleep(1)
@@ -349,23 +352,40 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="requests of the mixed scenario")
     ap.add_argument("--only", choices=("storm", "mixed", "decode"), help="run one scenario")
     ap.add_argument("--before", default="63ae81a", help="the commit whose decoding the decode scenario compares")
+    ap.add_argument("--server-at", metavar="COMMIT", help=(
+        "storm only: serve with the package as it was at COMMIT (each of its decodes of a 144-MP PNG held ~1.2 GB: "
+        "keep --clients small)"))
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "finetune-serve-storm"))
     ap.add_argument("--results", default="benchmarks/results-serve-storm.json")
     args = ap.parse_args()
     data = images(Path(args.cache))
     rows = {}
+    if args.server_at:
+        if args.only != "storm":
+            raise SystemExit("--server-at goes with --only storm")
+        src = Path(args.cache) / f"src-{args.server_at}"
+        if not src.exists():
+            archive = subprocess.run(["git", "archive", args.server_at, "src"], capture_output=True, check=True,
+                                     cwd=REPO).stdout
+            src.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["tar", "-x", "-C", str(src.parent), "--transform", f"s,^src,src-{args.server_at},"],
+                           input=archive, check=True)
+    suffix = (f", {args.clients} clients" if args.clients != 32 else "") + \
+        (f", server at {args.server_at}" if args.server_at else "")
     if args.only in (None, "storm"):
         storm = [("144-MP PNG", data["144-MP PNG"])] * args.clients
-        rows["storm, --max-pixels 150000000"] = scenario(args.model, ["--max-pixels", "150000000"], storm,
-                                                        args.clients)
-        show("storm, --max-pixels 150000000", rows["storm, --max-pixels 150000000"])
-        rows["storm, defaults"] = scenario(args.model, [], storm, args.clients)
-        show("storm, defaults", rows["storm, defaults"])
+        name = "storm, --max-pixels 150000000" + suffix
+        rows[name] = scenario(args.model, ["--max-pixels", "150000000"], storm, args.clients,
+                              src if args.server_at else None)
+        show(name, rows[name])
+    if args.only in (None, "storm") and not args.server_at:
+        rows["storm, defaults" + suffix] = scenario(args.model, [], storm, args.clients)
+        show("storm, defaults" + suffix, rows["storm, defaults" + suffix])
     if args.only in (None, "mixed"):
         rng = random.Random(0)
         kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=args.requests)
-        rows["mixed, defaults"] = scenario(args.model, [], [(k, data[k]) for k in kinds], args.clients)
-        show("mixed, defaults", rows["mixed, defaults"])
+        rows["mixed, defaults" + suffix] = scenario(args.model, [], [(k, data[k]) for k in kinds], args.clients)
+        show("mixed, defaults" + suffix, rows["mixed, defaults" + suffix])
     if args.only in (None, "decode"):
         rows["decode, 16 48-MP PNGs, 2 workers"] = decode_scenario(args.model, Path(args.cache), args.before)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -375,7 +395,7 @@ def main() -> None:
     results.write_text(json.dumps({
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "commit": commit,
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "command": "python benchmarks/serve_storm.py --model " + os.path.basename(args.model),
+        "command": "python benchmarks/serve_storm.py --model MODEL [--only SCENARIO --clients N --server-at COMMIT]",
         "upload_bytes": {k: len(v) for k, v in data.items()}, "mix": MIX, "scenarios": earlier | rows},
         indent=1) + "\n")
 
