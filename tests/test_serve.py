@@ -577,3 +577,13 @@ def test_a_png_whose_text_chunks_inflate_to_60_mb_is_refused_without_holding_the
     assert r.status_code == 422 and "text chunks" in r.json()["error"]
     assert PngImagePlugin.MAX_TEXT_MEMORY <= 2**20
     assert _post_bee(client).status_code == 200
+
+
+def test_memory_options_become_the_servers_settings():
+    from finetune.cli.serve import _settings
+    from finetune.serving.handling import ServeSettings
+
+    s = _settings(3, 20.0, 16, 16, 0.0, 256, None, 1000, 64.0, 2.5)
+    assert (s.max_pixels, s.max_memory, s.max_wait_s) == (1000, 64 * 2**20, 2.5)
+    default = _settings(3, 20.0, 16, 16, 0.0, 256, None, ServeSettings().max_pixels, None, 10.0)
+    assert default.max_memory is None and default.max_pixels == 64_000_000  # None: 1/16 of the machine's memory
