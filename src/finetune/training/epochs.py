@@ -3,6 +3,8 @@ backbone features through the head alone. Both return the epoch's metrics and ke
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from finetune._util import ddp as dist
 from finetune.data.dataset import DatasetSplit
 from finetune.data.images import ImageDataset, collate
@@ -66,6 +68,21 @@ def evaluate(trainer: Trainer, loader, on_failed=lambda failed: None,
     return loss_sum, correct, total
 
 
+class Epochs(Protocol):
+    """What a phase of a run trains with: ImageEpochs, FeatureEpochs or (training.probe) ProbeEpochs."""
+
+    scheduled: bool  # SGD steps on an lr schedule; False: the probe, fitted once
+    fixed_count: int | None  # the epochs it always takes (the probe: 1); None: as planned
+    batches: int  # steps per epoch
+    generator: object  # its random state (shuffling), saved for an exact resume
+    val_logits: object | None  # the last epoch's val logits
+    train_feats: object | None  # frozen-backbone features of the training images, where it has them
+    probe: object | None  # the converged probe it fitted (training.probe.Probe), where it fits one
+
+    def __call__(self, epoch: int) -> dict:
+        """Train and validate one epoch: train_loss, train_acc, val_loss, val_acc."""
+
+
 class ImageEpochs:
     """The general path: forward and backward through the model on augmented images.
 
@@ -96,6 +113,7 @@ class ImageEpochs:
                                       trainer.device, cfg.seed)
         self.batches = len(self.train_loader)
         self.generator = self.train_loader.generator  # the shuffle order; saved for an exact resume
+        self.scheduled, self.fixed_count, self.train_feats, self.probe = True, None, None, None
         self.reported: set[str] = set()
         self.pending: list = []  # files failed in this rank since the last report (several processes)
         self.val_logits = None
@@ -197,6 +215,7 @@ class FeatureEpochs:
         self.generator = torch.Generator().manual_seed(trainer.cfg.seed)
         self.batches = -(-len(train_labels) // trainer.cfg.batch_size)
         self.val_logits = None
+        self.scheduled, self.fixed_count, self.probe = True, None, None
 
     def endless_batches(self):
         """Endless training batches on the device, for the lr range test: (features, labels, head)."""

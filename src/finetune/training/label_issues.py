@@ -133,7 +133,7 @@ def run_label_issues(p, folds: int = LABEL_FOLDS) -> dict:
     run's own pretrained-backbone features (a training image's views averaged); else how to get it."""
     import torch
 
-    feats = getattr(p.epochs, "train_feats", None)
+    feats = p.epochs.train_feats
     cfg = p.trainer.cfg
     if feats is None:
         return {"skipped": "a fine-tuned backbone has learnt the labels it would judge; rank label issues with the "
@@ -148,7 +148,7 @@ def run_label_issues(p, folds: int = LABEL_FOLDS) -> dict:
     features = torch.cat([feats.float().mean(0).cpu(), p.epochs.val_feats.float().cpu()])
     emb = Embeddings(split.root, split.classes, [s.path for s in samples], [s.label for s in samples],
                      ["train"] * len(split.train) + ["val"] * len(split.val), features, [], p.choice.label)
-    probe = getattr(p.epochs, "probe", None)  # the run's L-BFGS probe: its L2 was chosen by CV already
+    probe = p.epochs.probe  # the run's L-BFGS probe: its L2 was chosen by CV already
     try:
         return label_issues(emb, folds, cfg.seed, probe.l2 if probe is not None else None)
     except DatasetError as e:  # a class too small for K folds: the run is fine, the section says why it is empty

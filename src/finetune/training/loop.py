@@ -124,7 +124,7 @@ class _Training:
         else:
             self.saver.start(p.split_files)
         self.emit("run_config", run_dir=self.saver.folder, config=self.saver.config, resumed=first > 1)
-        steps = [ph for ph in p.phases if getattr(ph.run, "scheduled", True)]
+        steps = [ph for ph in p.phases if ph.run.scheduled]
         unknown = any(ph.planned for ph in p.phases)  # a time budget plans them after the first fine-tuning epoch
         self.emit("start", run_dir=self.saver.folder, epochs=None if unknown else self.last, batches=p.epochs.batches,
                   lr=p.trainer.lr if steps else None, first=first,
@@ -169,7 +169,7 @@ class _Training:
         """Train and validate one epoch, keep what improved; True when early stopping ends the run."""
         t, t0 = self.p.trainer, time.perf_counter()
         self.emit("epoch_start", epoch=epoch)
-        scheduled = getattr(phase.run, "scheduled", True)
+        scheduled = phase.run.scheduled
         lr_used = t.optimizer.param_groups[0]["lr"] if scheduled else None
         row = {"epoch": epoch, **self._run_epoch(phase, local), "lr": lr_used,
                "update_ratio_head": t.update_ratios["head"], "update_ratio_backbone": t.update_ratios["backbone"]}
@@ -248,7 +248,7 @@ class _Training:
                        "seconds": seconds, "model": str(self.saver.model_path),
                        "skipped": [{"path": p, "reason": r} for p, r in split.skipped],
                        "label_issues": run_label_issues(self.p)}
-            probe = next((ph.run.probe for ph in self.p.phases if getattr(ph.run, "probe", None) is not None), None)
+            probe = next((ph.run.probe for ph in self.p.phases if ph.run.probe is not None), None)
             if probe is not None:  # what the probe chose, and the search that chose it (report.html draws it)
                 summary["probe"] = {"l2": probe.l2, "cv_loss": probe.cv_loss, "grid": [list(g) for g in probe.grid]}
             if split.multi_label:

@@ -162,7 +162,7 @@ class ProbeEpochs:
     """Feature-extract mode with --solver lbfgs: one "epoch" that fits the converged probe on the cached training
     features and puts it into the model's head; the val images are only measured, never used to choose."""
 
-    count = 1  # the loop runs this many epochs, whatever --epochs says
+    fixed_count = 1  # the loop runs this many epochs, whatever --epochs says
     scheduled = False  # fitted once, to convergence: no lr schedule, no SGD step
 
     def __init__(self, trainer, train_feats, train_labels, val_feats, val_labels):

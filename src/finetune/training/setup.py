@@ -22,7 +22,7 @@ from finetune.models.registry import Network, build_network, check_model_name
 from finetune.models.weights import WeightsChoice, load_pretrained_state, resolve_weights
 from finetune.tasks.base import task_for
 from finetune.training.cache import decode_for_training
-from finetune.training.epochs import ImageEpochs
+from finetune.training.epochs import Epochs, ImageEpochs
 from finetune.training.features import feature_epochs
 from finetune.training.initfrom import init_choice, kept_head, load_init
 from finetune.training.plan import Plan, make_plan
@@ -54,7 +54,7 @@ def torch_flags(cfg: TrainConfig):
 class Phase:
     """Epochs of one kind: run(local epoch) -> metrics; they are epochs offset+1 .. offset+count of the run."""
 
-    run: object  # ImageEpochs, FeatureEpochs or ProbeEpochs
+    run: Epochs  # ImageEpochs, FeatureEpochs or ProbeEpochs
     count: int
     offset: int = 0
     planned: bool = False  # its count is planned from the first epoch's time (--time-budget)
@@ -211,10 +211,10 @@ def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lam
              augment=recipe.augment)
     if use_features:
         run = feature_epochs(trainer, split, local, choice, workers, emit, train_size)
-        phases = [Phase(run, getattr(run, "count", cfg.epochs))]
+        phases = [Phase(run, run.fixed_count or cfg.epochs)]
     else:
         phases = _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train_size, resume)
-    if any(getattr(ph.run, "scheduled", True) for ph in phases):  # a probe alone takes no SGD step
+    if any(ph.run.scheduled for ph in phases):  # a probe alone takes no SGD step
         emit("precision", precision=trainer.precision)
     return Prepared(cfg, plan, device, split, choice, net, trainer, phases, train_size, split_files, recipe)
 
