@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from finetune.data import images as D
+from finetune.data import memory as M
 
 W, H = 1600, 1200  # "medium" images: 7.7 MB decoded
 
@@ -22,7 +23,7 @@ W, H = 1600, 1200  # "medium" images: 7.7 MB decoded
 @pytest.fixture(autouse=True)
 def _default_budget():
     yield
-    D.set_decode_memory(None)
+    M.set_decode_memory(None)
 
 
 def _until(condition, seconds=30.0):
@@ -51,9 +52,9 @@ def _gradient(mode: str, size=(W, H)) -> Image.Image:
 
 
 def test_a_reservation_waits_for_room_and_gives_up_after_its_wait():
-    budget = D.DecodeBudget(100)
+    budget = M.DecodeBudget(100)
     with budget.reserve(60):
-        with pytest.raises(D.DecodeBusy, match="no room for"), budget.reserve(60, wait=0.05):
+        with pytest.raises(M.DecodeBusy, match="no room for"), budget.reserve(60, wait=0.05):
             pass
         with budget.reserve(40, wait=0):
             assert budget.in_use == 100
@@ -61,7 +62,7 @@ def test_a_reservation_waits_for_room_and_gives_up_after_its_wait():
 
 
 def test_first_come_first_served_and_one_larger_than_the_budget_runs_alone():
-    budget, order = D.DecodeBudget(100), []
+    budget, order = M.DecodeBudget(100), []
     holder = budget.reserve(30)
     holder.__enter__()
 
@@ -83,11 +84,11 @@ def test_first_come_first_served_and_one_larger_than_the_budget_runs_alone():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_a_forked_loader_worker_starts_with_an_empty_budget_of_the_same_size():
-    budget = D.set_decode_memory(123 * 2**20)
+    budget = M.set_decode_memory(123 * 2**20)
     with budget.reserve(100 * 2**20):
         pid = os.fork()
         if pid == 0:
-            child = D.decode_budget()
+            child = M.decode_budget()
             os._exit(0 if child is not budget and child.in_use == 0 and child.limit == 123 * 2**20 else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -178,7 +179,7 @@ def one_decode_at_a_time(monkeypatch):
     until three others wait for room (so that decodes outside the budget would show as overlap)."""
     with Image.open(io.BytesIO(_png_bytes())) as img:
         one = D.decode_estimate(img, 1)
-    budget = D.set_decode_memory(int(1.5 * one))
+    budget = M.set_decode_memory(int(1.5 * one))
     state = {"now": 0, "most": 0, "held": False}
     lock, real = threading.Lock(), D._reduced_rgb
 

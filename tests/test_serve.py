@@ -411,7 +411,7 @@ def served(trained_model):
     from fastapi.testclient import TestClient
     from PIL import PngImagePlugin
 
-    from finetune.data.images import set_decode_memory
+    from finetune.data.memory import set_decode_memory
     from finetune.serving.app import create_app
     from finetune.serving.handling import ServeSettings
     from finetune.serving.model import ServedModel
@@ -465,7 +465,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_next_request_is_serve
 
 
 def test_no_room_in_the_decode_memory_within_max_wait_is_503_then_served(served):
-    from finetune.data.images import decode_budget
+    from finetune.data.memory import decode_budget
 
     client, _ = served(max_wait_s=0.2)
     budget = decode_budget()
@@ -525,10 +525,11 @@ def test_a_tiny_decode_budget_decodes_medium_images_one_at_a_time_and_answers_al
     from PIL import Image
 
     from finetune.data import images as D
+    from finetune.data.memory import decode_budget
 
     photo = _image_bytes((1600, 1200))
     client, model = served(max_memory=int(1.5 * (1600 * 1200 * 4 + D._DECODER_STATE)), max_intake=4, max_wait_s=60)
-    budget, threads = D.decode_budget(), client.app.state.decoders._max_workers  # one a core
+    budget, threads = decode_budget(), client.app.state.decoders._max_workers  # one a core
     if threads < 2:
         pytest.skip("one decoding thread on a one-core machine: decodes never overlap, budget or not")
     now, most, held, real = [0], [0], [], D._reduced_rgb

@@ -11,7 +11,7 @@ from finetune.cli import options as o
 from finetune.cli.app import command
 from finetune.cli.infer import model_paths, name_model, runtime_note
 from finetune.cli.render import err, esc, out, warn
-from finetune.data.images import DECODE_MEMORY_MAX, DECODE_MEMORY_MIN, DECODE_MEMORY_SHARE, decode_budget
+from finetune.data.memory import DECODE_MEMORY_MAX, DECODE_MEMORY_MIN, DECODE_MEMORY_SHARE, decode_budget
 from finetune.errors import UsageError
 from finetune.inference.predictor import load_predictor
 from finetune.serving.app import create_app, web

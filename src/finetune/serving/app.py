@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from finetune.data.images import decode_budget, set_decode_memory
+from finetune.data.memory import decode_budget, set_decode_memory
 from finetune.errors import UsageError
 from finetune.serving.batching import Batcher
 from finetune.serving.handling import ApiError, ServeSettings, check_token, intake, predict

@@ -11,7 +11,8 @@ import hmac
 import time
 from dataclasses import dataclass
 
-from finetune.data.images import DecodeBusy, TooManyPixels, decode_budget, describe_failure
+from finetune.data.images import TooManyPixels, describe_failure
+from finetune.data.memory import DecodeBusy, decode_budget
 from finetune.serving.batching import Busy
 from finetune.serving.model import SERVE_MAX_PIXELS, ServedModel
 
@@ -32,7 +33,7 @@ class ServeSettings:
     token: str | None = None  # when set, /predict and /model need `Authorization: Bearer <token>`
     max_pixels: int = SERVE_MAX_PIXELS  # beyond it an upload gets 413 (serving.model says why this value)
     # Bytes of decoded pixels at once, all requests together (the process's decode budget): an image is decoded when
-    # its estimate (from its header) fits. None: images.default_decode_memory(), 1/16 of the machine's memory.
+    # its estimate (from its header) fits. None: memory.default_decode_memory(), 1/16 of the machine's memory.
     max_memory: int | None = None
     # How long a request may wait for its turn (to be read, then for decode memory) before it gets 503.
     max_wait_s: float = 10.0
