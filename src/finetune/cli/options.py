@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from typing import Annotated
 
 import typer
@@ -244,19 +245,27 @@ OPTION_DEFAULTS = {"time_budget": None}
 
 def settings(*names: str):
     """The command also takes these TrainConfig settings as options (from SETTINGS, defaults from TrainConfig); they
-    reach it in its **settings. Its own parameters come first in help, the settings after them."""
+    reach it in its **settings. In help its arguments come first, then the settings, then its own options."""
     def wrap(func):
         sig = inspect.signature(func, eval_str=True)  # real types: typer reads its options from them
         own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        first = [p for p in own if p.annotation is typer.Context or _is_argument(p.annotation)]
         added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=OPTION_DEFAULTS.get(n, D[n]),
                                    annotation=SETTINGS[n]) for n in names]
+        rest = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=p.annotation)
+                for p in own if p not in first]
 
         @functools.wraps(func)
         def command(*args, **kwargs):
             return func(*args, **kwargs)
 
-        command.__signature__ = sig.replace(parameters=[*own, *added])
+        command.__signature__ = sig.replace(parameters=[*first, *added, *rest])
         command.__annotations__ = {**func.__annotations__, **{n: SETTINGS[n] for n in names}}
         return command
 
     return wrap
+
+
+def _is_argument(annotation) -> bool:
+    extras = typing.get_args(annotation)[1:] if typing.get_origin(annotation) is Annotated else ()
+    return any(isinstance(m, typer.models.ArgumentInfo) for m in extras)
