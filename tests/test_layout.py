@@ -144,4 +144,4 @@ def test_option_tables_in_docs_are_those_of_help():
     docs = SRC.parents[1] / "docs"
     assert sync(docs, check=True) == [], "run `python -m finetune.cli.reference` to regenerate them"
     blocks = sum(p.read_text(encoding="utf-8").count("<!-- options:") for p in docs.glob("*.md"))
-    assert blocks == 8  # train, lr-find, tune, predict, evaluate, export, check, serve
+    assert blocks == 9  # train, lr-find, tune, predict, evaluate, export, check, suggest, serve

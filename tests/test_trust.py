@@ -51,6 +51,32 @@ def test_heads_never_score_their_own_images_and_cleanlab_ranks_flips_first():
     assert sum(float(probs[i, noisy[i]]) for i in flipped) / 10 < 0.3
 
 
+def test_the_noise_estimate_counts_disagreements_only_where_the_heads_are_surest():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(100, 3, generator=g), 1) * 0.5 + 0.1  # unsure heads: max at most 0.6
+    probs[:20] = torch.tensor([0.98, 0.01, 0.01])  # the fifth they are surest about: class 0
+    labels = [0] * 18 + [1, 2] + [int(v) for v in (probs[20:].argmax(1) + 1) % 3]  # the unsure fifths all disagree
+    est = trust.noise_estimate(labels, probs)
+    assert est["basis_images"] == 20 and est["basis_disagreeing"] == 2 and est["rate"] == pytest.approx(0.1)
+    low, high = est["ci95"]
+    assert 0.02 < low < 0.1 < high < 0.35 and est["expected_wrong"] == 10  # not the 82 % the heads disagree with
+
+
+def test_check_labels_reads_as_a_queue_to_review_never_as_a_count_of_wrong_labels(capsys):
+    from finetune.cli.trust import render_labels
+
+    suspects = [{"path": f"cats/{i}.jpg", "split": "train", "given": "siamese", "suggested": "birman",
+                 "confidence": 0.8} for i in range(230)]
+    render_labels({"folds": 5, "images": 995, "out_of_sample_accuracy": 0.70, "suspects": suspects,
+                   "noise_estimate": {"rate": 0.06, "ci95": [0.035, 0.10], "images": 995, "basis_images": 199,
+                                      "basis_disagreeing": 12, "expected_wrong": 60}})
+    text = " ".join(capsys.readouterr().err.split())
+    assert "agree with 70.0% of the 995 labels" in text and "estimated 6.0% (95 % interval 3.5%-10.0%)" in text
+    assert "review these 230 first" in text and "not a count of wrong labels" in text
+    assert "many are the heads' own mistakes" in text  # even 10 % of 995 is fewer than the 230 queued
+    assert "label error" not in text
+
+
 def test_a_class_with_one_image_is_refused():
     from finetune.errors import DatasetError
 
@@ -158,6 +184,8 @@ def test_check_labels_cli_json_and_review(tmp_path, real_cache):
     report = json.loads(r.stdout)
     assert {"labels", "near_duplicates", "outliers", "review"} <= set(report)
     assert report["labels"]["images"] == 48 and report["labels"]["out_of_sample_accuracy"] > 0.75
+    est = report["labels"]["noise_estimate"]
+    assert est["basis_images"] == 10 and est["ci95"][0] <= est["rate"] <= est["ci95"][1]
     assert all({"path", "given", "suggested", "confidence"} <= set(s) for s in report["labels"]["suspects"])
 
 

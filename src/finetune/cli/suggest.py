@@ -33,11 +33,11 @@ def suggest_command(
                      ] = None,
     count: Annotated[int, typer.Option("--count", "-n", metavar="N", help="How many photos to suggest.")
                      ] = DEFAULT_COUNT,
-    into: Annotated[str | None, typer.Option("--into", metavar="FOLDER|FILE.csv", help=(
-        "Also copy the photos as FOLDER/<guess>/<photo> (labelling is moving the wrong ones to their class folder; "
-        "logged in FOLDER/suggested.csv), or, for a FILE.csv, add them to that label file as path,guess rows to "
-        "correct (multi-label models: a label file only). Ready for `finetune train`; a later round adds to it and "
-        "never suggests what is already there."))] = None,
+    into: Annotated[str | None, typer.Option("--into", metavar="DEST", help=(
+        "Also copy the photos as DEST/<guess>/<photo> (labelling is moving the wrong ones to their class folder; "
+        "logged in DEST/suggested.csv), or, for a DEST ending in .csv, add them to that label file as path,guess "
+        "rows to correct (multi-label models: a label file only). Ready for `finetune train`; a later round adds to "
+        "it and never suggests what is already there."))] = None,
     labelled: Annotated[list[str] | None, typer.Option("--labelled", metavar="PATH", help=(
         "Photos already labelled (folders, files, globs, a label file); repeatable. They and their byte-identical "
         "or near-duplicate copies are never suggested. Default: the images the model was trained and validated on "
@@ -57,7 +57,7 @@ def suggest_command(
     """Which photos to label next: rank an unlabelled pool by what each would teach the model (how unsure it is
     of a photo, and how unlike the others it is), most useful first, with the model's guess and why."""
     chosen = model or str(latest_model())
-    with LazyProgress("reading the pool", quiet) as bar:
+    with LazyProgress("features", quiet) as bar:
         result = suggest(chosen, pool, count, labelled, into, seed, device, batch_size, workers, max_pixels,
                          similarity, bar.start, bar.advance)
     name_model([chosen], result.model_description, bool(model), quiet)

@@ -1,5 +1,6 @@
-"""What `check --labels` found, on stderr: likely label errors as a ranked table, near-duplicates like check's
-exact duplicates, outliers, and where the suspects were copied for review."""
+"""What `check --labels` found, on stderr: how often the heads agree with the labels, the estimated share of wrong
+labels, the queue of labels to review first (never read as a count of wrong ones), near-duplicates like check's exact
+duplicates, outliers, and where the queue was copied for review."""
 
 from __future__ import annotations
 
@@ -16,31 +17,56 @@ class TrustView(TrainView):
 
     def on_label_heads(self, images, folds):
         self._drop_task("decode_task")
-        self.log(f"[bold]label issues[/] {folds} linear heads, each scoring the images it was not fitted on "
-                 f"({images} images), then confident learning (cleanlab)")
+        self.log(f"[bold]labels[/] {folds} linear heads, each scoring the images it was not fitted on "
+                 f"({images} images), then confident learning (cleanlab) to rank what to review")
 
 
 def _more(items: list) -> str:
     return f"  ... {len(items) - SHOWN} more (--json lists them all)" if len(items) > SHOWN else ""
 
 
+def render_labels(labels: dict) -> None:
+    """How often the heads agree with the labels, the estimated share of wrong labels, then the queue to review:
+    never a count that reads as that many wrong labels."""
+    suspects, n = labels["suspects"], labels["images"]
+    err.print(f"[bold]labels[/] the {labels['folds']} heads (each scoring the images it was not fitted on) agree with "
+              f"{pct(labels['out_of_sample_accuracy'])} of the {n} labels", highlight=False)
+    est = labels.get("noise_estimate")
+    if est:
+        low, high = est["ci95"]
+        err.print(f"[bold]wrong labels[/] estimated {pct(est['rate'])} (95 % interval {pct(low)}-{pct(high)}), about "
+                  f"{est['expected_wrong']} of {n}: the {est['basis_disagreeing']} disagreements among the "
+                  f"{est['basis_images']} images the heads are surest about (it counts their own mistakes there "
+                  "too)", highlight=False)
+    if not suspects:
+        err.print("[green]nothing to review: the heads disagree confidently with no label[/]")
+        return
+    t = Table("#", Column("image", overflow="fold"), "split", "given", "heads' choice", "probability",
+              title=(f"review these {len(suspects)} first, most suspicious first" if len(suspects) > 1 else
+                     "review this one first"), title_justify="left")
+    for i, s in enumerate(suspects[:SHOWN], 1):
+        t.add_row(str(i), esc(s["path"]), s["split"], esc(s["given"]), esc(s["suggested"]), f"{s['confidence']:.2f}")
+    err.print(t)
+    if _more(suspects):
+        err.print(_more(suspects))
+    err.print(_queue_note(len(suspects), est, labels["out_of_sample_accuracy"]), highlight=False)
+
+
+def _queue_note(queued: int, est: dict | None, accuracy: float) -> str:
+    """What the queue is: the heads' confident disagreements, a list to work down, not a count of wrong labels."""
+    photos = f"the {queued} photos" if queued > 1 else "the photo"
+    note = (f"the queue holds {photos} where the heads confidently prefer another class: where to look first, not a "
+            "count of wrong labels")
+    if est and est["ci95"][1] * est["images"] < queued:
+        note += (f": even the high end of the estimate ({round(est['ci95'][1] * est['images'])} wrong labels in all) "
+                 f"is below it, so many are the heads' own mistakes (they are right {pct(accuracy)} of the time). "
+                 "Work down the list and stop when the photos stop being mislabelled")
+    return note
+
+
 def render_trust(r: dict) -> None:
-    """The label suspects, near-duplicate groups, outliers and the review folder."""
-    labels = r["labels"]
-    suspects = labels["suspects"]
-    err.print(f"[bold]labels[/] out-of-sample accuracy of the {labels['folds']} heads: "
-              f"{pct(labels['out_of_sample_accuracy'])} on {labels['images']} images", highlight=False)
-    if suspects:
-        t = Table("#", Column("image", overflow="fold"), "split", "given", "suggested", "confidence",
-                  title=f"{len(suspects)} likely label error(s), most likely first", title_justify="left")
-        for i, s in enumerate(suspects[:SHOWN], 1):
-            t.add_row(str(i), esc(s["path"]), s["split"], esc(s["given"]), esc(s["suggested"]),
-                      f"{s['confidence']:.2f}")
-        err.print(t)
-        if _more(suspects):
-            err.print(_more(suspects))
-    else:
-        err.print("[green]no likely label errors[/]")
+    """The review queue of labels, near-duplicate groups, outliers and the review folder."""
+    render_labels(r["labels"])
     near = r["near_duplicates"]
     for key, label in (("train_val_leakage", "near-duplicates in train and val (leakage)"),
                        ("across_classes", "near-duplicates under different classes (conflicting labels)"),
