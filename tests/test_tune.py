@@ -43,7 +43,7 @@ def _fake_run(calls=None):
         history = [top * (1 - 0.5 ** e) for e in range(1, cfg.epochs + 1)]
         for e, acc in enumerate(history, 1):
             emit("epoch_end", row={"epoch": e, "val_acc": acc}, improved=True)
-        return SimpleNamespace(best_val_acc=history[-1], best_epoch=cfg.epochs)
+        return SimpleNamespace(best_val_acc=history[-1], best_epoch=cfg.epochs, best_val_map=None)  # a Run's fields
     return run
 
 

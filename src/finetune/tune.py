@@ -344,7 +344,7 @@ class _Search:
 
 def _score(result) -> float:
     """What ranks a trial: val mAP for a multi-label run (what chose its best epoch), else val accuracy."""
-    mean_ap = getattr(result, "best_val_map", None)
+    mean_ap = result.best_val_map
     return result.best_val_acc if mean_ap is None else mean_ap
 
 

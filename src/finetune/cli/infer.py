@@ -24,7 +24,7 @@ from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_i
 from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.explain import Explainer, explain_into
 from finetune.inference.loading import open_predictor, prepare_next
-from finetune.inference.predictor import Ensemble, sort_into
+from finetune.inference.predictor import sort_into
 
 
 def model_paths(models: list[str] | None) -> list[str]:
@@ -34,8 +34,7 @@ def model_paths(models: list[str] | None) -> list[str]:
 
 def runtime_note(predictor) -> str:
     """", runtime openvino" (the runtimes of an ensemble's members, once each)."""
-    members = predictor.members if isinstance(predictor, Ensemble) else [predictor]
-    return ", runtime " + "/".join(dict.fromkeys(m.runtime for m in members))
+    return ", runtime " + predictor.runtime
 
 
 def name_model(paths: list[str], description: str, given: bool, quiet: bool) -> None:
@@ -76,7 +75,7 @@ def predict(
     explainer = Explainer(chosen[0], device, max_pixels) if explain else None  # refused before any prediction
     predictor = open_predictor(chosen, device, runtime, tta, max_pixels, threshold, needs_torch=bool(explain))
     name_model(chosen, predictor.info.describe() + runtime_note(predictor), bool(model), quiet)
-    multi = getattr(predictor, "multi_label", False)
+    multi = predictor.multi_label
     # Multi-label: the labels above their thresholds; the top-k scores too when -k is given (always in JSON/CSV).
     k = min(top_k or (len(predictor.classes) if multi else 3), len(predictor.classes))
     with LazyProgress("predicting", quiet) as bar:

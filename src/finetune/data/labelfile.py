@@ -352,7 +352,6 @@ class _Resolver:
         return entry.path, None
 
 
-def options_from(settings) -> LabelFileOptions:
-    """The label file options of anything carrying them by name (a TrainConfig, the CLI's parameters)."""
-    return LabelFileOptions(*(getattr(settings, f, None) for f in ("path_col", "label_col", "label_sep")),
-                            bool(getattr(settings, "multi_label", False)), getattr(settings, "image_dir", None))
+def options_from(cfg) -> LabelFileOptions:
+    """The label file options of a TrainConfig."""
+    return LabelFileOptions(cfg.path_col, cfg.label_col, cfg.label_sep, cfg.multi_label, cfg.image_dir)

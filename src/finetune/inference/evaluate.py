@@ -56,7 +56,7 @@ def evaluate_folder(model_path: str | list[str], data: str, device: str = "auto"
     model_paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
     predictor = load_predictor(model_paths, device, tta, max_pixels, thresholds, runtime)
     classes = predictor.classes
-    multi = getattr(predictor, "multi_label", False)
+    multi = predictor.multi_label
     samples, skipped, root = labelled_samples(data, classes, labels, multi)
     on_start(len(samples))
     label = {s.path: s.label for s in samples}

@@ -86,6 +86,7 @@ class LitePredictor:
         self.input = self.session.get_inputs()[0].name
         self.tta, self.max_pixels = tta, max_pixels
         self.runtime = "onnxruntime (no torch)"
+        self.multi_label, self.thresholds, self.members = False, None, [self]  # multi-label files take torch's path
 
     def _load(self, path: str):
         pre = self.info.preprocessing

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 from finetune._util.files import write_csv_atomic
@@ -16,6 +17,7 @@ from finetune.data.inputs import Failure, load_input, loaded_chunks
 from finetune.errors import UsageError
 from finetune.formats.load import Runnable, load_runnable
 from finetune.models.ensemble import check_ensemble, mean_probabilities
+from finetune.models.model_file import ModelFile
 from finetune.tasks.multilabel import parse_thresholds
 
 
@@ -33,6 +35,22 @@ def _top(probs, classes: list[str], k: int) -> list[tuple[str, float]]:
     return [(classes[j], float(v)) for v, j in zip(values.tolist(), indices.tolist())]
 
 
+class Classifier(Protocol):
+    """What every predictor offers (Predictor, Ensemble, the torch-free LitePredictor): predict, and what a caller
+    may need to know about it, declared rather than probed for."""
+
+    info: ModelFile  # the (first) model file's description: arch, classes, preprocessing, metrics
+    classes: list[str]
+    multi_label: bool  # sigmoids, each label decided at its threshold (ensembles and LitePredictor: never)
+    thresholds: list[float] | None  # multi-label: each class's decision threshold; else None
+    members: list  # the Predictors whose probabilities it averages (a single model: itself)
+    runtime: str  # what runs it: torch, onnxruntime, openvino, ...
+
+    def predict(self, paths: Sequence, top_k: int = 3, batch_size: int = 32, workers: int = 2,
+                on_progress: Callable[[int], None] = lambda n: None) -> Iterator[Prediction | Failure]:
+        """A Prediction or a Failure per input, in order."""
+
+
 class Predictor:
     """A loaded model plus its own preprocessing, ready to classify images."""
 
@@ -41,6 +59,7 @@ class Predictor:
         self.model = model
         self.info = model.info
         self.runtime: str = model.runtime  # what runs it: torch, onnxruntime, openvino, ...
+        self.members = [self]
         self.classes: list[str] = model.info.classes
         self.multi_label = model.info.multi_label  # sigmoid per class, a label where it reaches its threshold
         if thresholds and not self.multi_label:
@@ -104,9 +123,11 @@ class Ensemble:
 
     def __init__(self, members: Sequence[Predictor]):
         self.members = list(members)
-        check_ensemble([m.info for m in self.members])
+        check_ensemble([m.info for m in self.members])  # multi-label members are refused
         self.info = self.members[0].info
         self.classes = self.members[0].classes
+        self.multi_label, self.thresholds = False, None
+        self.runtime = "/".join(dict.fromkeys(m.runtime for m in self.members))
         self.temperature = 1.0  # each member applies its own; Prediction.logits are log mean probabilities
 
     def predict(self, paths: Sequence[str], top_k: int = 3, batch_size: int = 32, workers: int = 2,

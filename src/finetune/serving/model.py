@@ -21,7 +21,7 @@ class ServedModel:
 
     def __init__(self, predictor: Predictor | Ensemble, max_pixels: int = SERVE_MAX_PIXELS):
         self.predictor = predictor
-        self.members: list[Predictor] = list(getattr(predictor, "members", [predictor]))
+        self.members: list[Predictor] = list(predictor.members)
         self.classes: list[str] = predictor.classes
         self.info = predictor.info
         self.max_pixels = max_pixels
@@ -30,8 +30,7 @@ class ServedModel:
         self.group = [self.preprocessings.index(m.info.preprocessing) for m in self.members]
         self.transforms = [p.eval_transform() for p in self.preprocessings]
         # Multi-label (one model: ensembles of them are refused): sigmoids, and every label at its threshold.
-        self.multi_label = getattr(predictor, "multi_label", False)
-        self.thresholds = getattr(predictor, "thresholds", None)
+        self.multi_label, self.thresholds = predictor.multi_label, predictor.thresholds
 
     def prepare(self, data: bytes, deadline: float | None = None) -> tuple:
         """One input per distinct preprocessing, from an image's bytes (raises what decoding raises: DecodeBusy
