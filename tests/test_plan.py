@@ -23,7 +23,6 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ("auto", CUDA, 0, ("finetune", False)),  # a GPU fine-tunes
     ("auto", CUDA, 600, ("finetune", False)),
     ("finetune", CPU, 600, ("finetune", False)),  # asked for: as asked
-    ("feature-extract", CPU, 600, ("feature-extract", False)),
 ])
 def test_the_plan_follows_the_device_and_the_budget(mode, device, budget, expected):
     plan = make_plan(TrainConfig(data="x", mode=mode, time_budget=budget), device)
@@ -61,7 +60,7 @@ def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, loca
 
 
 # A value for each setting a kind of run may not use, unlike its default.
-OTHER = {"epochs": 3, "lr": 0.01, "optimizer": "adamw", "momentum": 0.8, "weight_decay": 0.001, "scheduler": "step",
+OTHER = {"time_budget": 600.0, "epochs": 3, "lr": 0.01, "optimizer": "adamw", "momentum": 0.8, "weight_decay": 0.001, "scheduler": "step",
          "batch_size": 4, "augment": "light", "train_size": 160, "dropout": 0.2, "patience": 2, "erasing": 0.25,
          "label_smoothing": 0.1, "freeze_epochs": 1, "backbone_lr_mult": 0.1, "mixup": 0.2, "cutmix": 1.0,
          "compile": True, "sync_bn": True, "solver": "sgd"}

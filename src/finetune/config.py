@@ -141,9 +141,10 @@ _RULES = (  # (setting, test of its value, what it must be)
 APPLIES = {name: "train" for name in ("epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
                                       "batch_size", "augment", "train_size", "dropout", "patience", "erasing",
                                       "label_smoothing")} | \
-    {name: "finetune" for name in ("freeze_epochs", "backbone_lr_mult", "mixup", "cutmix", "compile", "sync_bn")} | \
+    {name: "finetune" for name in ("freeze_epochs", "backbone_lr_mult", "mixup", "cutmix", "compile", "sync_bn",
+                                   "time_budget")} | \
     {"solver": "head"}
-EVERY_RUN = ("data", "model", "weights", "mode", "time_budget", "workers", "val_fraction", "path_col", "label_col",
+EVERY_RUN = ("data", "model", "weights", "mode", "workers", "val_fraction", "path_col", "label_col",
              "label_sep", "multi_label", "image_dir", "seed", "device", "amp", "channels_last", "output", "overwrite",
              "strict", "max_pixels", "balance", "overfit", "folds", "fold", "calibrate", "deterministic", "log",
              "init_from", "given")

@@ -64,12 +64,11 @@ def make_plan(cfg: TrainConfig, device) -> Plan:
 def _choose(cfg: TrainConfig, device) -> Plan:
     budget = cfg.time_budget
     if cfg.mode == "feature-extract":
-        return Plan("feature-extract", False, 0.0, _head_words(cfg) + _budget_ignored(budget))
+        return Plan("feature-extract", False, 0.0, _head_words(cfg))
     if cfg.mode == "finetune":
         return Plan("finetune", False, budget, "finetune: every layer trains" + _budget_words(cfg))
     if "solver" in cfg.given:  # a head fit was asked for by name
-        return Plan("feature-extract", False, 0.0, f"auto with --solver {cfg.solver}: " + _head_words(cfg)
-                    + _budget_ignored(budget))
+        return Plan("feature-extract", False, 0.0, f"auto with --solver {cfg.solver}: " + _head_words(cfg))
     if device.type != "cpu":
         return Plan("finetune", False, budget, f"auto on {device.type.upper()}: full fine-tuning" + _budget_words(cfg))
     if cfg.weights.strip().lower() == "none":  # a probe of random features is never the answer
@@ -107,10 +106,6 @@ def _head_words(cfg: TrainConfig) -> str:
     if cfg.solver == "lbfgs":
         return "feature-extract: a converged linear probe on the frozen backbone"
     return f"feature-extract: {cfg.epochs} epochs of SGD on the head of the frozen backbone"
-
-
-def _budget_ignored(budget: float) -> str:
-    return " (--time-budget does not apply)" if budget else ""
 
 
 def _budget_words(cfg: TrainConfig) -> str:
