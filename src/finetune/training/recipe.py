@@ -50,8 +50,8 @@ def photo_side(split: DatasetSplit) -> int | None:
 def choose_recipe(cfg: TrainConfig, fine_tunes: bool, from_probe: bool, pre: Preprocessing,
                   split: DatasetSplit) -> Recipe:
     """--augment auto resolved for this run and these photos (a given --augment stands)."""
-    if cfg.augment != "auto":
-        return Recipe(cfg.augment, f"--augment {cfg.augment} as given", None)
+    if cfg.augment != "auto":  # typed, or (resuming) chosen by the run before
+        return Recipe(cfg.augment, f"--augment {cfg.augment}" + (" as given" if "augment" in cfg.given else ""), None)
     if not fine_tunes:  # a frozen backbone's SGD head draws from a few cached views; the probe uses none
         return Recipe("standard", "standard crop for the head's cached views", None)
     side = photo_side(split)
