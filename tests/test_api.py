@@ -11,6 +11,7 @@ from PIL import Image
 import finetune
 from finetune.inference.evaluate import EvalReport
 from finetune.quality.doctor import CheckReport
+from finetune.training.loop import RunSummary
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "python.md"
 
@@ -31,6 +32,8 @@ def test_train_load_predict_evaluate_check_print_nothing_and_return_typed_result
                          observer=Epochs())
     assert isinstance(run, finetune.Run) and run.model_path.is_file() and seen == [1]  # the probe: one fit
     assert run.metrics["accuracy"] == pytest.approx(run.best_val_acc)
+    assert set(run.summary) <= _keys(RunSummary) and set(RunSummary.__annotations__) - set(run.summary) == {
+        "best_val_map", "rows_without_image"}  # results.json as declared (those two: multi-label, label files)
     model = finetune.load(run.model_path)
     assert model.classes == ["ants", "bees"] and model.runtime == "torch"
     photo = next((tiny_data / "val" / "ants").iterdir())

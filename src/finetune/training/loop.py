@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 from pathlib import Path
 
 from finetune import STARTED
@@ -30,6 +31,25 @@ from finetune.training.tracking import tracked
 STRONG_AFTER, STRONG_MARGIN = 3, 0.02
 
 
+class RunSummary(TypedDict, total=False):
+    """results.json: the best epoch's model and how good it is (Run.summary; the keys after `label_issues` appear
+    where they apply)."""
+
+    best_epoch: int
+    best_val_acc: float
+    best_val_loss: float
+    seconds: float
+    model: str  # best.pt
+    skipped: list[dict]  # path, reason: files left out
+    label_issues: dict  # likely label errors (suspects), or why they were not looked for (skipped)
+    probe: dict  # the probe's L2, its held-out loss and the L2 search (runs that fit one)
+    best_val_map: float | None  # multi-label runs
+    rows_without_image: dict  # a label file's rows naming no image: count, the first
+    val_metrics: dict  # ClassificationReport, or MultiLabelReport (metrics/)
+    calibration: dict  # ECE before and after, the temperature (fitted with --calibrate)
+    wrong: list[dict]  # the most confidently wrong val images
+
+
 @dataclass
 class Run:
     """A finished training run: where its model is, how good it is, and how it got there."""
@@ -43,7 +63,7 @@ class Run:
     seconds: float
     classes: list[str]
     device: str
-    summary: dict  # what results.json holds (RunSummary's fields)
+    summary: RunSummary  # what results.json holds
     best_val_map: float | None = None  # multi-label runs: the best epoch's macro mAP (what chose it)
 
     @property
