@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data.images import decode_to_tensor
+from finetune.data.images import decode_to_tensor, load_image
 from finetune.inference import onnx_fast as lite
 from finetune.inference.predictor import load_predictor
 
@@ -22,7 +22,7 @@ def test_prepared_images_equal_the_torch_paths(trained_model, tiny_data):
     pre = load_predictor([trained_model], "cpu").info.preprocessing
     for path in sorted((tiny_data / "val").rglob("*.jpg")):
         expected = pre.eval_transform()(decode_to_tensor(str(path), pre.resize_size)).numpy()
-        got = lite.prepare(lite.load_image(path, min_side=pre.resize_size), pre)
+        got = lite.prepare(load_image(path, min_side=pre.resize_size), pre)
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
 
 

@@ -127,7 +127,7 @@ def test_collages_reach_the_stated_map_and_every_command_round_trips(collage_run
     predicted = {Path(x["path"]).name: sorted(c["class"] for c in x["labels"]) for x in json.loads(r.stdout)}
     assert any(len(v) >= 2 for v in predicted.values())  # collages of two classes get two labels
 
-    r = invoke("export", tmp_path / "m.pt", "-m", run / "best.pt", "-q")
+    r = invoke("export", tmp_path / "m.pt", "-m", run / "best.pt")
     assert r.exit_code == 0 and "max probability difference" in r.stderr
     assert _labels_as_the_docs_load_them(tmp_path / "m.pt", images) == predicted
     assert _docs_snippet_prints(tmp_path, images[0]) == predicted[images[0].name]

@@ -128,7 +128,7 @@ def test_typed_epochs_on_a_cpu_train_from_the_probe_and_config_json_says_so(tiny
     result = CliRunner().invoke(app, ["train", str(tiny_data), "--weights", str(local_weights), "--epochs", "2",
                                       "-b", "8", "-j", "0", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "with --epochs 2" in result.output and "a converged linear probe first, then fine-tuning" in result.output
+    assert "with --batch-size 8 and --epochs 2" in result.output and "a converged linear probe first, then fine-tuning" in result.output
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert len(rows) == 3  # the probe, then the 2 epochs typed
     config = json.loads((out / "config.json").read_text())

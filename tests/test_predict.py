@@ -80,7 +80,8 @@ def test_sort_into_copies_never_overwrites_never_duplicates_and_logs(tiny_data, 
     assert rows[1]["copied_to"].endswith("unsure/" + src[1].name)
 
 
-def test_the_default_predict_path_caches_an_export_then_runs_without_torch(trained_model, tiny_data, monkeypatch):
+def test_the_default_predict_path_caches_an_export_then_runs_without_torch(trained_model, tiny_data, monkeypatch,
+                                                                           tmp_path):
     """As a user meets it (the torch-free path on, as by default): the first prediction runs through torch and caches
     an ONNX export; the next one with the same model file runs on onnxruntime, with the same answers."""
     from typer.testing import CliRunner
@@ -88,6 +89,7 @@ def test_the_default_predict_path_caches_an_export_then_runs_without_torch(train
     from finetune.cli import app
 
     monkeypatch.delenv("FINETUNE_LITE")  # the suite turns it off for every other test
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))  # as on a fresh machine: no export cached yet
     runner = CliRunner()
     args = ["predict", str(tiny_data / "val"), "-m", str(trained_model), "--json"]
     first, second = runner.invoke(app, args), runner.invoke(app, args)

@@ -287,3 +287,15 @@ def test_update_ratio_advice_is_judged_on_the_right_group(ratios, advice):
     if warnings:
         assert warnings[0]["group"] == ("backbone" if ratios["backbone"] is not None else "head")
     assert update_ratio_warnings(ratios, lr_now=0.003, lr_base=0.008) == []  # the schedule has decayed the lr
+
+
+def test_a_backbone_slowed_on_purpose_is_judged_against_its_own_rate():
+    """Fine-tuning from the probe trains the backbone at 0.1x the lr: its smaller steps are the plan, not a sign
+    that --lr is too low; 100x smaller still is."""
+    from finetune.training.sanity import update_ratio_warnings
+
+    slowed = {"head": 0.02, "backbone": 4e-5}
+    assert [w["advice"] for w in update_ratio_warnings(slowed, 0.008, 0.008)] == ["raise --lr"]
+    assert update_ratio_warnings(slowed, 0.008, 0.008, backbone_lr_mult=0.1) == []
+    assert [w["advice"] for w in update_ratio_warnings({"head": 0.02, "backbone": 4e-7}, 0.008, 0.008,
+                                                       backbone_lr_mult=0.1)] == ["raise --lr"]

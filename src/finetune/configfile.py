@@ -49,8 +49,8 @@ def load_config(path: str | Path) -> dict:
                              f"{option(name)} on the command line")
     check_names(settings, set(SETTINGS), f"--config {p}")
     out = {name: _typed(p, name, value) for name, value in settings.items()}
-    if run_record:  # it records every setting: what its user had given is what the repeat is given
-        out["given"] = tuple(n for n in recorded or [] if n in settings)
+    if run_record or recorded is not None:  # it records every setting and which its user had given (a run's
+        out["given"] = tuple(n for n in recorded or [] if n in settings)  # config.json, tune's best.json)
     return out
 
 

@@ -277,9 +277,18 @@ class _Search:
             settings = dataclasses.replace(self.base, **best.params, epochs=best.epochs).to_dict()
             for key in ("data", "output"):
                 settings.pop(key)
+            settings["given"] = list(self._given(best.params))
             best_config = write_json_atomic(self.root / "best.json", {
                 "format": "finetune-config", "trial": best.number, "val_acc": best.val_acc, "settings": settings})
         return TuneResult(self.root, self.done, best, best_config, stopped, resumed)
+
+    def _given(self, params: dict) -> tuple[str, ...]:
+        """What a trial (and `train --config best.json`) is given, as if its user had typed it: what the search's
+        user typed, what the trial searched, its epochs (and the SGD head of a feature-extract search). So a trial
+        applies what it searched (an auto plan on a CPU trains, not probes), and best.json does not ask for every
+        setting it records (--backbone-lr-mult would be refused for a frozen backbone)."""
+        solver = ("solver",) if self.base.mode == "feature-extract" else ()
+        return tuple(sorted({*self.base.given, *params, "epochs", *solver}))
 
     def _one(self) -> None:
         import optuna
@@ -288,7 +297,8 @@ class _Search:
         sampler = "random" if asked.number < self.startup else "tpe"
         trial = Trial(asked.number + 1, sampler, self.fine_epochs, self.space.suggest(asked))
         trial.run_dir = str(self.root / f"trial-{trial.number:03d}")
-        cfg = dataclasses.replace(self.base, **trial.params, epochs=self.fine_epochs, output=trial.run_dir)
+        cfg = dataclasses.replace(self.base, **trial.params, epochs=self.fine_epochs, output=trial.run_dir,
+                                  given=self._given(trial.params))
         self.done.append(trial)
         self._record(asked, trial)  # so that an interrupted trial still shows what it was
         self.emit("trial_start", trial=trial)

@@ -198,7 +198,7 @@ class _Training:
         t.check_finite("validation", row["val_loss"], epoch)  # nothing of a diverged epoch is saved
         score = row[self.task.best_by] if row.get(self.task.best_by) is not None else row["val_acc"]
         if scheduled:
-            for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr):
+            for warning in update_ratio_warnings(t.update_ratios, lr_used, t.lr, t.cfg.backbone_lr()):
                 self.emit("update_ratio", **warning)
             self._check_augmentation(row)
         row["seconds"] = time.perf_counter() - t0

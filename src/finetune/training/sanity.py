@@ -33,15 +33,18 @@ def update_ratio(before: list, after: list) -> float | None:
     return float(torch.tensor(ratios).median()) if ratios else None
 
 
-def update_ratio_warnings(ratios: dict, lr_now: float, lr_base: float) -> list[dict]:
+def update_ratio_warnings(ratios: dict, lr_now: float, lr_base: float, backbone_lr_mult: float = 1.0) -> list[dict]:
     """Advice when the lr looks far off: the backbone's ratio is judged while it trains, else the head's (feature
     extraction, --freeze-epochs), each against its own band; only while the schedule has not decayed the lr much
-    (late cosine epochs are meant to be tiny)."""
+    (late cosine epochs are meant to be tiny). A backbone trained at a fraction of the lr on purpose (fine-tuning
+    from the probe: 0.1) is judged against the band scaled by that fraction, not told to raise --lr."""
     if lr_now < 0.5 * lr_base:
         return []
     group = "backbone" if ratios.get("backbone") is not None else "head"
     ratio = ratios.get(group)
     low, high = UPDATE_RATIO_BANDS[group]
+    if group == "backbone" and backbone_lr_mult > 0:
+        low, high = low * min(backbone_lr_mult, 1.0), high * max(backbone_lr_mult, 1.0)
     if ratio is None or low <= ratio <= high:
         return []
     return [{"group": group, "ratio": ratio, "band": (low, high),
