@@ -14,7 +14,6 @@ Writes benchmarks/results-lpft.json (every epoch's val and train accuracy).
 """
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys

@@ -17,7 +17,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import dataset
 from finetune.quality.doctor import check_dataset
 from finetune.training.outputs import LOCK_FILE, RunLock
 

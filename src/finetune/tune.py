@@ -22,7 +22,7 @@ from finetune._util.ddp import single_process
 from finetune._util.extras import require
 from finetune._util.files import write_csv_atomic, write_json_atomic
 from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
-from finetune.errors import DivergedError, Interrupted, ResourceError, UsageError
+from finetune.errors import DivergedError, ResourceError, UsageError
 from finetune.training import run_training
 from finetune.training.outputs import RunLock
 
