@@ -108,6 +108,16 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_text_atomic(path, dumps_json(obj) + "\n")
 
 
+def earlier_rows(log: Path) -> list[dict]:
+    """The rows of a CSV log that earlier runs into the same folder wrote, to be kept (a damaged log is started
+    afresh: it is ours, a record, not the user's data)."""
+    try:
+        with open(log, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
 def write_csv_atomic(path: str | os.PathLike, fields: list[str], rows: Iterable[dict]) -> Path:
     """Atomic CSV with a header; floats in 6 significant digits, None as an empty cell."""
     buf = io.StringIO()

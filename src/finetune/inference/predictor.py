@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import filecmp
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
-from finetune._util.files import write_csv_atomic
+from finetune._util.files import earlier_rows, write_csv_atomic
 from finetune.config import MAX_PIXELS
 from finetune.data.inputs import Failure, load_input, loaded_chunks
 from finetune.errors import UsageError
@@ -209,18 +208,9 @@ def sort_into(predictions: Sequence[Prediction], dest: str | os.PathLike, min_co
             rows.append({"source": p.path, "predicted": cls, "probability": f"{prob:.6f}", "copied_to": str(target),
                          "action": "copied" if copied else "already there"})
     log = write_csv_atomic(dest / SORTED_LOG, ["source", "predicted", "probability", "copied_to", "action"],
-                           _earlier_rows(dest / SORTED_LOG) + rows)
+                           earlier_rows(dest / SORTED_LOG) + rows)
     return {"folders": dict(sorted(counts.items())), "log": log,
             "copied": sum(r["action"] == "copied" for r in rows)}
-
-
-def _earlier_rows(log: Path) -> list[dict]:
-    """The log of earlier sorts into the same folder, kept (a damaged log is started afresh)."""
-    try:
-        with open(log, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
 
 
 def copy_into(source: Path, folder: Path) -> tuple[Path, bool]:

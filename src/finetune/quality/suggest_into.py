@@ -15,7 +15,7 @@ import csv
 import os
 from pathlib import Path
 
-from finetune._util.files import write_csv_atomic
+from finetune._util.files import earlier_rows, write_csv_atomic
 from finetune.data.dataset import images_under
 from finetune.data.labelfile import is_label_file
 from finetune.errors import DatasetError, UsageError
@@ -83,18 +83,9 @@ def _folders(suggestions: list, dest: Path) -> dict:
         rows.append({"rank": s.rank, "source": s.path, "guess": s.guess[0], "probability": s.probability,
                      "margin": s.margin, "reason": s.reason, "copied_to": str(target),
                      "action": "copied" if copied else "already there"})
-    log = write_csv_atomic(dest / LOG, LOG_FIELDS, _earlier(dest / LOG) + rows)
+    log = write_csv_atomic(dest / LOG, LOG_FIELDS, earlier_rows(dest / LOG) + rows)
     return {"form": "folders", "path": str(dest), "folders": dict(sorted(counts.items())), "log": str(log),
             "copied": sum(r["action"] == "copied" for r in rows)}
-
-
-def _earlier(log: Path) -> list[dict]:
-    """The log of earlier rounds into the same folder, kept (a damaged one is started afresh)."""
-    try:
-        with open(log, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
