@@ -81,6 +81,22 @@ def test_search_goes_from_random_to_tpe_prunes_and_writes_the_best(tmp_path):
     assert [t.params for t in again.trials] == [t.params for t in first.trials]  # reproducible with a seed
 
 
+def test_each_trial_applies_what_it_searched_and_best_json_gives_no_more(tmp_path):
+    """A trial's searched settings count as typed (on a CPU, an auto plan given --lr and --epochs trains; were they
+    untyped it would fit the probe and ignore them), and `train --config best.json` is given those, not every
+    setting the file records (--backbone-lr-mult for a frozen backbone would be refused)."""
+    from finetune.training.plan import make_plan
+
+    calls = []
+    r = _search(tmp_path, trials=3, run=_fake_run(calls), space=U.Space(optimizer=("sgd",), mode=("feature-extract",)))
+    cpu = SimpleNamespace(type="cpu")
+    for cfg in calls:
+        assert {"lr", "epochs", "weight_decay", "batch_size", "solver"} <= set(cfg.given)
+        assert f"{cfg.epochs} epochs of SGD on the head" in make_plan(cfg, cpu).why  # what it searched runs
+    settings = load_config(r.best_config)
+    assert "backbone_lr_mult" not in settings["given"] and "lr" in settings["given"]
+
+
 def test_search_resumes_an_interrupted_study_and_grows_with_trials(tmp_path):
     calls, inner = [], _fake_run()
 

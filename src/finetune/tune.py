@@ -287,8 +287,15 @@ class _Search:
         user typed, what the trial searched, its epochs (and the SGD head of a feature-extract search). So a trial
         applies what it searched (an auto plan on a CPU trains, not probes), and best.json does not ask for every
         setting it records (--backbone-lr-mult would be refused for a frozen backbone)."""
-        solver = ("solver",) if self.base.mode == "feature-extract" else ()
-        return tuple(sorted({*self.base.given, *params, "epochs", *solver}))
+        from finetune.training.plan import kind, unused
+
+        cfg = dataclasses.replace(self.base, **params)
+        searched = {*params, "epochs", *(("solver",) if cfg.mode == "feature-extract" else ())}
+        # a searched setting the trial's mode cannot use (dropout of an SGD head on frozen features is used; a
+        # --backbone-lr-mult would not be) is left untyped rather than refused: the search chose it, not the user
+        run_kind = kind("finetune" if cfg.mode == "auto" else cfg.mode, cfg.solver)  # auto, given these, trains
+        idle = set(unused(dataclasses.replace(cfg, given=tuple(searched)), run_kind))
+        return tuple(sorted(set(self.base.given) | (searched - idle)))
 
     def _one(self) -> None:
         import optuna
