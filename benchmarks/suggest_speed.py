@@ -58,12 +58,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"FINETUNE_CACHE": f"{tmp}/cache", "FINETUNE_LITE": "0"}
         photos = build_pool(shared, Path(tmp) / "pool")
-        train = ["finetune", "train", str(shared / "data" / "hymenoptera_data"), "--model", "mobilenet_v2",
+        train = [sys.executable, "-m", "finetune", "train", str(shared / "data" / "hymenoptera_data"), "--model", "mobilenet_v2",
                  "--weights", str(weights), "-o", f"{tmp}/run", "-q"]
         t0 = time.perf_counter()
         subprocess.run(train, check=True, capture_output=True, env=env)
         train_seconds = time.perf_counter() - t0
-        cmd = ["finetune", "suggest", f"{tmp}/pool", "-m", f"{tmp}/run/best.pt", "-n", "30", "--json", "-q"]
+        cmd = [sys.executable, "-m", "finetune", "suggest", f"{tmp}/pool", "-m", f"{tmp}/run/best.pt", "-n", "30", "--json", "-q"]
         runs = []
         for label in ("first (features computed)", "second (features cached)", "third (features cached)"):
             wall, r = timed(cmd, env)
