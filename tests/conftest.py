@@ -40,22 +40,23 @@ def flat_data(tmp_path_factory, tiny_data) -> Path:
     return root
 
 
+def _shared(relative: str, what: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{what} are not at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_weights() -> Path:
     """The shared MobileNetV2 ImageNet weights (a real pretrained state_dict)."""
-    path = SHARED / "weights" / "mobilenet_v2-imagenet-int8dequant.pth"
-    if not path.is_file():
-        pytest.skip(f"the shared MobileNetV2 weights are not at {path}")
-    return path
+    return _shared("weights/mobilenet_v2-imagenet-int8dequant.pth", "the shared MobileNetV2 weights")
 
 
 @pytest.fixture(scope="session")
 def antsbees() -> Path:
     """The full ants/bees set (245 train / 153 val photos)."""
-    path = SHARED / "data" / "hymenoptera_data"
-    if not path.is_dir():
-        pytest.skip(f"the shared ants/bees photos are not at {path}")
-    return path
+    return _shared("data/hymenoptera_data", "the shared ants/bees photos")
 
 
 @pytest.fixture(scope="session")
