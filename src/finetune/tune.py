@@ -25,6 +25,7 @@ from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
 from finetune.errors import DivergedError, ResourceError, UsageError
 from finetune.training import run_training
 from finetune.training.outputs import RunLock
+from finetune.training.plan import kind, unused
 
 # The searched settings and their ranges. lr is per optimizer (AdamW wants ~10x lower rates).
 LR_RANGE = {"sgd": (1e-4, 1e-1), "adamw": (1e-5, 1e-2)}
@@ -287,8 +288,6 @@ class _Search:
         user typed, what the trial searched, its epochs (and the SGD head of a feature-extract search). So a trial
         applies what it searched (an auto plan on a CPU trains, not probes), and best.json does not ask for every
         setting it records (--backbone-lr-mult would be refused for a frozen backbone)."""
-        from finetune.training.plan import kind, unused
-
         cfg = dataclasses.replace(self.base, **params)
         searched = {*params, "epochs", *(("solver",) if cfg.mode == "feature-extract" else ())}
         # a searched setting the trial's mode cannot use (dropout of an SGD head on frozen features is used; a
