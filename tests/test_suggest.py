@@ -147,6 +147,23 @@ def test_features_are_the_heads_input_and_come_from_the_cache_the_second_time(tm
     assert photo_features.open_model(tmp_path / "m2.pt", "cpu").key == model.key
 
 
+def test_a_probe_run_leaves_its_photos_features_for_suggest(tiny_data, local_weights, pool, tmp_path, monkeypatch):
+    """The cache is shared with training: a probe run keeps the pretrained backbone, so the features it computed of
+    its own photos are the ones suggest needs with its best.pt, and suggest does not run the backbone on them."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    r = invoke("train", tiny_data, "--weights", local_weights, "-j", 0, "-o", tmp_path / "run", "-q")
+    assert r.exit_code == 0, r.output
+    model = photo_features.open_model(tmp_path / "run" / "best.pt", "cpu")
+    own = sorted(str(p) for p in tiny_data.rglob("*.jpg"))
+    feats, good, _, cached = photo_features.photo_features(model, own, workers=1)
+    assert len(own) == 18 and cached == 18 and good == own  # the run's 12 train and 6 val photos
+    s = suggest(str(tmp_path / "run" / "best.pt"), [str(pool)], 4, workers=1, similarity=SAME)
+    assert s.labelled == 18 and s.features_cached == 18 and len(s.suggestions) == 4  # the pool's 20 computed
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "empty"))  # as suggest would compute them itself
+    fresh, _, _, none = photo_features.photo_features(model, own[:3], workers=1)
+    assert none == 0 and torch.allclose(feats[:3], fresh, atol=1e-4)  # what training stored is the same
+
+
 def test_suggest_leaves_out_the_model_s_own_photos_and_their_copies(trained_model, tiny_data, flat_data, pool):
     mixed = [str(tiny_data), str(flat_data), str(pool)]  # the training photos, byte-identical copies, new photos
     # similarity 1: this model's random features make every photo a near-duplicate of every other at 0.88

@@ -4,29 +4,26 @@
 the pretrained backbone, so retraining the probe after a round of labelling leaves every feature valid: the cache
 is keyed by the backbone's weights (never the head's) and each photo by its real path, size and modification time,
 so the next round reads the features instead of running the backbone again, and an edited photo is recomputed.
-It lives in finetune's cache folder beside training's features (`$FINETUNE_CACHE`, else ~/.cache/finetune).
+It lives in finetune's cache folder (inference/feature_cache.py), where a probe run also leaves the features of its
+own train and val photos, so suggest compares the pool with them without running the backbone again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from finetune._util.devices import resolve_device
-from finetune._util.files import atomic_write, cache_dir
 from finetune.config import MAX_PIXELS
 from finetune.data.inputs import Failure
-from finetune.errors import ResourceError, UsageError
+from finetune.errors import UsageError
 from finetune.formats.load import Runnable
+from finetune.inference.feature_cache import backbone_key, identity, read_cache, write_cache
 from finetune.inference.predictor import Predictor
 from finetune.models.model_file import ModelFile, load_model_file, network_from
 from finetune.models.registry import Network
 
-FORMAT = "finetune-photo-features/1"
-FOLDER = "photo-features"
 RUNS_ON = (".pt", ".pth", ".safetensors")  # model files that hold the network itself, so its features can be read
 
 
@@ -59,68 +56,7 @@ def open_model(path: str | os.PathLike, device: str = "auto") -> LoadedModel:
                          "mobilenet_v2 or resnet18")
     dev = resolve_device(device)
     net.module.to(dev).eval()
-    return LoadedModel(net, mf, backbone_key(net, mf), dev)
-
-
-def backbone_key(net: Network, mf: ModelFile) -> str:
-    """Hash of what a photo's features depend on: architecture, preprocessing and every weight outside the head."""
-    import torch
-
-    h = hashlib.sha256(json.dumps([FORMAT, mf.arch, mf.preprocessing.to_dict()]).encode())
-    for name, tensor in sorted(net.plain_state_dict().items()):
-        if not net.is_head(name):
-            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def identity(path: str) -> str | None:
-    """A photo as the cache knows it: real path, size, modification time (None when it cannot be read)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def _cache_file(key: str):
-    return cache_dir() / FOLDER / f"{key}.safetensors"
-
-
-def read_cache(key: str) -> dict:
-    """{photo identity: feature row} of one backbone; empty when absent or unreadable (then recomputed)."""
-    from safetensors import safe_open
-
-    path = _cache_file(key)
-    if not path.is_file():
-        return {}
-    try:
-        with safe_open(str(path), "pt") as f:
-            ids = json.loads(f.metadata()["photos"])
-            feats = f.get_tensor("features")
-    except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
-        return {}
-    return dict(zip(ids, feats)) if len(ids) == len(feats) else {}
-
-
-def write_cache(key: str, rows: dict) -> None:
-    """Store {identity: row} atomically: one version per real path (an edited photo's old row is dropped). A cache
-    that cannot be written only costs time next run."""
-    import torch
-    from safetensors.torch import save_file
-
-    latest = {}
-    for ident in rows:
-        latest[ident.rsplit("|", 2)[0]] = ident  # rows arrive oldest first: the last version of a path wins
-    ids = list(latest.values())
-    if not ids:
-        return
-    feats = torch.stack([rows[i] for i in ids]).float().contiguous()
-    try:
-        atomic_write(_cache_file(key), lambda tmp: save_file({"features": feats}, tmp,
-                                                            metadata={"photos": json.dumps(ids)}))
-    except ResourceError:
-        pass
+    return LoadedModel(net, mf, backbone_key(net, mf.arch, mf.preprocessing), dev)
 
 
 def photo_features(model: LoadedModel, paths: Sequence[str], batch_size: int = 32, workers: int = 2,

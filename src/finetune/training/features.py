@@ -19,6 +19,7 @@ from finetune.config import TrainConfig
 from finetune.data.dataset import DatasetSplit
 from finetune.data.images import ImageDataset, collate
 from finetune.errors import ResourceError
+from finetune.inference.feature_cache import add_rows, backbone_key
 from finetune.models.weights import WeightsChoice
 from finetune.training.cache import decode_for_training, drop_failed
 from finetune.training.epochs import FeatureEpochs, inference_batch
@@ -129,9 +130,19 @@ def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, c
         if dist.current().main:  # with every file of the key left out, whether decoding or extraction dropped it
             kept, why = {s.path for s in split.train + split.val}, dict(split.skipped)
             save(key, train_feats, val_feats, [[p, why.get(p, "unreadable")] for p in paths if p not in kept])
+            if plain:
+                _share_per_photo(trainer, choice, split, train_feats[0], val_feats)
     labels = lambda samples: trainer.task.targets(samples, len(split.classes))  # noqa: E731
     epochs = ProbeEpochs if cfg.solver == "lbfgs" or cfg.mode != "feature-extract" else FeatureEpochs
     return epochs(trainer, train_feats, labels(split.train), val_feats, labels(split.val))
+
+
+def _share_per_photo(trainer: Trainer, choice: WeightsChoice, split: DatasetSplit, train_feats, val_feats) -> None:
+    """The plain view's features of the run's own photos, also into the per-photo cache keyed by this backbone:
+    `finetune suggest -m best.pt` of a probe run (its backbone unchanged) compares a pool with them and never runs
+    the backbone on them again."""
+    rows = dict(zip([s.path for s in split.train], train_feats)) | dict(zip([s.path for s in split.val], val_feats))
+    add_rows(backbone_key(trainer.net, trainer.cfg.model, choice.preprocessing), rows)
 
 
 def _compute(trainer, split, local, choice, workers, emit, train_size, views, plain, cache):
