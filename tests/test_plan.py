@@ -36,6 +36,16 @@ def test_planned_epochs_fit_the_budget():
     assert planned_epochs(budget=10, elapsed=30, epoch_seconds=10, done=1, requested=5) == 1  # over: stop there
 
 
+def test_a_plan_grows_when_epochs_get_faster_and_shrinks_when_they_slow():
+    from finetune.training.plan import replanned_epochs
+
+    # 100 s budget, 30 s used after 2 epochs: at 10 s an epoch 7 more fit (9 in all); the first plan said 5
+    assert replanned_epochs(5, budget=100, elapsed=30, epoch_seconds=10, done=2, cap=1000) == 9
+    assert replanned_epochs(5, budget=100, elapsed=30, epoch_seconds=10, done=2, cap=8) == 8  # typed --epochs caps
+    assert replanned_epochs(8, budget=100, elapsed=30, epoch_seconds=10, done=2, cap=1000) == 8  # +1: not worth it
+    assert replanned_epochs(9, budget=100, elapsed=30, epoch_seconds=20, done=2, cap=1000) == 5  # slower: fewer
+
+
 def test_a_budgeted_cpu_run_fits_a_probe_then_fine_tunes_from_it(tiny_data, local_weights, tmp_path):
     events = []
     cfg = TrainConfig(data=str(tiny_data), weights=str(local_weights), epochs=6, given=("epochs",), batch_size=8, time_budget=0.01,
@@ -108,6 +118,8 @@ def test_auto_on_a_cpu_honours_what_was_given(given, expected):
 
 def test_a_budget_plans_its_own_epochs_unless_epochs_are_given():
     assert make_plan(TrainConfig(data="x", time_budget=600), CPU).epochs == BUDGET_EPOCH_CAP  # the budget ends it
+    typed = make_plan(TrainConfig(data="x", time_budget=600, given=("time_budget",)), CPU).why
+    assert "auto on a CPU with --time-budget 10m: a converged" in typed  # said once, in minutes
     capped = make_plan(TrainConfig(data="x", time_budget=600, epochs=4, given=("epochs",)), CPU)
     assert capped.epochs == 4 and "at most 4 epochs" in capped.why
     assert make_plan(TrainConfig(data="x", epochs=4, given=("epochs",)), CPU).epochs == 4

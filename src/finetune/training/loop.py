@@ -20,7 +20,7 @@ from finetune.metrics.multilabel import epoch_map
 from finetune.models.model_file import ModelFile
 from finetune.training.label_issues import run_label_issues
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
-from finetune.training.plan import planned_epochs
+from finetune.training.plan import replanned_epochs
 from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
 from finetune.training.setup import Phase, Prepared, prepare, torch_flags
@@ -174,11 +174,13 @@ class _Training:
         return False
 
     def _plan(self, phase: Phase, local: int) -> None:
-        """--time-budget: as many epochs as fit, from the time this phase's epochs took so far (planned after the
-        first, and shortened after any later one that shows they no longer fit); the lr schedule spans them."""
-        budget = self.p.plan.budget
-        seconds = sum(row["seconds"] for row in self.history[-local:]) / local
-        count = planned_epochs(budget, time.perf_counter() - self.t_start, seconds, local, phase.count)
+        """--time-budget: as many epochs as fit, from the time this phase's last epochs took (planned after the
+        first, then shortened when they no longer fit or lengthened when they got faster); the lr schedule spans
+        them."""
+        budget, recent = self.p.plan.budget, self.history[-min(local, 3):]
+        seconds = sum(row["seconds"] for row in recent) / len(recent)
+        elapsed = time.perf_counter() - self.t_start
+        count = replanned_epochs(phase.count, budget, elapsed, seconds, local, phase.cap or phase.count)
         changed = count != phase.count
         phase.count = count
         if local == 1 or changed:  # the schedule was made before the budget's epochs were known

@@ -86,7 +86,8 @@ def _choose(cfg: TrainConfig, device) -> Plan:
 
 def _asked_to_train(cfg: TrainConfig) -> list[str]:
     """What in cfg asks for training steps: a time budget, given settings only training uses, batch mixing."""
-    given = [option(n) + _shown(getattr(cfg, n)) for n in cfg.given if APPLIES.get(n) in ("train", "finetune")]
+    given = [option(n) + _shown(getattr(cfg, n)) for n in cfg.given if APPLIES.get(n) in ("train", "finetune")
+             and n != "time_budget"]  # said first, in minutes
     # Set without being given (a caller's TrainConfig): batch mixing regularises SGD steps; --overfit checks them.
     implied = [option(n) for n in ("mixup", "cutmix", "label_smoothing") if getattr(cfg, n) and n not in cfg.given]
     implied += [f"--overfit {cfg.overfit}"] if cfg.overfit else []
@@ -126,6 +127,14 @@ _RUN_WORDS = {"probe": "the converged linear probe (fitted once, with its own L2
 def _refusal(name: str, run_kind: str) -> str:
     return (f"{option(name)}: {_RUN_WORDS[run_kind]} does not use it; it applies to {_WHAT_USES[APPLIES[name]]} "
             f"(or leave {option(name)} out)")
+
+
+def replanned_epochs(current: int, budget: float, elapsed: float, epoch_seconds: float, done: int, cap: int) -> int:
+    """The plan after an epoch: fewer epochs as soon as they no longer fit; more (up to cap: a typed --epochs, else
+    BUDGET_EPOCH_CAP) when the epochs got faster than the first (a machine less loaded now), so that the budget is
+    used, but only for a gain of 2 epochs or a tenth of the plan: not a new schedule (and a line) every epoch."""
+    count = planned_epochs(budget, elapsed, epoch_seconds, done, cap)
+    return current if current < count < current + max(2, current // 10) else count
 
 
 def planned_epochs(budget: float, elapsed: float, epoch_seconds: float, done: int, requested: int) -> int:

@@ -58,6 +58,7 @@ class Phase:
     count: int
     offset: int = 0
     planned: bool = False  # its count is planned from the first epoch's time (--time-budget)
+    cap: int = 0  # the most epochs a plan may give it (a typed --epochs, else BUDGET_EPOCH_CAP)
 
 
 @dataclass
@@ -233,4 +234,4 @@ def _image_phases(cfg, plan, trainer, split, local, choice, workers, emit, train
         phases.append(Phase(feature_epochs(trainer, split, local, choice, workers, emit, pre.crop_size, cache), 1))
     offset = 1 if plan.probe_first else 0
     count = cfg.epochs if resume is not None or not plan.epochs else plan.epochs  # a resume: the epochs it asks
-    return phases + [Phase(images, count, offset, planned=plan.budget > 0 and resume is None)]
+    return phases + [Phase(images, count, offset, planned=plan.budget > 0 and resume is None, cap=count)]
