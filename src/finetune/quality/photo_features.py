@@ -1,12 +1,6 @@
-"""A model's own features of any photos (the input of its head), cached on disk per photo and per backbone.
-
-`finetune suggest` ranks a pool of unlabelled photos by the model's features and probabilities. A probe run keeps
-the pretrained backbone, so retraining the probe after a round of labelling leaves every feature valid: the cache
-is keyed by the backbone's weights (never the head's) and each photo by its real path, size and modification time,
-so the next round reads the features instead of running the backbone again, and an edited photo is recomputed.
-It lives in finetune's cache folder (inference/feature_cache.py), where a probe run also leaves the features of its
-own train and val photos, so suggest compares the pool with them without running the backbone again.
-"""
+"""A model's own features of any photos (the input of its head), for `finetune suggest`: read from the per-photo,
+per-backbone cache (inference/feature_cache.py, which a probe run also fills with its own photos), the rest computed
+through predict's decoding and preprocessing and added to it."""
 
 from __future__ import annotations
 

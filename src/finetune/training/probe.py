@@ -90,7 +90,6 @@ def fold_masks(groups, k: int, seed: int):
 def _cv_losses(x, y, classes: int, masks, class_weights, l2s) -> list[tuple[float, float]]:
     """Mean held-out cross-entropy for each l2, strong to weak; stops once the loss has risen twice in a row (it has
     one minimum in l2). Every fit starts from zero: warm starts along the path let L-BFGS stop early."""
-
     out, rises = [], 0
     held = 1 - masks
     for l2 in l2s:
