@@ -144,6 +144,55 @@ def cache_dir() -> Path:
     return Path(base) / "finetune"
 
 
+CACHE_LIMIT_ENV = "FINETUNE_CACHE_LIMIT_GB"
+CACHE_LIMIT_GB = 10.0  # the cache folder's default bound: features, ONNX exports, folder indexes
+
+
+def cache_limit() -> int:
+    """The cache folder's size bound in bytes: $FINETUNE_CACHE_LIMIT_GB gigabytes, else 10."""
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not text:
+        return int(CACHE_LIMIT_GB * 1e9)
+    try:
+        gb = float(text)
+        if not math.isfinite(gb) or gb < 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{CACHE_LIMIT_ENV}={text}: not a size in gigabytes; set a number such as 10 "
+                         "(0 keeps only what the current command wrote)") from None
+    return int(gb * 1e9)
+
+
+def mark_used(path: str | os.PathLike) -> None:
+    """A cache file just read counts as recently used, so trim_cache removes it after the files nobody reads."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def trim_cache(keep: str | os.PathLike) -> None:
+    """Keep the cache folder within cache_limit(): remove the least recently used files (by modification time,
+    which mark_used renews on every read) until it fits, never the file just written (keep) nor another process's
+    temp file. Called after each write to the cache; every entry can be computed again."""
+    root, limit, keep = cache_dir(), cache_limit(), Path(keep)
+    entries, total = [], 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath, name)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            total += st.st_size
+            if path != keep and not name.startswith(TEMP_PREFIX):
+                entries.append((st.st_mtime_ns, st.st_size, path))
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+
+
 def timestamped_dir(kind: str, model: str) -> Path:
     """runs/[<kind>-]<date>-<time>-<model>, numbered when that name is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune._util.files import cache_dir, write_text_atomic
+from finetune._util.files import cache_dir, mark_used, trim_cache, write_text_atomic
 
 FORMAT = "finetune-index"
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ def load(root: str | os.PathLike) -> dict:
     if not isinstance(stored, dict) or stored.get("format") != FORMAT or stored.get("version") != FORMAT_VERSION \
             or stored.get("root") != os.path.realpath(root) or not isinstance(stored.get("files"), dict):
         return {}
+    mark_used(index_path(root))
     return stored["files"]
 
 
@@ -49,7 +50,8 @@ def save(root: str | os.PathLike, files: dict) -> None:
         index_path(root).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(index_path(root), json.dumps(blob, separators=(",", ":")))
     except Exception:  # noqa: BLE001 - read-only cache dir, disk full: the index is an optimisation
-        pass
+        return
+    trim_cache(index_path(root))
 
 
 def quick_fingerprint(path: str, size: int) -> str:

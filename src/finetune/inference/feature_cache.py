@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 
-from finetune._util.files import atomic_write, cache_dir
+from finetune._util.files import atomic_write, cache_dir, mark_used, trim_cache
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import ResourceError
 from finetune.models.registry import Network
@@ -61,7 +61,10 @@ def read_cache(key: str) -> dict:
             feats = f.get_tensor("features")
     except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
         return {}
-    return dict(zip(ids, feats)) if len(ids) == len(feats) else {}
+    if len(ids) != len(feats):
+        return {}
+    mark_used(path)
+    return dict(zip(ids, feats))
 
 
 def write_cache(key: str, rows: dict) -> None:
@@ -78,10 +81,11 @@ def write_cache(key: str, rows: dict) -> None:
         return
     feats = torch.stack([rows[i] for i in ids]).float().contiguous()
     try:
-        atomic_write(_cache_file(key), lambda tmp: save_file({"features": feats}, tmp,
-                                                            metadata={"photos": json.dumps(ids)}))
+        path = atomic_write(_cache_file(key), lambda tmp: save_file({"features": feats}, tmp,
+                                                                   metadata={"photos": json.dumps(ids)}))
     except ResourceError:
-        pass
+        return
+    trim_cache(path)
 
 
 def add_rows(key: str, fresh: dict) -> None:

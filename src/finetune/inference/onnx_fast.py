@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from finetune._util.files import cache_dir
+from finetune._util.files import cache_dir, mark_used, trim_cache
 from finetune.config import MAX_PIXELS
 from finetune.data.inputs import Failure, load_input, loaded_chunks
 from finetune.data.preprocessing import Preprocessing
@@ -127,6 +127,7 @@ def light_predictor(model_paths: Sequence[str], device: str, tta: bool, max_pixe
         light = LitePredictor(path, None, tta, max_pixels)
     elif path.is_file() and path.suffix.lower() in (".pt", ".pth") and cached_export(path).is_file():
         light = LitePredictor(cached_export(path), path, tta, max_pixels)
+        mark_used(cached_export(path))
     return None if light is None or light.info.multi_label else light  # sigmoids and thresholds: the torch path
 
 
@@ -140,4 +141,5 @@ def cache_export(model_path: str | os.PathLike, images: Sequence[str]) -> Path |
         export_model(model_path, target, images[0])
     except Exception:  # noqa: BLE001 - a cache: the predictions were already made and shown
         return None
+    trim_cache(target)
     return target

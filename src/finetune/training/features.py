@@ -14,7 +14,7 @@ import os
 
 from finetune import __version__
 from finetune._util import ddp as dist
-from finetune._util.files import atomic_write, cache_dir
+from finetune._util.files import atomic_write, cache_dir, mark_used, trim_cache
 from finetune.config import TrainConfig
 from finetune.data.dataset import DatasetSplit
 from finetune.data.images import ImageDataset, collate
@@ -85,9 +85,11 @@ def load(key: str) -> dict | None:
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["finetune"])
-            return {"train": f.get_tensor("train"), "val": f.get_tensor("val"), **meta}
+            found = {"train": f.get_tensor("train"), "val": f.get_tensor("val"), **meta}
     except Exception:  # noqa: BLE001 - a broken cache entry is recomputed, never trusted
         return None
+    mark_used(path)
+    return found
 
 
 def save(key: str, train, val, skipped: list) -> None:
@@ -96,10 +98,11 @@ def save(key: str, train, val, skipped: list) -> None:
 
     meta = {"finetune": json.dumps({"skipped": skipped})}
     try:
-        atomic_write(cache_dir() / f"{key}.safetensors",
-                     lambda tmp: save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp, metadata=meta))
+        path = atomic_write(cache_dir() / f"{key}.safetensors", lambda tmp: save_file(
+            {"train": train.contiguous(), "val": val.contiguous()}, tmp, metadata=meta))
     except ResourceError:
-        pass
+        return
+    trim_cache(path)
 
 
 def feature_epochs(trainer: Trainer, split: DatasetSplit, local: DatasetSplit, choice: WeightsChoice, workers: int,

@@ -8,8 +8,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict
 from pathlib import Path
+from typing import TypedDict
 
 from finetune import STARTED
 from finetune._util import ddp as dist
@@ -25,7 +25,6 @@ from finetune.training.resume import rng_state, set_rng_state
 from finetune.training.sanity import update_ratio_warnings
 from finetune.training.setup import Phase, Prepared, prepare, torch_flags
 from finetune.training.tracking import tracked
-
 
 # Train accuracy this far below val for this many fine-tuning epochs in a row: the augmentation is too strong.
 STRONG_AFTER, STRONG_MARGIN = 3, 0.02
