@@ -125,9 +125,9 @@ def light_predictor(model_paths: Sequence[str], device: str, tta: bool, max_pixe
     light = None
     if path.suffix.lower() == ".onnx":
         light = LitePredictor(path, None, tta, max_pixels)
-    elif path.is_file() and path.suffix.lower() in (".pt", ".pth") and cached_export(path).is_file():
-        light = LitePredictor(cached_export(path), path, tta, max_pixels)
-        mark_used(cached_export(path))
+    elif path.is_file() and path.suffix.lower() in (".pt", ".pth") and (cached := cached_export(path)).is_file():
+        light = LitePredictor(cached, path, tta, max_pixels)
+        mark_used(cached)
     return None if light is None or light.info.multi_label else light  # sigmoids and thresholds: the torch path
 
 
