@@ -3,18 +3,16 @@ study resumed and grown from ROOT/study.db, diverged and interrupted trials reco
 
 import json
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
 from finetune import tune as U
-from finetune.cli import app
 from finetune.config import MODES, TrainConfig
 from finetune.configfile import load_config
 from finetune.errors import DivergedError, FinetuneError, Interrupted, ResourceError
-
-runner = CliRunner()
 
 
 def test_suggestions_are_inside_the_ranges_and_log_uniform():
@@ -162,21 +160,28 @@ def test_budget_pruner_choice_and_bad_config_files(tmp_path):
         load_config(tmp_path / "notjson.json")
 
 
+def _finetune(*args):
+    """`finetune ARGS` in its own process, as a user runs it (the study's SQLite, loader workers and threads live
+    and end there, not in the test process)."""
+    p = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(exit_code=p.returncode, stdout=p.stdout, stderr=p.stderr, output=p.stdout + p.stderr)
+
+
 @pytest.mark.slow
 def test_cli_tune_then_train_with_its_config(tiny_data, tmp_path):
     out = tmp_path / "search"
     args = ["tune", str(tiny_data), "--weights", "none", "--trials", "3", "--coarse-epochs", "1", "--fine-epochs", "2",
             "--mode", "feature-extract", "-o", str(out)]
-    r = runner.invoke(app, args)
+    r = _finetune(*args)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str(out / "best.json")
     assert len(json.loads((out / "trials.json").read_text())) == 3
     settings = json.loads((out / "best.json").read_text())["settings"]
-    r = runner.invoke(app, [*args[:5], "4", *args[6:]])  # one more trial, added to the study
+    r = _finetune(*args[:5], "4", *args[6:])  # one more trial, added to the study
     assert r.exit_code == 0 and "resuming" in r.stderr and "3 of 4 trials done" in r.stderr, r.output
     assert len(json.loads((out / "trials.json").read_text())) == 4
-    r = runner.invoke(app, ["train", str(tiny_data), "--config", str(out / "best.json"), "--epochs", "1",
-                            "-o", str(tmp_path / "run"), "-q"])
+    r = _finetune("train", str(tiny_data), "--config", str(out / "best.json"), "--epochs", "1",
+                  "-o", str(tmp_path / "run"), "-q")
     assert r.exit_code == 0, r.output
     used = json.loads((tmp_path / "run" / "config.json").read_text())
     settings = json.loads((out / "best.json").read_text())["settings"]
