@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from machine import cpu_name, provenance
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results-recipes.json"
@@ -36,11 +36,6 @@ PLOT = HERE / "recipes.png"
 SETS = ("antsbees", "antsbees-thumbs", "antsbees-12mp", "dogs", "dogs-thumbs")
 RUNS = {"probe": [], "budget10": ["--time-budget", "10m"], "budget30": ["--time-budget", "30m"]}
 TUTORIAL_EPOCHS = 25
-
-
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def run_finetune(data: Path, weights: str, options: list[str], work: Path) -> dict:
@@ -79,11 +74,13 @@ def measure(args) -> None:
         data = Path(args.data) / name
         for run in args.runs:
             with tempfile.TemporaryDirectory(prefix="recipes-") as tmp:
-                load = os.getloadavg()[0]
+                before = provenance()  # commit and dirty as the run starts: the code it measures
+                load = os.getloadavg()
                 r = run_tutorial(data, args.weights, Path(tmp)) if run == "tutorial" else \
                     run_finetune(data, args.weights, RUNS[run], Path(tmp))
-            r |= {"commit": _commit(), "cpu": cpu_name(), "load_before": round(load, 2),
-                  "load_after": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M")}
+            r |= before | {"load_before": [round(x, 2) for x in load],
+                           "load_after": [round(x, 2) for x in os.getloadavg()],
+                           "date": time.strftime("%Y-%m-%d %H:%M")}
             results["runs"][f"{name}/{run}"] = r
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
             print(f"{name:16s} {run:9s} best {r['best']:.3f}  wall {r['wall']:7.1f} s  epochs {r['epochs']}",
