@@ -17,7 +17,7 @@ from finetune._util.files import atomic_write
 from finetune.data.dataset import images_under
 from finetune.data.images import decode_to_tensor
 from finetune.data.inputs import expand_inputs
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import CheckFailedError, UsageError
 from finetune.formats import openvino_ir
 from finetune.formats.load import load_runnable
 from finetune.models.ensemble import ENSEMBLE_OUTPUT, combine
@@ -173,15 +173,16 @@ def _compare(expected, got, out: Path) -> tuple[float, int]:
 
     got = torch.as_tensor(got).float()
     if got.shape != expected.shape:
-        raise FinetuneError(f"{out}: exported model returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        raise CheckFailedError(f"{out}: exported model returned shape {tuple(got.shape)}, expected "
+                               f"{tuple(expected.shape)}; the file was not kept")
     diff = (got - expected).abs()
     max_diff = float(diff.max())
     top2 = expected.topk(2, dim=1).values
     decisive = (top2[:, 0] - top2[:, 1]) > 2 * (ATOL + RTOL * expected.abs().max(1).values)
     agree = expected.argmax(1) == got.argmax(1)
     if not torch.all(diff <= ATOL + RTOL * expected.abs()) or not torch.all(agree | ~decisive):
-        raise FinetuneError(f"{out}: exported model disagrees with PyTorch (max logit difference {max_diff:.2e}, "
-                            f"tolerance {ATOL:g} + {RTOL:g}*|logit|); the file was not kept")
+        raise CheckFailedError(f"{out}: exported model disagrees with PyTorch (max logit difference {max_diff:.2e}, "
+                               f"tolerance {ATOL:g} + {RTOL:g}*|logit|); the file was not kept")
     return max_diff, int(agree.sum())
 
 
@@ -193,15 +194,16 @@ def _compare_sigmoids(expected, got, mf: ModelFile, out: Path) -> tuple[float, i
 
     got = torch.as_tensor(got).float()
     if got.shape != expected.shape:
-        raise FinetuneError(f"{out}: exported model returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        raise CheckFailedError(f"{out}: exported model returned shape {tuple(got.shape)}, expected "
+                               f"{tuple(expected.shape)}; the file was not kept")
     p, q = (torch.sigmoid(z.double() / mf.temperature) for z in (expected, got))
     t = torch.tensor(mf.thresholds or [0.5] * len(mf.classes), dtype=torch.float64)
     diff = float((p - q).abs().max())
     same = (p >= t) == (q >= t)
     near = (p - t).abs() <= ATOL
     if diff > ATOL or not bool((same | near).all()):
-        raise FinetuneError(f"{out}: exported model disagrees with PyTorch (max probability difference {diff:.2e}, "
-                            f"tolerance {ATOL:g}); the file was not kept")
+        raise CheckFailedError(f"{out}: exported model disagrees with PyTorch (max probability difference {diff:.2e}, "
+                               f"tolerance {ATOL:g}); the file was not kept")
     return diff, int(same.all(1).sum())
 
 

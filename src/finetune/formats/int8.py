@@ -18,7 +18,7 @@ from pathlib import Path
 from finetune._util.files import TEMP_PREFIX, atomic_write
 from finetune.data.images import decode_all
 from finetune.data.inputs import expand_inputs
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import CheckFailedError, UsageError
 from finetune.formats import export, openvino_ir
 from finetune.formats.load import load_runnable
 from finetune.models.model_file import ModelFile
@@ -73,7 +73,7 @@ def export_int8(model_paths: list, out: str | os.PathLike, check_images: str | N
             _SAVERS[fmt](model, _stamped(info, result, len(calib), source), tmp)
             again = load_runnable(tmp, "cpu", export.RUNTIME_OF[fmt]).forward(x[:export.CHECK_IMAGES])
             if not torch.allclose(again, int8[:export.CHECK_IMAGES], atol=1e-4, rtol=1e-4):
-                raise FinetuneError(f"{out}: the written int8 file does not reproduce the checked model; not kept")
+                raise CheckFailedError(f"{out}: the written int8 file does not reproduce the checked model; not kept")
 
     atomic_write(out, write_and_verify, "choose another OUT path")
     return Int8Report(out, fmt, len(calib), calib_source, len(x), source, result["fp32_accuracy"],
@@ -150,9 +150,9 @@ def _judge(fp32, int8, labels, max_drop: float, force: bool, out: Path) -> dict:
     acc32, acc8, drop = right32 / n, right8 / n, (right32 - right8) * 100 / n  # counts: no float noise at the margin
     failed = drop > max_drop
     if failed and not force:
-        raise FinetuneError(f"{out}: int8 accuracy {acc8:.1%} is {drop:.1f} points below fp32's "
-                            f"{acc32:.1%} on {len(labels)} val images (allowed: {max_drop:g}; top-1 agreement "
-                            f"{agreement:.1%}); the file was not kept (--force keeps it, or use the fp32 export)")
+        raise CheckFailedError(f"{out}: int8 accuracy {acc8:.1%} is {drop:.1f} points below fp32's "
+                               f"{acc32:.1%} on {len(labels)} val images (allowed: {max_drop:g}; top-1 agreement "
+                               f"{agreement:.1%}); the file was not kept (--force keeps it, or use the fp32 export)")
     return {"fp32_accuracy": acc32, "int8_accuracy": acc8, "agreement": agreement, "forced": failed}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from finetune.errors import FinetuneError, ModelFileError, UsageError
+from finetune.errors import ModelFileError, UsageError
 from finetune.models import timm as timm_models
 from finetune.models.timm import is_timm
 from finetune.models.weights import strip_wrapper_prefixes
@@ -137,7 +137,7 @@ def find_head(model) -> str:
                                              and name.startswith("classifier")):
             last = name
     if last is None:
-        raise FinetuneError(f"{type(model).__name__}: no classifier layer found to replace")
+        raise UsageError(f"{type(model).__name__}: no classifier layer found to replace; choose another --model")
     return last
 
 
