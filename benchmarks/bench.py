@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from machine import provenance
+
 HERE = Path(__file__).resolve().parent
 BASELINE = HERE / "tutorial_baseline.py"
 # The CLI installed beside this Python, so an unactivated venv still benchmarks its own finetune.
@@ -56,13 +58,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "finetune": importlib.metadata.version("finetune"),
-            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return provenance() | {"platform": platform.platform(), "finetune": importlib.metadata.version("finetune"),
+                           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def run(cmd: list, cwd: Path) -> tuple[dict, str]:
@@ -70,6 +67,7 @@ def run(cmd: list, cwd: Path) -> tuple[dict, str]:
     cmd = [str(c) for c in cmd]
     # stdout goes to a file: with a pipe nobody reads while we block in wait4, a large output would deadlock.
     with tempfile.TemporaryFile() as out:
+        load = os.getloadavg()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out)
         # wait4, not proc.wait(): only it returns the child's rusage. ru_maxrss is the largest single
@@ -81,21 +79,14 @@ def run(cmd: list, cwd: Path) -> tuple[dict, str]:
         stdout = out.read().decode()
     if proc.returncode:
         sys.exit(f"exit code {proc.returncode}: {shlex.join(cmd)}")
-    return {"command": portable(shlex.join(cmd)), "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}, stdout
+    return {"command": portable(shlex.join(cmd)), "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}, stdout
 
 
 def portable(command: str) -> str:
     """The command as it reads from the repository root: no paths of the machine that ran it."""
     root = str(HERE.parent)
     return command.replace(root + "/", "").replace(str(Path(root).parent) + "/", "../")
-
-
-def commit() -> str:
-    """The finetune commit measured (with -dirty when the work tree has changes)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def train_commands(a: argparse.Namespace, scenario: str, seed: int, tmp: Path) -> dict[str, list]:
@@ -171,7 +162,7 @@ def main() -> None:
         results["runs"] = [r for r in old["runs"] if (r["scenario"], r["seed"]) not in plan]
         if "feature_extract_cache_warm" in old and "feature-extract" not in a.scenarios:
             results["feature_extract_cache_warm"] = old["feature_extract_cache_warm"]
-    version = commit()
+    version = results["machine"]["commit"][:7] + ("-dirty" if results["machine"]["dirty"] else "")
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
         tmp = Path(tmp)
         # Each run's feature cache starts empty; the warm re-run below measures reuse.
