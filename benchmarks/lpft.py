@@ -2,70 +2,73 @@
 near the probe, measured on ants/bees, its thumbnails and dog breeds (benchmarks/datasets.py), MobileNetV2 with the
 shared real ImageNet weights, 5 fine-tuning epochs after the probe, seed 0.
 
-A variant sets what finetune decides for a run from the probe (training.plan.Plan: BatchNorm statistics frozen or
-updated, the backbone's lr multiplier) and the options a user can type (--lr, --augment, --train-size); "eval" sets
-the eval resize and crop (small photos near their own size instead of upsampled). Each run is a fresh process.
+Each run is `finetune train DATA --model mobilenet_v2 --weights W --epochs 5 ...` as a user types it, a fresh process
+with a cold feature cache: on a CPU, --epochs makes the run fit the probe first and fine-tune from it, with what
+finetune decides for that (training/plan.py: BatchNorm statistics frozen, the backbone at 0.1x the head's lr;
+training/recipe.py: the light crop). A variant adds options a user can type (--augment, --backbone-lr-mult, --lr).
 
+    python benchmarks/datasets.py --out /tmp/bench-data
     python benchmarks/lpft.py --data /tmp/bench-data --sets antsbees antsbees-thumbs
-    python benchmarks/lpft.py --data ../shared/data --sets dog_breeds/labels.csv --variants updated-bn
+    python benchmarks/lpft.py --data ../shared/data --sets dog_breeds/labels.csv --variants default --update
     python benchmarks/lpft.py --table          # the table of benchmarks/results-lpft.json
 
-Writes benchmarks/results-lpft.json (every epoch's val and train accuracy).
+Writes benchmarks/results-lpft.json (every epoch's val and train accuracy, the command, commit, machine and load).
 """
 
 import argparse
+import csv
 import json
+import os
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from machine import provenance
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results-lpft.json"
-# name -> (plan fields, TrainConfig settings, eval (resize, crop) or None)
+# name -> the options added to the default command. BatchNorm statistics are always frozen when fine-tuning from the
+# probe (no option updates them), so the earlier "updated-bn" variants cannot be run without patching finetune.
 VARIANTS = {
-    "updated-bn": ({"frozen_statistics": False, "backbone_lr_mult": None}, {"augment": "standard"}, None),
-    "updated-bn, backbone 0.1x": ({"frozen_statistics": False, "backbone_lr_mult": 0.1}, {"augment": "standard"}, None),
-    "frozen-bn": ({"frozen_statistics": True, "backbone_lr_mult": None}, {"augment": "standard"}, None),
-    "frozen-bn, backbone 0.1x": ({"frozen_statistics": True, "backbone_lr_mult": 0.1}, {"augment": "standard"}, None),
-    "frozen-bn, backbone 0.1x, light (default)": ({"frozen_statistics": True, "backbone_lr_mult": 0.1},
-                                                  {"augment": "light"}, None),
-    "frozen-bn, lr 0.0008, light": ({"frozen_statistics": True, "backbone_lr_mult": None},
-                                    {"augment": "light", "lr": 0.0008}, None),
-    "near own size (train 112, eval 128)": ({"frozen_statistics": True, "backbone_lr_mult": 0.1},
-                                            {"augment": "light", "train_size": 112}, (146, 128)),
+    "default (backbone 0.1x, light crop)": [],
+    "standard crop": ["--augment", "standard"],
+    "backbone 1x, standard crop": ["--backbone-lr-mult", "1", "--augment", "standard"],
+    "lr 0.0008 for all, light crop": ["--lr", "0.0008", "--backbone-lr-mult", "1", "--augment", "light"],
 }
-DEFAULT = "frozen-bn, backbone 0.1x, light (default)"
-
-CHILD = """
-import dataclasses, json, sys
-from finetune.config import TrainConfig
-from finetune.training import run_training, setup
-plan_fields, settings, ev, data, out, weights = json.loads(sys.argv[1])
-make_plan, resolve = setup.make_plan, setup.resolve_weights
-setup.make_plan = lambda cfg, device: dataclasses.replace(make_plan(cfg, device), **plan_fields)
-if ev:
-    setup.resolve_weights = lambda arch, w: dataclasses.replace(resolve(arch, w), preprocessing=dataclasses.replace(
-        resolve(arch, w).preprocessing, resize_size=ev[0], crop_size=ev[1]))
-cfg = TrainConfig(data=data, model="mobilenet_v2", weights=weights, epochs=5, output=out, overwrite=True,
-                  given=("epochs", *settings), **settings)
-r = run_training(cfg)
-print(json.dumps([[h["val_acc"], h["train_acc"], h["seconds"]] for h in r.history]))
-"""
+EPOCHS = 5
 
 
-def run(data: Path, variant: str, weights: str, out: Path) -> dict:
-    plan_fields, settings, ev = VARIANTS[variant]
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps([plan_fields, settings, ev, str(data), str(out),
-                                                                  weights])], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-2000:])
-    hist = json.loads(p.stdout.strip().splitlines()[-1])
-    return {"history": hist, "probe": hist[0][0], "best": max(h[0] for h in hist),
-            "lowest_after_probe": min(h[0] for h in hist[1:]), "wall": time.time() - t0}
+def command(data: Path, weights: str, options: list[str], out: Path) -> list[str]:
+    return [sys.executable, "-m", "finetune", "train", str(data), "--model", "mobilenet_v2", "--weights", weights,
+            "--epochs", str(EPOCHS), "--seed", "0", *options, "-o", str(out), "-q"]
+
+
+def run(data: Path, variant: str, weights: str) -> dict:
+    """One fresh `finetune train` process: every epoch's (val acc, train acc, seconds), the probe's first."""
+    with tempfile.TemporaryDirectory(prefix="lpft-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = command(data, weights, VARIANTS[variant], out)
+        env = {**os.environ, "FINETUNE_CACHE": str(Path(tmp) / "cache")}  # cold: nothing from an earlier run
+        load, t0 = os.getloadavg(), time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.time() - t0
+        if p.returncode:
+            raise RuntimeError(f"{shlex.join(cmd)} failed: {p.stderr[-2000:]}")
+        rows = list(csv.DictReader((out / "metrics.csv").open()))
+        plan = json.loads((out / "config.json").read_text())["plan"]["why"]
+    if rows[0]["lr"] != "" or len(rows) != EPOCHS + 1:
+        raise RuntimeError(f"{variant} on {data}: expected the probe, then {EPOCHS} epochs; got {len(rows)} rows")
+    hist = [[float(r["val_acc"]), float(r["train_acc"]) if r["train_acc"] else None, float(r["seconds"])]
+            for r in rows]
+    shown = ["python", *cmd[1:-3], "-o", "OUT", "-q"]  # as typed from the repository root; OUT a temp folder
+    return {"command": shlex.join(shown), "plan": plan,
+            "history": hist, "probe": hist[0][0], "best": max(h[0] for h in hist),
+            "lowest_after_probe": min(h[0] for h in hist[1:]), "wall": round(wall, 1),
+            "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def table() -> str:
@@ -87,18 +90,23 @@ def main() -> None:
                                              "mobilenet_v2-imagenet-int8dequant.pth"))
     ap.add_argument("--sets", nargs="+", default=["antsbees", "antsbees-thumbs", "dogs"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--work", default="/tmp/lpft-bench")
+    ap.add_argument("--update", action="store_true", help="keep the runs in the results file not measured now")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if not args.table:
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
-        results["cpu"] = cpu_name()
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.update else {"runs": {}}
+        here = provenance()
+        results |= {"machine": {k: v for k, v in here.items() if k not in ("commit", "dirty", "command")},
+                    "script": here["command"], "epochs": EPOCHS, "seed": 0, "model": "mobilenet_v2",
+                    "weights": Path(args.weights).name}
         for name in args.sets:
             for variant in args.variants:
-                r = run(Path(args.data) / name, variant, args.weights, Path(args.work) / "run")
-                results["runs"][f"{name} | {variant}"] = r | {"date": time.strftime("%Y-%m-%d %H:%M")}
+                code = provenance()  # commit and dirty as the run starts: the code it measures
+                r = run(Path(args.data) / name, variant, args.weights)
+                results["runs"][f"{name} | {variant}"] = r | {"commit": code["commit"], "dirty": code["dirty"]}
                 RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-                print(f"{name} | {variant}: best {r['best']:.3f}, lowest {r['lowest_after_probe']:.3f}", flush=True)
+                print(f"{name} | {variant}: probe {r['probe']:.3f}, lowest {r['lowest_after_probe']:.3f}, "
+                      f"best {r['best']:.3f}, {r['wall']:.0f} s", flush=True)
     print(table())
 
 
