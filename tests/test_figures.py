@@ -1,13 +1,14 @@
 """The figures in README.md, docs/ and benchmarks/README.md against the results files they cite.
 
 The convention is written at the top of benchmarks/README.md: a table of figures is preceded by
-`<!-- results: benchmarks/results-x.json[#dotted.keys] -->`, and every number in its rows must be in that file at
-the precision printed, or be derived from its own row (a ratio of two of its numbers, a mean or standard deviation
-of one of its cells). Pure file reading: no torch, no benchmark run.
+`<!-- results: benchmarks/results-x.json[#dotted.keys][, more files] [ratios: 4 = 3/2; ...] -->`, and every number
+in its rows must be in those files at the precision printed, or be derived from its own row as the comment says
+(ratios of columns) or as a mean or standard deviation ("0.94 ± 0.01") of another cell's numbers. A table whose
+file does not record commit, CPU, torch, load and command is marked as history. Pure file reading: no torch.
 """
 
+import itertools
 import json
-import math
 import re
 import statistics
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
-CITE = re.compile(r"<!--\s*results:\s*(?P<path>\S+?\.json)(?:#(?P<part>[\w.\-/]+))?\s*-->")
+CITE = re.compile(r"<!--\s*results:\s*(?P<cites>[^;\]]*?\.json[^\s,]*(?:\s*,\s*\S+\.json[^\s,]*)*)"
+                  r"(?:\s+ratios:\s*(?P<ratios>[\d\s=/,;]+?))?\s*-->")
 # A number as printed: not inside a word ("ResNet-18", "x86_64"), not the first half of a compound ("2-core",
 # "12-MP"); thousands commas allowed.
 NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?!\.?\d)(?!-[A-Za-z])")
@@ -40,11 +42,19 @@ class Printed:
         self.value = float(f"{whole}.{decimals}" if decimals else whole)
         self.half = 0.5 * 10 ** -len(decimals)
         self.percent = text[match.end():].lstrip().startswith("%")
+        self.spread = "±" in text
 
     def shows(self, value: float) -> bool:
         """Whether `value`, rounded as this number is printed, prints as it."""
         candidates = [value, value * 100] if self.percent else [value]
         return any(abs(v - self.value) <= self.half * (1 + 1e-9) + 1e-12 for v in candidates)
+
+    def is_ratio_of(self, a: "Printed", b: "Printed") -> bool:
+        """Whether a / b, for any values a and b could have had before rounding, prints as this number."""
+        if b.value - b.half <= 0:
+            return False
+        low, high = (a.value - a.half) / (b.value + b.half), (a.value + a.half) / (b.value - b.half)
+        return low - self.half <= self.value <= high + self.half
 
 
 def numbers_in(text: str) -> list[Printed]:
@@ -54,15 +64,22 @@ def numbers_in(text: str) -> list[Printed]:
 
 
 def file_numbers(node) -> list[float]:
-    """Every number in a JSON value, numbers inside strings included ("load 3-4", "0.967 in 12 s")."""
+    """Every number in a JSON value, numbers inside strings included ("load 3-4"), long series left out: a
+    curve or a list of samples (more than 8 numbers) holds too many values for a printed one to be told apart."""
     if isinstance(node, bool):
         return []
     if isinstance(node, (int, float)):
         return [float(node)]
     if isinstance(node, str):
         return [float(m.group(0)) for m in re.finditer(r"\d+(?:\.\d+)?", node)]
+    if isinstance(node, list) and len(node) > 8 and all(_numeric(item) for item in node):
+        return []
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
     return [n for child in children for n in file_numbers(child)]
+
+
+def _numeric(node) -> bool:
+    return isinstance(node, (int, float)) or isinstance(node, list) and all(_numeric(item) for item in node)
 
 
 def file_keys(node) -> set[str]:
@@ -74,15 +91,62 @@ def file_keys(node) -> set[str]:
     return set()
 
 
-def derived(p: Printed, row: list[list[Printed]], cell: int) -> bool:
-    """Whether `p` is a ratio of two other numbers of its row, or the mean or sd of another cell's numbers."""
-    others = [q for i, cell_numbers in enumerate(row) if i != cell for q in cell_numbers]
-    for a in others:
-        for b in others:
-            if a is not b and b.value - b.half > 0:
-                low, high = (a.value - a.half) / (b.value + b.half), (a.value + a.half) / (b.value - b.half)
-                if low - p.half <= p.value <= high + p.half:
-                    return True
+def _part(data, part: str):
+    for key in part.split(".") if part else []:
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+class Table:
+    """A table that cites results files: where it is, the files (each with an optional part), the ratio columns
+    ({column: [(numerator column, denominator column), ...]}, 1-based), its lines and the lines before it."""
+
+    def __init__(self, doc: Path, line: int, cite: re.Match, rows: list[str], before: list[str]):
+        self.doc, self.line, self.rows, self.before = doc, line, rows, before
+        self.cites = [tuple(c.strip().partition("#")[::2]) for c in cite.group("cites").split(",")]
+        self.ratios = {}
+        for spec in filter(None, (cite.group("ratios") or "").split(";")):
+            column, _, quotients = spec.partition("=")
+            self.ratios[int(column)] = [tuple(int(n) for n in q.split("/")) for q in quotients.split(",")]
+
+    def __repr__(self) -> str:
+        names = ",".join(Path(path).name + (f"#{part}" if part else "") for path, part in self.cites)
+        return f"{self.doc.relative_to(ROOT)}:{self.line}:{names}"
+
+    def raw(self) -> str:
+        return "\n".join((ROOT / path).read_text() for path, _ in self.cites)
+
+    def data(self) -> list:
+        return [_part(json.loads((ROOT / path).read_text()), part) for path, part in self.cites]
+
+    def mismatches(self, rows: list[str] | None = None) -> list[str]:
+        """Each printed number of the table's body that neither its files nor its row backs."""
+        known, raw = file_numbers(self.data()), self.raw()
+        wrong = []
+        for row in (rows or self.rows)[2:]:  # header and |---| line
+            numbers = [numbers_in(c) for c in cells(row)]
+            for i, cell_numbers in enumerate(numbers):
+                for k, p in enumerate(cell_numbers):
+                    if i + 1 in self.ratios:
+                        ok = k < len(self.ratios[i + 1]) and _ratio_backed(p, numbers, *self.ratios[i + 1][k])
+                    else:
+                        ok = any(p.shows(v) for v in known) or p.spread and _spread(p, numbers, i)
+                    if not ok:
+                        wrong.append(f"{p.text!r} in row {cells(row)[0]!r}")
+            for sha in COMMIT.findall(re.sub(r"`[^`]*`", " ", row)):
+                if sha not in raw:
+                    wrong.append(f"commit {sha} in row {cells(row)[0]!r}")
+        return wrong
+
+
+def _ratio_backed(p: Printed, row: list[list[Printed]], numerator: int, denominator: int) -> bool:
+    """A ratio column: the last number of one cell over the last number of another."""
+    a, b = row[numerator - 1], row[denominator - 1]
+    return bool(a and b) and p.is_ratio_of(a[-1], b[-1])
+
+
+def _spread(p: Printed, row: list[list[Printed]], cell: int) -> bool:
+    """A mean or standard deviation (population or sample) of the numbers of another cell of the row."""
     for i, cell_numbers in enumerate(row):
         values = [q.value for q in cell_numbers]
         if i == cell or len(values) < 2:
@@ -94,98 +158,67 @@ def derived(p: Printed, row: list[list[Printed]], cell: int) -> bool:
     return False
 
 
-def cited_tables():
-    """(doc, line number, results path, part, table rows) for every table that cites a results file."""
+def cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def cited_tables() -> list[Table]:
+    """Every table preceded by a `<!-- results: ... -->` comment (outside fenced code)."""
+    tables = []
     for doc in DOCS:
         lines = doc.read_text().splitlines()
         fenced = False
         for at, line in enumerate(lines):
             fenced ^= line.lstrip().startswith("```")
             cite = None if fenced else CITE.search(line)
-            if not cite:
-                continue
-            rows, j = [], at + 1
-            while j < len(lines) and lines[j].lstrip().startswith("|"):
-                rows.append(lines[j])
-                j += 1
-            yield doc, at + 1, cite.group("path"), cite.group("part"), rows, lines[:at]
+            if cite:
+                rows = list(itertools.takewhile(lambda text: text.lstrip().startswith("|"), lines[at + 1:]))
+                tables.append(Table(doc, at + 1, cite, rows, lines[:at]))
+    return tables
 
 
-TABLES = list(cited_tables())
-
-
-def _id(table) -> str:
-    doc, line, path, part, *_ = table
-    return f"{doc.relative_to(ROOT)}:{line}:{Path(path).name}{'#' + part if part else ''}"
-
-
-def cells(row: str) -> list[str]:
-    return [c.strip() for c in row.strip().strip("|").split("|")]
-
-
-def _part(data, part: str | None):
-    for key in part.split(".") if part else []:
-        data = data[int(key)] if isinstance(data, list) else data[key]
-    return data
-
-
-def mismatches(rows: list[str], data, raw: str) -> list[str]:
-    """Each printed number of the table's body that neither the file nor its row backs."""
-    known = file_numbers(data)
-    wrong = []
-    for row in rows[2:]:  # header and |---| line
-        numbers = [numbers_in(c) for c in cells(row)]
-        for i, cell_numbers in enumerate(numbers):
-            for p in cell_numbers:
-                if not any(p.shows(v) for v in known) and not derived(p, numbers, i):
-                    wrong.append(f"{p.text!r} in row {cells(row)[0]!r}")
-        for sha in COMMIT.findall(re.sub(r"`[^`]*`", " ", row)):
-            if sha not in raw:
-                wrong.append(f"commit {sha} in row {cells(row)[0]!r}")
-    return wrong
+TABLES = cited_tables()
 
 
 def test_tables_cite_results_files():
     assert TABLES, "no table cites a results file: the convention is at the top of benchmarks/README.md"
 
 
-@pytest.mark.parametrize("table", TABLES, ids=_id)
+@pytest.mark.parametrize("table", TABLES, ids=repr)
 def test_table_matches_its_results_file(table):
-    doc, line, path, part, rows, _ = table
-    results = (doc.parent / path) if not path.startswith("benchmarks/") else ROOT / path
-    assert results.is_file(), f"{_id(table)}: {path} does not exist"
-    raw = results.read_text()
-    assert len(rows) > 2, f"{_id(table)}: the comment is not followed by a table"
-    wrong = mismatches(rows, _part(json.loads(raw), part), raw)
-    assert not wrong, f"{_id(table)}: numbers not in {path}: " + "; ".join(wrong)
+    missing = [path for path, _ in table.cites if not (ROOT / path).is_file()]
+    assert not missing, f"{table}: {', '.join(missing)} not found (paths are from the repository root)"
+    assert len(table.rows) > 2, f"{table}: the comment is not followed by a table"
+    wrong = table.mismatches()
+    assert not wrong, f"{table}: numbers not in {', '.join(p for p, _ in table.cites)}: " + "; ".join(wrong)
 
 
-@pytest.mark.parametrize("table", TABLES, ids=_id)
+@pytest.mark.parametrize("table", TABLES, ids=repr)
 def test_table_file_records_provenance_or_is_history(table):
-    doc, line, path, part, rows, before = table
-    results = ROOT / path if path.startswith("benchmarks/") else doc.parent / path
-    keys = file_keys(json.loads(results.read_text()))
-    missing = [k for k in PROVENANCE if k not in keys] + ([] if any(k.startswith("load") for k in keys) else ["load"])
-    if not missing:
-        return
-    heading = max((i for i, text in enumerate(before) if text.startswith("#")), default=0)
-    section = "\n".join(before[heading:]).lower()
-    assert "history: measured" in section, (
-        f"{_id(table)}: {path} records no {', '.join(missing)}; re-run it, or say 'history: measured <date> on "
-        f"<machine>' before the table")
+    for path, _ in table.cites:
+        keys = file_keys(json.loads((ROOT / path).read_text()))
+        missing = [k for k in PROVENANCE if k not in keys] + ([] if any(k.startswith("load") for k in keys) else
+                                                              ["load"])
+        if not missing:
+            continue
+        heading = max((i for i, text in enumerate(table.before) if text.startswith("#")), default=0)
+        assert "history: measured" in "\n".join(table.before[heading:]).lower(), (
+            f"{table}: {path} records no {', '.join(missing)}; re-run it, or say 'History: measured <date> on "
+            f"<machine>' (and why it is not current) between the section's heading and the table")
 
 
-def test_a_changed_digit_fails():
-    """The check itself: a digit changed in a cited table is caught."""
-    doc, line, path, part, rows, _ = next(t for t in TABLES if len(t[4]) > 2)
-    raw = (ROOT / path).read_text() if path.startswith("benchmarks/") else (doc.parent / path).read_text()
-    data = _part(json.loads(raw), part)
-    for r, row in enumerate(rows[2:], start=2):
-        for p in (q for c in cells(row) for q in numbers_in(c)):
-            if p.half < 0.5 and not math.isclose(p.value, 0):
-                digit = p.text.rstrip("%xsMB ")[-1]
-                changed = p.text[: len(p.text.rstrip("%xsMB ")) - 1] + str((int(digit) + 3) % 10)
-                bad = rows[:r] + [row.replace(p.text, changed, 1)] + rows[r + 1:]
-                assert mismatches(bad, data, raw), f"{p.text} -> {changed} in {_id((doc, line, path, part))} passed"
-                return
-    pytest.fail("no decimal figure found to change")
+def changed(p: Printed) -> str:
+    """The number as printed with its last digit changed (+3, mod 10)."""
+    digits = p.text.rstrip("%xsMB ")
+    return digits[:-1] + str((int(digits[-1]) + 3) % 10) + p.text[len(digits):]
+
+
+@pytest.mark.parametrize("table", TABLES, ids=repr)
+def test_a_changed_digit_fails(table):
+    """The check itself: in every row, the last figure with decimals, changed by one digit, is caught."""
+    for r, row in enumerate(table.rows[2:], start=2):
+        figures = [p for c in cells(row) for p in numbers_in(c) if p.half < 0.5]
+        if figures:
+            p = figures[-1]
+            bad = table.rows[:r] + [row.replace(p.text, changed(p), 1)] + table.rows[r + 1:]
+            assert table.mismatches(bad), f"{table}: {p.text} -> {changed(p)} in row {r - 1} passed"
