@@ -6,10 +6,8 @@ the command line's start stay fast.
 """
 
 import importlib
-import time
 
-__version__ = "0.1.0"
-STARTED = time.monotonic()  # when finetune was imported (for the command line: when the command started)
+from finetune._about import __version__
 
 _API = ("train", "load", "evaluate", "export", "check", "Run", "Model", "EvalResult", "CheckResult", "Prediction",
         "Failure", "Observer")

@@ -10,14 +10,37 @@ emit in the source against these declarations (name and fields) before anything 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # for the annotations only: the layers these types live in sit above this module
+if TYPE_CHECKING:  # for the annotations only (the data layer sits below this module)
     from finetune.data.dataset import DatasetSplit
-    from finetune.tune import Trial
 
 Emit = Callable[..., None]  # emit(event_name, **fields)
+
+
+@dataclass
+class Trial:
+    """One trial of `finetune tune`, as its events carry it (and best.json / trials.csv record it)."""
+
+    number: int  # from 1, as its folder trial-NNN
+    sampler: str  # random (a start-up trial) | tpe
+    epochs: int  # the epochs it may run; the pruner may stop it sooner
+    params: dict
+    status: str = "running"  # ok | pruned | diverged | failed (out of memory) | interrupted
+    val_acc: float | None = None  # the best epoch's (for a pruned trial: the best before it was stopped)
+    best_epoch: int | None = None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    run_dir: str = ""
+    error: str = ""
+
+    def row(self) -> dict:
+        """The trial as a row of trials.csv."""
+        return {"trial": self.number, "sampler": self.sampler, "epochs": self.epochs, "epochs_run": self.epochs_run,
+                **self.params, "status": self.status, "val_acc": self.val_acc, "best_epoch": self.best_epoch,
+                "seconds": round(self.seconds, 2), "run_dir": self.run_dir, "error": self.error}
 
 
 class Observer:

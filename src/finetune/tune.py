@@ -23,6 +23,7 @@ from finetune._util.extras import require
 from finetune._util.files import write_csv_atomic, write_json_atomic
 from finetune.config import MODES, OPTIMIZERS, TrainConfig, validate
 from finetune.errors import DivergedError, ResourceError, UsageError
+from finetune.events import Trial
 from finetune.training import run_training
 from finetune.training.outputs import RunLock
 from finetune.training.plan import kind, unused
@@ -66,26 +67,6 @@ class Space:
         """Plain types, as stored with the study."""
         return {k: list(v) if isinstance(v, tuple) else {o: list(r) for o, r in v.items()}
                 for k, v in dataclasses.asdict(self).items()}
-
-
-@dataclass
-class Trial:
-    number: int  # from 1, as its folder trial-NNN
-    sampler: str  # random (a start-up trial) | tpe
-    epochs: int  # the epochs it may run; the pruner may stop it sooner
-    params: dict
-    status: str = "running"  # ok | pruned | diverged | failed (out of memory) | interrupted
-    val_acc: float | None = None  # the best epoch's (for a pruned trial: the best before it was stopped)
-    best_epoch: int | None = None
-    epochs_run: int = 0
-    seconds: float = 0.0
-    run_dir: str = ""
-    error: str = ""
-
-    def row(self) -> dict:
-        return {"trial": self.number, "sampler": self.sampler, "epochs": self.epochs, "epochs_run": self.epochs_run,
-                **self.params, "status": self.status, "val_acc": self.val_acc, "best_epoch": self.best_epoch,
-                "seconds": round(self.seconds, 2), "run_dir": self.run_dir, "error": self.error}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
-from finetune import __version__
+from finetune._about import __version__
 from finetune._util.ddp import from_env, leave_together
 from finetune.cli.render import err, esc, out
 from finetune.errors import FinetuneError, Interrupted, ResourceError

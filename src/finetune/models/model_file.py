@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetune import __version__
+from finetune._about import __version__
 from finetune._util.files import atomic_write
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import ModelFileError

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from finetune import __version__
+from finetune._about import __version__
 from finetune._util import ddp as dist
 from finetune._util.files import atomic_write, cache_dir, mark_used, trim_cache
 from finetune.config import TrainConfig

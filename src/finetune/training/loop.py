@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from finetune import STARTED
+from finetune._about import STARTED
 from finetune._util import ddp as dist
 from finetune.config import TrainConfig, validate
 from finetune.errors import Interrupted, ResourceError
