@@ -59,6 +59,16 @@ def test_training_settings_passed_to_the_api_count_as_typed(tiny_data, local_wei
     assert [row["lr"] is None for row in run.history] == [True, False]  # the probe, then 1 epoch fine-tuning
 
 
+def test_a_run_validates_its_settings_once(tiny_data, local_weights, tmp_path, monkeypatch):
+    import finetune.config as config
+
+    calls = []
+    check = config._check_regularisation  # validate()'s last step: one call per validate()
+    monkeypatch.setattr(config, "_check_regularisation", lambda cfg: calls.append(cfg.mode) or check(cfg))
+    finetune.train(tiny_data, weights=str(local_weights), epochs=1, batch_size=8, workers=0, output=str(tmp_path / "r"))
+    assert calls == ["auto"]  # at the run's entry, not again in prepare() or after the plan
+
+
 @pytest.mark.slow
 def test_the_docs_example_runs_as_written(antsbees, real_weights, tmp_path, capsys):
     """docs/python.md's first code block, on the real weights: train (the probe, then 2 epochs), predict a path and a

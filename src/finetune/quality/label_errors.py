@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from finetune._util.files import write_csv_atomic
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, validate
 from finetune.errors import UsageError
 from finetune.inference.predictor import copy_into
 from finetune.metrics.classification import wilson_interval
@@ -62,8 +62,8 @@ def embed(cfg: TrainConfig, emit=silent) -> Embeddings:
     import torch
 
     check_family(cfg.model, cfg.weights)
-    cfg = dataclasses.replace(cfg, mode="feature-extract", solver="lbfgs", augment="none", folds=0, fold=0,
-                              overfit=0)
+    cfg = validate(dataclasses.replace(cfg, mode="feature-extract", solver="lbfgs", augment="none", folds=0, fold=0,
+                                       overfit=0))
     with torch_flags(cfg):
         p = prepare(cfg, emit)
     if not isinstance(p.epochs, ProbeEpochs):  # check_family refuses these first; never a silent wrong answer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from finetune._util.ddp import single_process
 from finetune._util.files import write_json_atomic
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, validate
 from finetune.errors import DivergedError, UsageError
 from finetune.training.setup import prepare, silent, torch_flags
 from finetune.viz.pictures import lr_plot
@@ -47,7 +47,7 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
         raise UsageError(f"--steps {steps}: need at least 2")
     single_process("lr-find")
     # A range test of SGD steps: of fine-tuning unless feature-extract is asked for (auto's probe has no lr).
-    cfg = dataclasses.replace(cfg, solver="sgd", mode="finetune" if cfg.mode == "auto" else cfg.mode)
+    cfg = validate(dataclasses.replace(cfg, solver="sgd", mode="finetune" if cfg.mode == "auto" else cfg.mode))
     with torch_flags(cfg):
         return _range_test(prepare(cfg, emit), start_lr, end_lr, steps, emit)
 

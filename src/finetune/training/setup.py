@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from finetune._util import ddp as dist
-from finetune.config import TrainConfig, validate
+from finetune.config import TrainConfig
 from finetune.data.dataset import DatasetSplit, find_dataset
 from finetune.data.images import default_workers
 from finetune.data.labelfile import options_from
@@ -170,16 +170,17 @@ def _label_file_checks(cfg: TrainConfig, split: DatasetSplit, emit: Emit) -> Non
 
 def prepare(cfg: TrainConfig, emit: Emit = silent, stop: Callable[[], int] = lambda: 0,
             resume: dict | None = None) -> Prepared:
-    """Validate options, read the data, build the model with its weights, decode or extract features."""
+    """Read the data, build the model with its weights, decode or extract features (cfg validated by the caller:
+    once per run, at its entry)."""
     import torch
 
-    check_model_name(validate(cfg).model)
+    check_model_name(cfg.model)
     world = dist.init(cfg.device)
     emit = emit if world.main else silent
     device = dist.device(cfg.device)
     plan = make_plan(cfg, device) if resume is None or "plan" not in resume else Plan(**resume["plan"])
-    cfg = validate(dataclasses.replace(cfg, mode=plan.mode, backbone_lr_mult=plan.backbone_lr_mult
-                                       if plan.backbone_lr_mult is not None else cfg.backbone_lr_mult))
+    cfg = dataclasses.replace(cfg, mode=plan.mode, backbone_lr_mult=plan.backbone_lr_mult
+                              if plan.backbone_lr_mult is not None else cfg.backbone_lr_mult)
     _check_world(cfg, world, device)
     torch.manual_seed(cfg.seed)
     split, local = _read_split(cfg, world, resume)
