@@ -70,7 +70,7 @@ def test_the_pixel_limit_and_threads_reach_check_predict_and_evaluate(trained_mo
     report = json.loads(r.stdout)
     assert report["usable"] == 0 and all("--max-pixels limit" in s["reason"] for s in report["skipped"])
     r = runner.invoke(app, ["predict", str(tiny_data / "val"), "-m", str(trained_model), "--max-pixels", "1000"])
-    assert r.exit_code == 1 and "6 of 6 input(s) skipped" in r.stderr and "--max-pixels limit" in r.stderr
+    assert r.exit_code == 3 and "6 of 6 input(s) skipped" in r.stderr and "--max-pixels limit" in r.stderr
     r = runner.invoke(app, ["evaluate", str(tiny_data), "-m", str(trained_model), "--max-pixels", "1000"])
     assert r.exit_code == 3 and "none of the images could be read" in r.stderr
     r = runner.invoke(app, ["evaluate", str(tiny_data), "-m", str(trained_model), "-j", "1", "--json"])

@@ -177,7 +177,8 @@ def test_suggest_leaves_out_the_model_s_own_photos_and_their_copies(trained_mode
     payload = r.to_dict()
     assert json.loads(json.dumps(payload))["suggestions"][0]["top"][0]["class"] in ("ants", "bees")
     crowded = invoke("suggest", pool, "-m", trained_model, "-j", 1)  # at 0.88 they are all near-duplicates
-    assert crowded.exit_code == 1 and "near-duplicates of labelled photos" in crowded.output
+    assert crowded.exit_code == 8 and "nothing to suggest" in crowded.stderr  # nothing to do (errors.EXIT_CODES)
+    assert "near-duplicates of labelled photos" in crowded.output
     assert "random or untrained weights" in crowded.output
 
 

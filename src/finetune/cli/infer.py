@@ -18,7 +18,7 @@ from finetune.cli.render import LazyProgress, err, esc, out, pct, warn
 from finetune.config import MAX_PIXELS
 from finetune.data.inputs import Failure, check_inputs, expand_inputs
 from finetune.data.labelfile import LabelFileOptions
-from finetune.errors import UsageError
+from finetune.errors import DatasetError, UsageError
 from finetune.formats.export import ATOL, FORMATS, RTOL, export_model
 from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
 from finetune.inference.evaluate import evaluate_folder
@@ -93,7 +93,7 @@ def predict(
     if bad:
         err.print(f"[yellow]{len(bad)} of {len(good) + len(bad)} input(s) skipped[/]")
     if not good:
-        raise typer.Exit(1)
+        raise DatasetError("none of the inputs could be used (each is named above, with why); nothing was predicted")
     if prepare_next(predictor, chosen, device, [good[0].path]) and not quiet:
         err.print("[dim]cached an ONNX export of this model: the next predictions with it start without torch[/]")
 

@@ -15,6 +15,7 @@ from finetune.cli.app import command
 from finetune.cli.infer import name_model
 from finetune.cli.render import LazyProgress, err, esc, out, warn
 from finetune.config import MAX_PIXELS
+from finetune.errors import DatasetError, FinetuneError, NothingToDoError
 from finetune.quality.near_duplicates import NEAR_DUPLICATE
 from finetune.quality.suggest import Suggestions, suggest
 
@@ -69,7 +70,17 @@ def suggest_command(
         _table(result)
     _summary(result, quiet)
     if not result.suggestions:
-        raise typer.Exit(1)
+        raise _nothing_suggested(result)
+
+
+def _nothing_suggested(r: Suggestions) -> FinetuneError:
+    """No photo can be read: the inputs are at fault (as predict's); else every one is labelled, waiting or a
+    near-duplicate of a labelled one: nothing left to do."""
+    if not (r.already_labelled or r.pending or r.near_labelled):
+        return DatasetError("none of the pool's photos could be read (each is named above, with why); nothing to "
+                            "suggest")
+    return NothingToDoError("nothing to suggest: every photo of the pool is labelled, waiting in --into, unreadable, "
+                            "or a near-duplicate of a labelled photo")
 
 
 def _table(r: Suggestions) -> None:
@@ -95,9 +106,6 @@ def _summary(r: Suggestions, quiet: bool) -> None:
                   f"{t['model']:.1f} s, features {t['features']:.1f} s with {r.features_cached} from the cache, "
                   f"ranking {t['ranking']:.1f} s); labelled photos known: {r.labelled}, {esc(r.labelled_source)}; "
                   f"left out: {out_words}", highlight=False)
-    if not r.suggestions:
-        err.print("[yellow]nothing to suggest[/]: every photo of the pool is labelled, waiting, unreadable, or a "
-                  "near-duplicate of a labelled photo")
     if len(r.near_labelled) > r.ranked / 2:
         warn(f"{len(r.near_labelled)} of {r.ranked} photos are near-duplicates of labelled photos by this model's "
              f"features (cosine >= --similarity): features that tell photos apart this little (random or untrained "
