@@ -12,7 +12,8 @@ training/recipe.py: the light crop). A variant adds options a user can type (--a
     python benchmarks/lpft.py --data ../shared/data --sets dog_breeds/labels.csv --variants default --update
     python benchmarks/lpft.py --table          # the table of benchmarks/results-lpft.json
 
-Writes benchmarks/results-lpft.json (every epoch's val and train accuracy, the command, commit, machine and load).
+Writes benchmarks/results-lpft.json (every epoch's val and train accuracy and seconds, the probe's first; the command,
+commit, machine and load).
 """
 
 import argparse
@@ -61,12 +62,13 @@ def run(data: Path, variant: str, weights: str) -> dict:
         plan = json.loads((out / "config.json").read_text())["plan"]["why"]
     if rows[0]["lr"] != "" or len(rows) != EPOCHS + 1:
         raise RuntimeError(f"{variant} on {data}: expected the probe, then {EPOCHS} epochs; got {len(rows)} rows")
-    hist = [[float(r["val_acc"]), float(r["train_acc"]) if r["train_acc"] else None, float(r["seconds"])]
-            for r in rows]
+    val = [float(r["val_acc"]) for r in rows]
+    train = [float(r["train_acc"]) if r["train_acc"] else None for r in rows]  # the probe's row may have none
     shown = ["python", *cmd[1:-3], "-o", "OUT", "-q"]  # as typed from the repository root; OUT a temp folder
     return {"command": shlex.join(shown), "plan": plan,
-            "history": hist, "probe": hist[0][0], "best": max(h[0] for h in hist),
-            "lowest_after_probe": min(h[0] for h in hist[1:]), "wall": round(wall, 1),
+            "val_acc": val, "train_acc": train, "seconds": [float(r["seconds"]) for r in rows],
+            "probe": val[0], "best": max(val), "lowest_after_probe": min(val[1:]), "train_acc_last": train[-1],
+            "wall": round(wall, 1),
             "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -77,9 +79,9 @@ def table() -> str:
              "|---|---|---:|---|---:|---:|---:|"]
     for key, r in results["runs"].items():
         name, variant = key.split(" | ", 1)
-        epochs = ", ".join(f"{h[0]:.3f}" for h in r["history"][1:])
+        epochs = ", ".join(f"{a:.3f}" for a in r["val_acc"][1:])
         lines.append(f"| {name} | {variant} | {r['probe']:.3f} | {epochs} | {r['lowest_after_probe']:.3f} | "
-                     f"{r['best']:.3f} | {r['history'][-1][1]:.3f} |")
+                     f"{r['best']:.3f} | {r['train_acc_last']:.3f} |")
     return "\n".join(lines)
 
 
