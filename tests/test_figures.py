@@ -7,10 +7,11 @@ in its rows must be in those files at the precision printed, or be derived from 
 file does not record commit, CPU, torch, load and command is marked as history. Pure file reading: no torch.
 """
 
+import bisect
+import functools
 import itertools
 import json
 import re
-import statistics
 from pathlib import Path
 
 import pytest
@@ -36,18 +37,22 @@ def _torch_flags_restored():
 class Printed:
     """One number as printed: its value and the half-unit of its last decimal (what rounding may have hidden)."""
 
-    def __init__(self, match: re.Match, text: str):
+    def __init__(self, match: re.Match, text: str, unit: str = ""):
         whole, decimals = match.group(1).replace(",", ""), match.group(2) or ""
         self.text = match.group(0)
         self.value = float(f"{whole}.{decimals}" if decimals else whole)
         self.half = 0.5 * 10 ** -len(decimals)
-        self.percent = text[match.end():].lstrip().startswith("%")
-        self.spread = "±" in text
+        after = text[match.end():].lstrip()
+        self.percent = after.startswith("%")
+        # seconds printed may be milliseconds in the file and the other way; the unit may be the column's
+        printed = re.match(r"m?s\b", after)
+        self.scale = {"s": 1 / 1000, "ms": 1000.0}.get(printed.group(0) if printed else unit, 1.0)
 
-    def shows(self, value: float) -> bool:
-        """Whether `value`, rounded as this number is printed, prints as it."""
-        candidates = [value, value * 100] if self.percent else [value]
-        return any(abs(v - self.value) <= self.half * (1 + 1e-9) + 1e-12 for v in candidates)
+    def found_in(self, values: list[float]) -> bool:
+        """Whether one of `values` (sorted), rounded as this number is printed, prints as it."""
+        low, high = self.value - self.half * (1 + 1e-9) - 1e-12, self.value + self.half * (1 + 1e-9) + 1e-12
+        scales = {1.0, self.scale} | ({100.0} if self.percent else set())
+        return any(bisect.bisect_left(values, low / k) < bisect.bisect_right(values, high / k) for k in scales)
 
     def is_ratio_of(self, a: "Printed", b: "Printed") -> bool:
         """Whether a / b, for any values a and b could have had before rounding, prints as this number."""
@@ -57,14 +62,15 @@ class Printed:
         return low - self.half <= self.value <= high + self.half
 
 
-def numbers_in(text: str) -> list[Printed]:
-    """The numbers a reader sees in a table cell (backticked code left out)."""
+def numbers_in(text: str, header: str = "") -> list[Printed]:
+    """The numbers a reader sees in a table cell (backticked code left out); `header` is its column's."""
     text = re.sub(r"`[^`]*`", " ", text)
-    return [Printed(m, text) for m in NUMBER.finditer(text)]
+    unit = next((u for u, pattern in (("ms", r"\bms\b"), ("s", r"\b(s|seconds)\b")) if re.search(pattern, header)), "")
+    return [Printed(m, text, unit) for m in NUMBER.finditer(text)]
 
 
 def file_numbers(node) -> list[float]:
-    """Every number in a JSON value, numbers inside strings included ("load 3-4"), long series left out: a
+    """Every number in a JSON value, numbers inside strings and keys included ("load 3-4"), long series left out: a
     curve or a list of samples (more than 8 numbers) holds too many values for a printed one to be told apart."""
     if isinstance(node, bool):
         return []
@@ -74,8 +80,9 @@ def file_numbers(node) -> list[float]:
         return [float(m.group(0)) for m in re.finditer(r"\d+(?:\.\d+)?", node)]
     if isinstance(node, list) and len(node) > 8 and all(_numeric(item) for item in node):
         return []
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
-    return [n for child in children for n in file_numbers(child)]
+    if isinstance(node, dict):  # keys too: {"statuses": {"503": 10}}, {"train step (176 px)": ...}
+        return [n for key, value in node.items() for n in file_numbers(key) + file_numbers(value)]
+    return [n for child in node for n in file_numbers(child)] if isinstance(node, list) else []
 
 
 def _numeric(node) -> bool:
@@ -89,6 +96,27 @@ def file_keys(node) -> set[str]:
     if isinstance(node, list):
         return {k for v in node for k in file_keys(v)}
     return set()
+
+
+def records(node, cap: int = 80, top: bool = True, name: tuple = ()) -> list[list[float]]:
+    """The numbers (sorted) of each part of a JSON value small enough to be one measurement's record (at most `cap`
+    numbers: a run, a row, a summary of one variant), with the numbers of the key it is under ("train step (176 px)"),
+    at any depth; never a collection of such records, and the whole value only when it is flat."""
+    if not isinstance(node, (dict, list)):
+        return []
+    items = list(node.items()) if isinstance(node, dict) else [("", child) for child in node]
+    numbers = file_numbers(node) + list(name)
+    nested = sum(isinstance(child, (dict, list)) and bool(file_numbers(child)) for _, child in items)
+    collection = isinstance(node, list) and nested >= 2  # a list of runs, not one run
+    found = []
+    if numbers and len(numbers) <= cap and not (top and nested) and not collection:
+        found.append(sorted(numbers))
+    own = file_numbers([child for _, child in items if not isinstance(child, (dict, list))]) + list(name)
+    if nested and own:  # a set's own figures (its size, its target) beside its runs
+        found.append(sorted(own))
+    for key, child in items:
+        found += records(child, cap, top=False, name=tuple(file_numbers(key)))
+    return found
 
 
 def _part(data, part: str):
@@ -113,28 +141,43 @@ class Table:
         names = ",".join(Path(path).name + (f"#{part}" if part else "") for path, part in self.cites)
         return f"{self.doc.relative_to(ROOT)}:{self.line}:{names}"
 
+    @functools.cached_property
     def raw(self) -> str:
         return "\n".join((ROOT / path).read_text() for path, _ in self.cites)
 
+    @functools.cached_property
     def data(self) -> list:
         return [_part(json.loads((ROOT / path).read_text()), part) for path, part in self.cites]
 
+    @functools.cached_property
+    def numbers(self) -> tuple[list[float], list[list[float]]]:
+        """Every number of the cited parts (sorted), and each record's."""
+        return sorted(file_numbers(self.data)), [r for part in self.data for r in records(part)]
+
     def mismatches(self, rows: list[str] | None = None) -> list[str]:
-        """Each printed number of the table's body that neither its files nor its row backs."""
-        known, raw = file_numbers(self.data()), self.raw()
+        """Each printed number of the table's body that neither its files nor its row backs. A number of a row with
+        others must be in a record of the file (`records`) that holds two more of the row's numbers (or the one more
+        of a row of two), so that a figure changed to a neighbour row's or another seed's value is still caught."""
+        known, parts = self.numbers
         wrong = []
+        header = cells(self.rows[0])
         for row in (rows or self.rows)[2:]:  # header and |---| line
-            numbers = [numbers_in(c) for c in cells(row)]
+            numbers = [numbers_in(c, h) for c, h in itertools.zip_longest(cells(row), header, fillvalue="")]
+            flat = [p for cell_numbers in numbers for p in cell_numbers]
+            company = min(2, len(flat) - 1)
             for i, cell_numbers in enumerate(numbers):
                 for k, p in enumerate(cell_numbers):
                     if i + 1 in self.ratios:
                         ok = k < len(self.ratios[i + 1]) and _ratio_backed(p, numbers, *self.ratios[i + 1][k])
+                    elif len(flat) == 1:
+                        ok = p.found_in(known)
                     else:
-                        ok = any(p.shows(v) for v in known) or p.spread and _spread(p, numbers, i)
+                        ok = any(p.found_in(part) and sum(q.found_in(part) for q in flat if q is not p) >= company
+                                 for part in parts)
                     if not ok:
                         wrong.append(f"{p.text!r} in row {cells(row)[0]!r}")
             for sha in COMMIT.findall(re.sub(r"`[^`]*`", " ", row)):
-                if sha not in raw:
+                if sha not in self.raw:
                     wrong.append(f"commit {sha} in row {cells(row)[0]!r}")
         return wrong
 
@@ -143,19 +186,6 @@ def _ratio_backed(p: Printed, row: list[list[Printed]], numerator: int, denomina
     """A ratio column: the last number of one cell over the last number of another."""
     a, b = row[numerator - 1], row[denominator - 1]
     return bool(a and b) and p.is_ratio_of(a[-1], b[-1])
-
-
-def _spread(p: Printed, row: list[list[Printed]], cell: int) -> bool:
-    """A mean or standard deviation (population or sample) of the numbers of another cell of the row."""
-    for i, cell_numbers in enumerate(row):
-        values = [q.value for q in cell_numbers]
-        if i == cell or len(values) < 2:
-            continue
-        slack = max(q.half for q in cell_numbers) + p.half
-        spreads = (statistics.mean(values), statistics.pstdev(values), statistics.stdev(values))
-        if any(abs(p.value - s) <= slack * (1 + 1e-9) for s in spreads):
-            return True
-    return False
 
 
 def cells(row: str) -> list[str]:
@@ -208,17 +238,39 @@ def test_table_file_records_provenance_or_is_history(table):
 
 
 def changed(p: Printed) -> str:
-    """The number as printed with its last digit changed (+3, mod 10)."""
+    """The number as printed with its last digit moved by one (up, or down from 9)."""
     digits = p.text.rstrip("%xsMB ")
-    return digits[:-1] + str((int(digits[-1]) + 3) % 10) + p.text[len(digits):]
+    last = int(digits[-1])
+    return digits[:-1] + str(last + 1 if last < 9 else last - 1) + p.text[len(digits):]
+
+
+def changed_figures_passed(table: Table) -> tuple[list[str], int]:
+    """Each figure with decimals changed in its last digit, one at a time: those the check let pass, and how many."""
+    missed, tried = [], 0
+    for r, row in enumerate(table.rows[2:], start=2):
+        for c, cell in enumerate(cells(row)):
+            for p in numbers_in(cell):
+                if p.half >= 0.5 or p.text not in cell:
+                    continue
+                tried += 1
+                bad_cells = cells(row)
+                bad_cells[c] = cell.replace(p.text, changed(p), 1)
+                if not table.mismatches(table.rows[:2] + ["| " + " | ".join(bad_cells) + " |"]):
+                    missed.append(f"{p.text} -> {changed(p)} in row {r - 1}")
+    return missed, tried
 
 
 @pytest.mark.parametrize("table", TABLES, ids=repr)
 def test_a_changed_digit_fails(table):
-    """The check itself: in every row, the last figure with decimals, changed by one digit, is caught."""
-    for r, row in enumerate(table.rows[2:], start=2):
-        figures = [p for c in cells(row) for p in numbers_in(c) if p.half < 0.5]
-        if figures:
-            p = figures[-1]
-            bad = table.rows[:r] + [row.replace(p.text, changed(p), 1)] + table.rows[r + 1:]
-            assert table.mismatches(bad), f"{table}: {p.text} -> {changed(p)} in row {r - 1} passed"
+    """The check itself, per table: most figures changed in their last digit are caught; those that are not then
+    coincide with another value of a record that holds the row's other figures (a p99 equal to the max, a rounded
+    sd on the boundary, another seed's run)."""
+    missed, tried = changed_figures_passed(table)
+    assert len(missed) <= tried / 3, f"{table}: {len(missed)} of {tried} changed figures passed: {missed}"
+
+
+def test_changed_digits_fail_nine_in_ten():
+    """The check itself, over every cited table: at least 9 in 10 changed figures are caught."""
+    counts = [changed_figures_passed(table) for table in TABLES]
+    missed, tried = sum(len(m) for m, _ in counts), sum(t for _, t in counts)
+    assert missed <= tried / 10, f"{missed} of {tried} changed figures passed"
