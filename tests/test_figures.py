@@ -232,7 +232,7 @@ def test_table_file_records_provenance_or_is_history(table):
         if not missing:
             continue
         heading = max((i for i, text in enumerate(table.before) if text.startswith("#")), default=0)
-        assert "history: measured" in "\n".join(table.before[heading:]).lower(), (
+        assert "history: measured" in " ".join(" ".join(table.before[heading:]).lower().split()), (
             f"{table}: {path} records no {', '.join(missing)}; re-run it, or say 'History: measured <date> on "
             f"<machine>' (and why it is not current) between the section's heading and the table")
 
