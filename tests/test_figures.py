@@ -43,7 +43,7 @@ class Printed:
         self.value = float(f"{whole}.{decimals}" if decimals else whole)
         self.half = 0.5 * 10 ** -len(decimals)
         after = text[match.end():].lstrip()
-        self.percent = after.startswith("%")
+        self.percent = "%" in text  # "5-7 %", "3.8 % (1.3-10.6)": the cell's figures are percentages or not
         # seconds printed may be milliseconds in the file and the other way; the unit may be the column's
         printed = re.match(r"m?s\b", after)
         self.scale = {"s": 1 / 1000, "ms": 1000.0}.get(printed.group(0) if printed else unit, 1.0)
