@@ -101,8 +101,8 @@ def main() -> None:
         results |= {"machine": {k: v for k, v in here.items() if k not in ("commit", "dirty", "command")},
                     "script": here["command"], "epochs": EPOCHS, "seed": 0, "model": "mobilenet_v2",
                     "weights": Path(args.weights).name}
-        for name in args.sets:
-            for variant in args.variants:
+        for variant in args.variants:  # variant-major: a run cut short still has the first variants on every set
+            for name in args.sets:
                 code = provenance()  # commit and dirty as the run starts: the code it measures
                 r = run(Path(args.data) / name, variant, args.weights)
                 results["runs"][f"{name} | {variant}"] = r | {"commit": code["commit"], "dirty": code["dirty"]}
