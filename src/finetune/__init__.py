@@ -8,6 +8,9 @@ the command line's start stay fast.
 import importlib
 
 from finetune._about import __version__
+from finetune._util.privacy import keep_telemetry_off
+
+keep_telemetry_off()  # before any library finetune drives is imported: nothing leaves the machine unasked
 
 _API = ("train", "load", "evaluate", "export", "check", "Run", "Model", "EvalResult", "CheckResult", "Prediction",
         "Failure", "Observer")
