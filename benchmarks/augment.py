@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from finetune.config import TrainConfig
 from finetune.training import run_training
+from machine import stamp
 
 VARIANTS = {  # name: the options it adds to the default recipe (--augment standard, nothing else)
     "default (standard)": {},
@@ -63,9 +64,6 @@ def main() -> None:
     out = Path(args.out)
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
     done = {(r["variant"], r["seed"]) for r in runs}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), "?")
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:  # seeds outermost: an interrupted run leaves every variant equally measured
             for name in args.variants:
@@ -74,18 +72,18 @@ def main() -> None:
                 cfg = TrainConfig(data=args.data, model=args.model, weights=args.weights, epochs=args.epochs,
                                   train_size=args.train_size, seed=seed, output=str(Path(work) / f"{seed}-{len(runs)}"),
                                   **VARIANTS[name])
-                t0 = time.perf_counter()
+                t0, load_before = time.perf_counter(), os.getloadavg()[0]  # the load: recorded with the run
                 r = run_training(cfg)
                 last = r.history[-1]
                 runs.append({"variant": name, "seed": seed, "best_val_acc": r.best_val_acc,
                              "last_val_acc": last["val_acc"], "last_val_loss": last["val_loss"],
                              "val_acc": [h["val_acc"] for h in r.history], "train_acc": [h["train_acc"] for h in
                                                                                          r.history],
-                             "seconds": round(time.perf_counter() - t0, 1), "commit": commit})
+                             "seconds": round(time.perf_counter() - t0, 1)} | stamp(load_before))
                 print(f"{name:24s} seed {seed}: best {r.best_val_acc:.4f} last {last['val_acc']:.4f} "
                       f"loss {last['val_loss']:.4f}", flush=True)
                 out.write_text(json.dumps({"data": args.data, "model": args.model, "weights": Path(args.weights).name,
-                                           "epochs": args.epochs, "train_size": args.train_size, "cpu": cpu,
+                                           "epochs": args.epochs, "train_size": args.train_size,
                                            "summary": summary(runs), "runs": runs}, indent=1) + "\n")
     print(json.dumps(summary(runs), indent=1))
 

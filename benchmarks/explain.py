@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,7 @@ from finetune.inference.explain import Explainer, draw
 from finetune.models.model_file import ModelFile, save_model_file
 from finetune.models.registry import build_network
 from finetune.models.weights import resolve_weights
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+from machine import stamp
 
 
 def model_file(arch: str, folder: Path) -> Path:
@@ -74,10 +66,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results-explain.json")
     args = ap.parse_args()
     photos = images_under(Path(args.images))
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(arch, photos, Path(tmp)) for arch in args.archs]
-    result = {"command": f"python benchmarks/explain.py --images {args.images} --archs {' '.join(args.archs)} "
-                         f"--out {args.out}", "cpu": cpu(), "torch_threads": torch.get_num_threads(), "results": rows}
+    result = {**stamp(load_before), "torch_threads": torch.get_num_threads(), "results": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -10,11 +10,12 @@ cache is warm in both (the files were just written or read), so the numbers are 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import stamp
 
 HERE = Path(__file__).resolve().parent
 TIMER = """
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     p.add_argument("--out", type=Path, default=HERE / "results-index.json")
     a = p.parse_args()
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     rows = []
     for n in a.sizes:
         root = a.work / f"files-{n}"
@@ -64,10 +66,7 @@ def main() -> None:
         rows.append({"files": n, "found": found, "first_run_s": round(first, 3), "index_reused_s": round(again, 3),
                      "folder_mb": round(sum(f.stat().st_size for f in root.rglob("*.jpg")) / 1e6, 1)})
         print(f"{n:>7} files: first run {first:6.2f} s, index reused {again:6.2f} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "python": platform.python_version()}
-    a.out.write_text(json.dumps({"machine": machine, "commit": commit.strip(), "results": rows}, indent=2) + "\n")
+    a.out.write_text(json.dumps({**stamp(load_before), "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ what a multi-label training step costs next to a single-label one.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from machine import stamp
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -131,6 +130,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=HERE / "results-labelfile.json")
     a = p.parse_args()
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     label_file = generate(a.work, a.rows)
     with tempfile.TemporaryDirectory() as cache:
         read_s, read_cpu, rows = timed(label_file, "read", cache)
@@ -144,17 +144,14 @@ def main() -> None:
     print(f"step: single-label {steps['median_s']['single-label']:.3f} s, multi-label "
           f"{steps['median_s']['multi-label']:.3f} s (x{steps['ratio_multi_over_single']:.3f}; CPU time "
           f"x{steps['ratio_cpu_multi_over_single']:.3f}); loss alone {steps['loss_only_us']} us", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
-    cpu = cpu_name()
-    result = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()},
-              "commit": commit.strip(), "label_file": {"rows": a.rows + a.rows // 100, "usable_rows": rows,
+    result = {**stamp(load_before), "label_file": {"rows": a.rows + a.rows // 100, "usable_rows": rows,
                                                        "found_by_split": found, "read_validate_s": round(read_s, 3),
                                                        "find_dataset_first_s": round(split_s, 3),
                                                        "find_dataset_index_reused_s": round(again_s, 3),
                                                        "read_validate_cpu_s": round(read_cpu, 3),
                                                        "find_dataset_first_cpu_s": round(split_cpu, 3),
                                                        "find_dataset_index_reused_cpu_s": round(again_cpu, 3)},
-              "load_average_1min": round(load, 1), "step_cost": steps}
+              "load_average_1min": round(load, 1), "step_cost": steps}  # the load once the label file was read
     a.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

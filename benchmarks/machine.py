@@ -33,3 +33,9 @@ def provenance(command: list[str] | None = None) -> dict:
             "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda_build": torch.version.cuda is not None,
             "command": shlex.join(argv).replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")}
+
+
+def stamp(load_before: float, command: list[str] | None = None) -> dict:
+    """`provenance()` and the 1-minute load average before and after the measurement (what shared the cores), for
+    the top of a results file: the fields benchmarks/README.md asks of every figure's file."""
+    return provenance(command) | {"load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}

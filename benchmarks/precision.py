@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from machine import stamp
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,12 +70,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "results-precision.json"))
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     import torch
 
     from finetune._util.devices import native_cpu_bf16
 
-    cpu = cpu_name()
-    result = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": native_cpu_bf16(),
+    result = {"native_bf16": native_cpu_bf16(),
               "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "throughput": {}}
     for arch in ("resnet18", "mobilenet_v2"):
         for train in (True, False):
@@ -87,7 +87,7 @@ def main() -> None:
         result["runs"] = [run(args, seed, amp, Path(tmp)) for seed in args.seeds for amp in (False, True)]
     for r in result["runs"]:
         print(f"seed {r['seed']} amp {r['amp']}: {r['wall']:.1f}s, best {r['best_val_acc']:.4f}", flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(stamp(load_before) | result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from machine import stamp
+
 PHOTO = Path(__file__).resolve().parents[1] / "sample_data" / "val" / "bees" / "10870992_eebeeb3a12.jpg"
 MODES = {"batched": [], "batched, 10 ms wait": ["--batch-wait", "10"], "one at a time": ["--max-batch", "1"]}
 
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=160, help="requests per level (at least 4 per client)")
     ap.add_argument("--results", default="benchmarks/results-serve.json")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     photo, rows = PHOTO.read_bytes(), []
     for model in args.model:
         for mode, extra in MODES.items():
@@ -88,11 +91,8 @@ def main() -> None:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if x.startswith("Model name")), "")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    Path(args.results).write_text(json.dumps({"machine": {"cpu": cpu, "cores": os.cpu_count(), "commit": commit},
-                                              "photo": PHOTO.name, "rows": rows}, indent=1) + "\n")
+    Path(args.results).write_text(json.dumps({**stamp(load_before), "photo": PHOTO.name, "rows": rows}, indent=1)
+                                  + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from machine import cpu_name
+from machine import stamp
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,6 +358,7 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "finetune-serve-storm"))
     ap.add_argument("--results", default="benchmarks/results-serve-storm.json")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     data = images(Path(args.cache))
     rows = {}
     if args.server_at:
@@ -388,14 +389,10 @@ def main() -> None:
         show("mixed, defaults" + suffix, rows["mixed, defaults" + suffix])
     if args.only in (None, "decode"):
         rows["decode, 16 48-MP PNGs, 2 workers"] = decode_scenario(args.model, Path(args.cache), args.before)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
     results = Path(args.results)
     earlier = json.loads(results.read_text())["scenarios"] if args.only and results.exists() else {}
     results.write_text(json.dumps({
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "commit": commit,
-                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "command": "python benchmarks/serve_storm.py --model MODEL [--only SCENARIO --clients N --server-at COMMIT]",
+        "machine": stamp(load_before),  # this invocation's; with --only, the other scenarios are kept from earlier
         "upload_bytes": {k: len(v) for k, v in data.items()}, "mix": MIX, "scenarios": earlier | rows},
         indent=1) + "\n")
 

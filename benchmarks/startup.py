@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from machine import stamp
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results-startup.json"))
     args = ap.parse_args()
     ft = [sys.executable, "-m", "finetune"]
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FINETUNE_CACHE": tmp}
         onnx = Path(tmp) / "model.onnx"
@@ -54,9 +55,8 @@ def main() -> None:
         subprocess.run([*ft, "predict", args.photo, "-m", args.model, "-q"], check=True, capture_output=True, env=env)
         results["predict_model_file_cached_export_s"] = timed([*ft, "predict", args.photo, "-m", args.model, "-q"],
                                                               env, args.repeats)
-    cpu = cpu_name()
-    Path(args.out).write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "model": Path(args.model).name,
-                                          "repeats": args.repeats, **results}, indent=2) + "\n")
+    record = {**stamp(load_before), "model": Path(args.model).name, "repeats": args.repeats, **results}
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

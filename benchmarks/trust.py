@@ -17,28 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from machine import stamp
+
 from finetune.config import TrainConfig
 from finetune.quality.label_errors import embed
 from finetune.quality.near_duplicates import NEAR_DUPLICATE, near_duplicates, neighbours
 from finetune.training.label_issues import out_of_sample_probabilities, rank_label_issues
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def flip_files(root: Path, fraction: float, seed: int) -> set[str]:
@@ -156,13 +149,14 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=40)
     ap.add_argument("--out", default="benchmarks/results-trust.json")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
     cfg = {"model": args.model, "weights": str(Path(args.weights).resolve()), "workers": 2}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result = {"command": "python benchmarks/trust.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-                  "cpu": cpu(), "model": args.model, "weights": Path(args.weights).name,
+        result = {"model": args.model, "weights": Path(args.weights).name,
                   "labels": label_benchmark(Path(args.data), work, cfg, args.flip, args.seeds),
                   "near_duplicates": duplicate_benchmark(Path(args.data), work, cfg, args.copies)}
+    result = stamp(load_before) | result
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -18,8 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import random_search_baseline as baseline  # noqa: E402
+from machine import stamp  # noqa: E402
 
 from finetune import tune  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
@@ -126,9 +125,6 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text())["searches"] if out.is_file() else []
     done = {(r["method"], r["seed"]) for r in results}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), platform.machine())
     with tempfile.TemporaryDirectory() as work:
         os.environ["FINETUNE_CACHE"] = str(Path(work) / "cache")
         for augment in tune.AUGMENTS:  # features extracted once before any search is timed (2 views, as trials)
@@ -138,14 +134,15 @@ def main() -> None:
             for method in args.methods:
                 if (method, seed) in done:
                     continue
-                r = search(method, base, Path(work) / f"{method}-{seed}", seed, args) | {"commit": commit}
+                load_before = os.getloadavg()[0]  # what shared the cores during this search: recorded with it
+                r = search(method, base, Path(work) / f"{method}-{seed}", seed, args) | stamp(load_before)
                 results.append(r)
                 print(f"{method:7s} seed {seed}: best {r['best_val_acc']:.4f} (trial {r['best_trial']}), "
                       f"{r['epochs']} epochs, {r['seconds']:.0f} s", flush=True)
                 out.write_text(json.dumps({
                     "data": args.data, "model": args.model, "weights": Path(args.weights).name, "mode": args.mode,
                     "trials": args.trials, "coarse_epochs": args.coarse_epochs, "fine_epochs": args.fine_epochs,
-                    "pruner": args.pruner, "train_seed": args.train_seed, "cpu": cpu, "summary": summary(results), "searches": results}, indent=1) + "\n")
+                    "pruner": args.pruner, "train_seed": args.train_seed, "summary": summary(results), "searches": results}, indent=1) + "\n")
     print(json.dumps(summary(results), indent=1))
 
 
