@@ -65,7 +65,8 @@ def run(data: Path, variant: str, weights: str) -> dict:
     val = [float(r["val_acc"]) for r in rows]
     train = [float(r["train_acc"]) if r["train_acc"] else None for r in rows]  # the probe's row may have none
     shown = ["python", *cmd[1:-3], "-o", "OUT", "-q"]  # as typed from the repository root; OUT a temp folder
-    return {"command": shlex.join(shown), "plan": plan,
+    threads = os.environ.get("OMP_NUM_THREADS")  # set to 1 on a crowded machine: no thread waits on a descheduled one
+    return {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(shown), "plan": plan,
             "val_acc": val, "train_acc": train, "seconds": [float(r["seconds"]) for r in rows],
             "probe": val[0], "best": max(val), "lowest_after_probe": min(val[1:]), "train_acc_last": train[-1],
             "wall": round(wall, 1),
