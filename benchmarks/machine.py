@@ -32,6 +32,7 @@ def provenance(command: list[str] | None = None) -> dict:
             "dirty": bool(git("status", "--porcelain", "--", "src")),
             "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda_build": torch.version.cuda is not None,
+            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "command": shlex.join(argv).replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")}
 
 
