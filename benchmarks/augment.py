@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from finetune.config import TrainConfig
 from finetune.training import run_training
-from machine import stamp
+from machine import begun, finished
 
 VARIANTS = {  # name: the options it adds to the default recipe (--augment standard, nothing else)
     "default (standard)": {},
@@ -72,14 +71,14 @@ def main() -> None:
                 cfg = TrainConfig(data=args.data, model=args.model, weights=args.weights, epochs=args.epochs,
                                   train_size=args.train_size, seed=seed, output=str(Path(work) / f"{seed}-{len(runs)}"),
                                   **VARIANTS[name])
-                t0, load_before = time.perf_counter(), os.getloadavg()[0]  # the load: recorded with the run
+                t0, start = time.perf_counter(), begun()  # the code and the load: recorded with the run
                 r = run_training(cfg)
                 last = r.history[-1]
                 runs.append({"variant": name, "seed": seed, "best_val_acc": r.best_val_acc,
                              "last_val_acc": last["val_acc"], "last_val_loss": last["val_loss"],
                              "val_acc": [h["val_acc"] for h in r.history], "train_acc": [h["train_acc"] for h in
                                                                                          r.history],
-                             "seconds": round(time.perf_counter() - t0, 1)} | stamp(load_before))
+                             "seconds": round(time.perf_counter() - t0, 1)} | finished(start))
                 print(f"{name:24s} seed {seed}: best {r.best_val_acc:.4f} last {last['val_acc']:.4f} "
                       f"loss {last['val_loss']:.4f}", flush=True)
                 out.write_text(json.dumps({"data": args.data, "model": args.model, "weights": Path(args.weights).name,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from finetune.inference.explain import Explainer, draw
 from finetune.models.model_file import ModelFile, save_model_file
 from finetune.models.registry import build_network
 from finetune.models.weights import resolve_weights
-from machine import stamp
+from machine import begun, finished
 
 
 def model_file(arch: str, folder: Path) -> Path:
@@ -66,10 +65,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results-explain.json")
     args = ap.parse_args()
     photos = images_under(Path(args.images))
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(arch, photos, Path(tmp)) for arch in args.archs]
-    result = {**stamp(load_before), "torch_threads": torch.get_num_threads(), "results": rows}
+    result = {**finished(start), "torch_threads": torch.get_num_threads(), "results": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

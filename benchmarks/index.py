@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 TIMER = """
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     p.add_argument("--out", type=Path, default=HERE / "results-index.json")
     a = p.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     rows = []
     for n in a.sizes:
         root = a.work / f"files-{n}"
@@ -66,7 +66,7 @@ def main() -> None:
         rows.append({"files": n, "found": found, "first_run_s": round(first, 3), "index_reused_s": round(again, 3),
                      "folder_mb": round(sum(f.stat().st_size for f in root.rglob("*.jpg")) / 1e6, 1)})
         print(f"{n:>7} files: first run {first:6.2f} s, index reused {again:6.2f} s", flush=True)
-    a.out.write_text(json.dumps({**stamp(load_before), "results": rows}, indent=2) + "\n")
+    a.out.write_text(json.dumps({**finished(start), "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=HERE / "results-labelfile.json")
     a = p.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     label_file = generate(a.work, a.rows)
     with tempfile.TemporaryDirectory() as cache:
         read_s, read_cpu, rows = timed(label_file, "read", cache)
@@ -144,7 +144,7 @@ def main() -> None:
     print(f"step: single-label {steps['median_s']['single-label']:.3f} s, multi-label "
           f"{steps['median_s']['multi-label']:.3f} s (x{steps['ratio_multi_over_single']:.3f}; CPU time "
           f"x{steps['ratio_cpu_multi_over_single']:.3f}); loss alone {steps['loss_only_us']} us", flush=True)
-    result = {**stamp(load_before), "label_file": {"rows": a.rows + a.rows // 100, "usable_rows": rows,
+    result = {**finished(start), "label_file": {"rows": a.rows + a.rows // 100, "usable_rows": rows,
                                                        "found_by_split": found, "read_validate_s": round(read_s, 3),
                                                        "find_dataset_first_s": round(split_s, 3),
                                                        "find_dataset_index_reused_s": round(again_s, 3),

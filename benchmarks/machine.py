@@ -36,7 +36,12 @@ def provenance(command: list[str] | None = None) -> dict:
             "command": shlex.join(argv).replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")}
 
 
-def stamp(load_before: float, command: list[str] | None = None) -> dict:
-    """`provenance()` and the 1-minute load average before and after the measurement (what shared the cores), for
-    the top of a results file: the fields benchmarks/README.md asks of every figure's file."""
-    return provenance(command) | {"load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+def begun(command: list[str] | None = None) -> dict:
+    """`provenance()` and the 1-minute load average as a measurement starts (the code it measures, what shares the
+    cores); `finished` adds the load at its end. Together: the fields benchmarks/README.md asks of every figure's file."""
+    return provenance(command) | {"load_before": round(os.getloadavg()[0], 2)}
+
+
+def finished(start: dict) -> dict:
+    """`begun`'s record with the load average at the end."""
+    return start | {"load_after": round(os.getloadavg()[0], 2)}

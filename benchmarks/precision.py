@@ -9,14 +9,13 @@ with and without --amp on the same seeds (time and best val accuracy). Results: 
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,7 +69,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "results-precision.json"))
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     import torch
 
     from finetune._util.devices import native_cpu_bf16
@@ -87,7 +86,7 @@ def main() -> None:
         result["runs"] = [run(args, seed, amp, Path(tmp)) for seed in args.seeds for amp in (False, True)]
     for r in result["runs"]:
         print(f"seed {r['seed']} amp {r['amp']}: {r['wall']:.1f}s, best {r['best_val_acc']:.4f}", flush=True)
-    Path(args.out).write_text(json.dumps(stamp(load_before) | result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(finished(start) | result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

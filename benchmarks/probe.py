@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--path-col", help="a label file's path column, where its name is not a usual one")
     ap.add_argument("--out", default=str(HERE / "results-probe.json"))
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     from finetune.config import TrainConfig
     from finetune.training import run_training
 
@@ -59,7 +59,7 @@ def main() -> None:
                "sgd_better_than_probe": sum(r["best_val_acc"] > rows[0]["best_val_acc"] for r in sgd),
                "sgd_final_better_than_probe": sum(r["final_val_acc"] > rows[0]["best_val_acc"] for r in sgd),
                "sgd_runs": len(sgd)}
-    Path(args.out).write_text(json.dumps({**stamp(load_before), "data": args.data, "model": args.model,
+    Path(args.out).write_text(json.dumps({**finished(start), "data": args.data, "model": args.model,
                                           "weights": Path(args.weights).name, "summary": summary, "runs": rows},
                                          indent=2) + "\n")
     print(json.dumps(summary, indent=2))

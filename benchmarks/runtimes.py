@@ -25,7 +25,7 @@ import torch
 from finetune.formats.export import export_model
 from finetune.formats.int8 import export_int8
 from finetune.formats.load import load_runnable
-from machine import stamp
+from machine import begun, finished
 
 # (name, file suffix, int8, runtime); "1 thread": OMP_NUM_THREADS=1 (torch's default on this machine is 2)
 VARIANTS = [("eager fp32", "best.pt", False, "torch"), ("eager fp32, 1 thread", "best.pt", False, "torch"), ("ONNX fp32 (onnxruntime)", ".onnx", False, "onnx"),
@@ -102,11 +102,11 @@ def measure(name: str, model: Path, out: Path, rounds: int, iterations: int, onl
     return rows
 
 
-def machine(load_before: float) -> dict:
+def machine(start: dict) -> dict:
     import onnxruntime
     import openvino
 
-    return stamp(load_before) | {"torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
+    return finished(start) | {"torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
                                  "openvino": openvino.__version__}
 
 
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--only", metavar="TEXT", help="measure only the variants whose name contains TEXT; their rows "
                     "replace those already in --results")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     rows = []
     for spec in args.model:
         name, path = spec.split("=", 1)
@@ -139,7 +139,7 @@ def main() -> None:
         rows = kept + list(done.values())
         order = [v[0] for v in VARIANTS]
         rows.sort(key=lambda r: (r["model"] != "resnet18", order.index(r["variant"])))
-    Path(args.results).write_text(json.dumps({"machine": machine(load_before), "rows": rows}, indent=1) + "\n")
+    Path(args.results).write_text(json.dumps({"machine": machine(start), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

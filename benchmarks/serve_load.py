@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from machine import stamp
+from machine import begun, finished
 
 PHOTO = Path(__file__).resolve().parents[1] / "sample_data" / "val" / "bees" / "10870992_eebeeb3a12.jpg"
 MODES = {"batched": [], "batched, 10 ms wait": ["--batch-wait", "10"], "one at a time": ["--max-batch", "1"]}
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=160, help="requests per level (at least 4 per client)")
     ap.add_argument("--results", default="benchmarks/results-serve.json")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     photo, rows = PHOTO.read_bytes(), []
     for model in args.model:
         for mode, extra in MODES.items():
@@ -91,7 +91,7 @@ def main() -> None:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
-    Path(args.results).write_text(json.dumps({**stamp(load_before), "photo": PHOTO.name, "rows": rows}, indent=1)
+    Path(args.results).write_text(json.dumps({**finished(start), "photo": PHOTO.name, "rows": rows}, indent=1)
                                   + "\n")
 
 

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from machine import stamp
+from machine import begun, finished
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "finetune-serve-storm"))
     ap.add_argument("--results", default="benchmarks/results-serve-storm.json")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     data = images(Path(args.cache))
     rows = {}
     if args.server_at:
@@ -392,7 +392,7 @@ def main() -> None:
     results = Path(args.results)
     earlier = json.loads(results.read_text())["scenarios"] if args.only and results.exists() else {}
     results.write_text(json.dumps({
-        "machine": stamp(load_before),  # this invocation's; with --only, the other scenarios are kept from earlier
+        "machine": finished(start),  # this invocation's; with --only, the other scenarios are kept from earlier
         "upload_bytes": {k: len(v) for k, v in data.items()}, "mix": MIX, "scenarios": earlier | rows},
         indent=1) + "\n")
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results-startup.json"))
     args = ap.parse_args()
     ft = [sys.executable, "-m", "finetune"]
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FINETUNE_CACHE": tmp}
         onnx = Path(tmp) / "model.onnx"
@@ -55,7 +55,7 @@ def main() -> None:
         subprocess.run([*ft, "predict", args.photo, "-m", args.model, "-q"], check=True, capture_output=True, env=env)
         results["predict_model_file_cached_export_s"] = timed([*ft, "predict", args.photo, "-m", args.model, "-q"],
                                                               env, args.repeats)
-    record = {**stamp(load_before), "model": Path(args.model).name, "repeats": args.repeats, **results}
+    record = {**finished(start), "model": Path(args.model).name, "repeats": args.repeats, **results}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

@@ -31,7 +31,7 @@ import os
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 SETS = {  # data (relative to --shared), labels to start with per class, photos added per round
@@ -242,10 +242,10 @@ def main() -> None:
     shared = Path(args.shared)
     weights = str(shared / "weights" / "mobilenet_v2-imagenet-int8dequant.pth")
     for name in args.sets.split(","):
-        t0, load_before = time.perf_counter(), os.getloadavg()[0]  # the load: recorded with the set's results
+        t0, start = time.perf_counter(), begun()  # the code and the load: recorded with the set's results
         found = run_set(name, shared, weights, args.seeds, tuple(args.arms.split(",")))
         results = json.loads(Path(args.out).read_text()) if os.path.exists(args.out) else {"sets": {}}
-        results["sets"][name] = found | {"seconds": round(time.perf_counter() - t0)} | stamp(load_before)
+        results["sets"][name] = found | {"seconds": round(time.perf_counter() - t0)} | finished(start)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
         if args.plot != "none":
             plot(results, Path(args.plot))

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,12 +74,12 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=30)
     ap.add_argument("--out", default=str(HERE / "results-suggest-bar.json"))
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     rows = []
     for seed in range(args.seeds):
         rows.append(one(Path(args.data), args.weights, seed, args.n))
         print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).write_text(json.dumps({**stamp(load_before), "weights": Path(args.weights).name, "n": args.n,
+    Path(args.out).write_text(json.dumps({**finished(start), "weights": Path(args.weights).name, "n": args.n,
                                           "rows": rows}, indent=1) + "\n")
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 SETS = {"antsbees": "data/hymenoptera_data", "dogs": "data/dog_breeds/labels.csv"}
@@ -71,14 +70,14 @@ def main() -> None:
     weights = str(shared / "weights" / "mobilenet_v2-imagenet-int8dequant.pth")
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {"sets": {}}
     for name in args.sets.split(","):
-        load_before = os.getloadavg()[0]  # what shared the cores while this set ran: recorded with it
+        start = begun()  # the code and the load as this set starts: recorded with it
         emb = embed(TrainConfig(data=str(shared / SETS[name]), model="mobilenet_v2", weights=weights, workers=2))
         rows = []
         for share in LEVELS:
             for seed in range(args.seeds if share else 1):
                 rows.append(one(emb, flipped(emb.labels, len(emb.classes), share, seed), share, seed))
                 print(json.dumps({"set": name} | rows[-1]), flush=True)
-        results["sets"][name] = {"data": SETS[name], "classes": len(emb.classes), "rows": rows} | stamp(load_before)
+        results["sets"][name] = {"data": SETS[name], "classes": len(emb.classes), "rows": rows} | finished(start)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 

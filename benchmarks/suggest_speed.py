@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     ap.add_argument("--out", default=str(HERE / "results-suggest-speed.json"))
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     shared = Path(args.shared).resolve()
     weights = shared / "weights" / "mobilenet_v2-imagenet-int8dequant.pth"
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +73,7 @@ def main() -> None:
                          "suggested": len(r["suggestions"])})
             print(json.dumps(runs[-1]), flush=True)
     result = {"pool_photos": photos, "model": "mobilenet_v2 probe on ants/bees (2 classes, 397 labelled photos)",
-              "train_seconds": round(train_seconds, 1), "runs": runs} | stamp(load_before)
+              "train_seconds": round(train_seconds, 1), "runs": runs} | finished(start)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 

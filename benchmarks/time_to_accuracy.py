@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 HERE = Path(__file__).resolve().parent
 # (tutorial recipe, finetune run, its options): fine-tuning outright; the CPU default's fine-tuning path (a converged
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--work", help="keep the runs here, and reuse the tutorial's runs found here")
     ap.add_argument("extra", nargs="*", help="more options for finetune train, after --")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.work or tmp
@@ -97,7 +97,7 @@ def main() -> None:
                 print(f"seed {seed} {ft_mode:15s} target {t['best']:.3f}: tutorial {t_hit:.0f}s (run {t['wall']:.0f}s),"
                       f" finetune {f_hit if f_hit is None else round(f_hit)}s (run {f['wall']:.0f}s, best "
                       f"{f['best']:.3f})", flush=True)
-    Path(args.out).write_text(json.dumps({**stamp(load_before), "data": args.data,
+    Path(args.out).write_text(json.dumps({**finished(start), "data": args.data,
                                           "model": args.model, "weights": Path(args.weights).name, "runs": rows},
                                          indent=2) + "\n")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from machine import stamp
+from machine import begun, finished
 
 from finetune.config import TrainConfig
 from finetune.quality.label_errors import embed
@@ -149,14 +148,14 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=40)
     ap.add_argument("--out", default="benchmarks/results-trust.json")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     cfg = {"model": args.model, "weights": str(Path(args.weights).resolve()), "workers": 2}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         result = {"model": args.model, "weights": Path(args.weights).name,
                   "labels": label_benchmark(Path(args.data), work, cfg, args.flip, args.seeds),
                   "near_duplicates": duplicate_benchmark(Path(args.data), work, cfg, args.copies)}
-    result = stamp(load_before) | result
+    result = finished(start) | result
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import random_search_baseline as baseline  # noqa: E402
-from machine import stamp  # noqa: E402
+from machine import begun, finished  # noqa: E402
 
 from finetune import tune  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
@@ -134,8 +134,8 @@ def main() -> None:
             for method in args.methods:
                 if (method, seed) in done:
                     continue
-                load_before = os.getloadavg()[0]  # what shared the cores during this search: recorded with it
-                r = search(method, base, Path(work) / f"{method}-{seed}", seed, args) | stamp(load_before)
+                start = begun()  # the code and the load as this search starts: recorded with it
+                r = search(method, base, Path(work) / f"{method}-{seed}", seed, args) | finished(start)
                 results.append(r)
                 print(f"{method:7s} seed {seed}: best {r['best_val_acc']:.4f} (trial {r['best_trial']}), "
                       f"{r['epochs']} epochs, {r['seconds']:.0f} s", flush=True)

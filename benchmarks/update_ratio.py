@@ -9,13 +9,12 @@ records each epoch's ratios and every update-ratio warning the run printed.
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from machine import stamp
+from machine import begun, finished
 
 DEFAULT_LR = 1e-3 / 4 * 32  # finetune's SGD default at -b 32
 
@@ -45,11 +44,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results-update-ratio.json")
     ap.add_argument("extra", nargs="*", help="more train options, after --")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # what shared the cores while this ran: recorded with the results
+    start = begun()  # the code measured and the load, as it starts: recorded with the results
     with tempfile.TemporaryDirectory() as work:
         results = [run(args, mode, factor, Path(work)) for mode in ("finetune", "feature-extract")
                    for factor in (1, 30, 1 / 30)]
-    Path(args.out).write_text(json.dumps({**stamp(load_before), "data": args.data, "model": args.model,
+    Path(args.out).write_text(json.dumps({**finished(start), "data": args.data, "model": args.model,
                                           "weights": Path(args.weights).name, "runs": results}, indent=2) + "\n")
     for r in results:
         print(f"{r['mode']:16s} lr x{r['lr_factor']:<8.3g} warnings: {len(r['warnings'])}")
