@@ -18,8 +18,6 @@ from finetune.models.registry import available_models, find_head
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES = Path(__file__).parent / "data" / "insect_boxes.json"
-WEIGHTS = Path(os.environ.get("FINETUNE_TEST_WEIGHTS", REPO.parent / "shared" / "weights" /
-                              "mobilenet_v2-imagenet-int8dequant.pth"))
 
 
 def invoke(*args):
@@ -89,17 +87,15 @@ def test_transformers_get_a_heatmap_over_their_token_grid(arch):
 
 
 @pytest.fixture(scope="module")
-def real_model(tmp_path_factory):
+def real_model(tmp_path_factory, real_weights):
     """A feature-extract MobileNetV2 (real ImageNet weights, linear probe) trained on sample_data/train."""
-    if not WEIGHTS.is_file():
-        pytest.skip(f"real MobileNetV2 weights not at {WEIGHTS}")
     from finetune.config import TrainConfig
     from finetune.training import run_training
 
     base = tmp_path_factory.mktemp("explain-real")
     with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the per-test private cache is set
         mp.setenv("FINETUNE_CACHE", str(base / "cache"))
-        cfg = TrainConfig(data=str(REPO / "sample_data"), model="mobilenet_v2", weights=str(WEIGHTS),
+        cfg = TrainConfig(data=str(REPO / "sample_data"), model="mobilenet_v2", weights=str(real_weights),
                           mode="feature-extract", output=str(base / "run"), workers=1)
         return run_training(cfg).model_path
 

@@ -5,7 +5,6 @@ MobileNetV2 weights: train -> predict -> export -> load the export as the docs s
 import ast
 import json
 import math
-import os
 from pathlib import Path
 
 import collages
@@ -22,9 +21,6 @@ from finetune.models.registry import build_network
 from finetune.tasks.multilabel import fit_thresholds, parse_thresholds, pos_weight
 
 REPO = Path(__file__).resolve().parents[1]
-# The shared folder sits beside the repository (as in test_explain.py and test_trust.py).
-WEIGHTS = Path(os.environ.get("FINETUNE_TEST_WEIGHTS", REPO.parent / "shared" / "weights" /
-                              "mobilenet_v2-imagenet-int8dequant.pth"))
 # Chance level of the held-out collages: a random score's AP is the label's prevalence (ants 24/32, bees 24/32,
 # grey 11/32), so the macro mAP of a guess is about 0.61.
 CHANCE_MAP = (24 / 32 + 24 / 32 + 11 / 32) / 3
@@ -90,15 +86,13 @@ def test_model_file_versions(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def collage_run(tmp_path_factory):
+def collage_run(tmp_path_factory, real_weights):
     """Collages of the bundled photos, and a MobileNetV2 (real ImageNet weights) trained on them: frozen backbone,
     the converged linear probe (what finetune does in seconds on a CPU)."""
-    if not WEIGHTS.is_file():
-        pytest.skip(f"the shared MobileNetV2 weights are not at {WEIGHTS}")
     root = tmp_path_factory.mktemp("collages")
     labels = collages.build(REPO / "sample_data", root / "data")
     run = root / "run"
-    r = invoke("train", labels, "--model", "mobilenet_v2", "--weights", WEIGHTS, "--mode", "feature-extract",
+    r = invoke("train", labels, "--model", "mobilenet_v2", "--weights", real_weights, "--mode", "feature-extract",
                "-o", run, "-q")
     assert r.exit_code == 0, r.output
     return root, labels, run

@@ -1,6 +1,7 @@
 """finetune suggest: the ranking on known vectors (uncertain first, spread out, never two near-duplicates, never a
 near-copy of a labelled photo), the per-photo feature cache, the photos left out, --into as folders and as a label
-file, multi-label models, the refusals; and the bar with the shared real weights (skipped where they are absent)."""
+file, multi-label models, the refusals; and the bar with the shared real weights (skipped where they are absent;
+under CI=true, failed)."""
 
 import csv
 import json
