@@ -76,10 +76,11 @@ def run(data: Path, variant: str, weights: str) -> dict:
 
 def table() -> str:
     results = json.loads(RESULTS.read_text())
-    lines = ["| set | variant | probe | fine-tuning epochs 1-5 (val acc) | lowest | best | train acc, epoch 5 |",
+    lines = ["| set | options added | probe | fine-tuning epochs 1-5 (val acc) | lowest | best | train acc, epoch 5 |",
              "|---|---|---:|---|---:|---:|---:|"]
     for key, r in results["runs"].items():
         name, variant = key.split(" | ", 1)
+        variant = f"`{' '.join(VARIANTS[variant])}`" if VARIANTS.get(variant) else variant  # the options as typed
         epochs = ", ".join(f"{a:.3f}" for a in r["val_acc"][1:])
         lines.append(f"| {name} | {variant} | {r['probe']:.3f} | {epochs} | {r['lowest_after_probe']:.3f} | "
                      f"{r['best']:.3f} | {r['train_acc_last']:.3f} |")

@@ -33,7 +33,7 @@ def provenance(command: list[str] | None = None) -> dict:
             "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda_build": torch.version.cuda is not None,
             "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "command": shlex.join(argv).replace(str(root) + "/", "").replace(str(root.parent) + "/", "../")}
+            "command": shlex.join(argv).replace(str(root) + "/", "").replace(str(root.parent / "shared") + "/", "../shared/")}
 
 
 def begun(command: list[str] | None = None) -> dict:
