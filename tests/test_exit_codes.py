@@ -101,8 +101,9 @@ def _nothing_to_do(request, tmp):
 
 def _signal(sig: signal.Signals):
     """The signal itself, delivered to this process while a command runs: the handler finetune installs stops it.
-    Training's clean stop after a step and a signal from outside are in test_faults.py (SIGINT in
-    test_interrupt_*, SIGTERM in test_sigterm_stops_keeps_best_and_prints_resume_command)."""
+    Training's clean stop after a step (exit 130: test_two_epochs_interrupt_resume_equals_four_straight) and a
+    signal from outside the process (143: test_sigterm_stops_keeps_best_and_prints_resume_command, slow; a second
+    signal: test_a_second_signal_ends_the_process_at_once_and_loses_nothing) are in test_faults.py."""
     def case(request, tmp):
         def interrupted(*a, **k):
             os.kill(os.getpid(), sig)
