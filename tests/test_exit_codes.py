@@ -8,6 +8,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -149,6 +150,20 @@ def test_the_command_line_exits_with_each_code(code, case, request, tmp_path):
     assert lines[0].startswith(("error: ", "internal error: ", "interrupted")), lines[0]
     assert not any(line.startswith(("error:", "internal error:")) for line in r.stderr.splitlines()
                    if line != lines[0]), r.stderr  # and nothing else is called an error
+
+
+@pytest.mark.parametrize("trials, code", [(["diverged", "failed"], 6), (["failed"], 5), ([], 5)],
+                         ids=["diverged", "failed for resources", "budget spent first"])
+def test_a_search_with_no_finished_trial_says_why_by_its_code(trials, code):
+    """tune's outcome (the search itself, run through Optuna, is in test_tune.py): 6 when learning rates were too
+    high, 5 when memory, disk or the --budget ran out."""
+    from finetune.cli.tools import _tune_outcome
+
+    result = SimpleNamespace(trials=[SimpleNamespace(status=s, number=i + 1, error="out of CPU memory")
+                                     for i, s in enumerate(trials)], best=None, stopped_by_budget=not trials)
+    with pytest.raises(FinetuneError, match="no trial finished") as e:
+        _tune_outcome(result, 4, "data", Path("search"))
+    assert e.value.exit_code == code
 
 
 def _readme_codes() -> dict[int, str]:

@@ -22,7 +22,7 @@ from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
 from finetune.config import MODES, TrainConfig, parse_duration
 from finetune.data.labelfile import options_from
-from finetune.errors import DivergedError, Interrupted, UsageError
+from finetune.errors import DivergedError, FinetuneError, Interrupted, ResourceError, UsageError
 from finetune.quality.doctor import check_dataset
 from finetune.quality.label_errors import check_trust
 from finetune.quality.near_duplicates import NEAR_DUPLICATE
@@ -234,9 +234,20 @@ def _tune_outcome(result, trials: int, data: str, root: Path) -> None:
         err.print(esc(f"{len(failed)} trial(s) failed, e.g. trial {failed[0].number}: {failed[0].error}"),
                   style="yellow", highlight=False)
     if result.best is None:
-        raise DivergedError("no trial finished: every one diverged (or the budget ended first); lower the learning "
-                            "rates (they are searched log-uniformly) or check the data with `finetune check`")
+        raise _no_trial_finished(diverged, failed)
     err.print(esc(f"best: trial {result.best.number}, val accuracy {pct(result.best.val_acc)}; all trials in "
                   f"{root / 'trials.csv'}; reproduce with: finetune train {shlex.quote(data)} --config "
                   f"{result.best_config}"), highlight=False)
     out.print(str(result.best_config), highlight=False, soft_wrap=True)
+
+
+def _no_trial_finished(diverged: int, failed: list) -> FinetuneError:
+    """Why a search ended with no finished trial, as its exit code says: learning rates too high (6), or memory,
+    disk or the --budget's time run out (5)."""
+    if diverged:
+        return DivergedError("no trial finished: every one diverged (or the budget ended first); lower the learning "
+                             "rates (they are searched log-uniformly) or check the data with `finetune check`")
+    if failed:
+        return ResourceError(f"no trial finished: {len(failed)} failed, e.g. trial {failed[0].number}: "
+                             f"{failed[0].error}")
+    return ResourceError("no trial finished within --budget; give it more time (the same command resumes the search)")
