@@ -163,33 +163,29 @@ class Table:
         return self._held[key]
 
     def mismatches(self, rows: list[str] | None = None) -> list[str]:
-        """Each printed number of the table's body that neither its files nor its row backs. A number of a row with
-        others must be in a record of the file (`records`) that holds two more of the row's numbers (one more where
-        the row or the record has only two), so that a figure changed to a neighbour row's or another seed's value
-        is still caught."""
-        known, parts = self.numbers
-        wrong = []
+        """Each printed number (and commit) of the table's body that neither its files nor its row backs."""
         header = cells(self.rows[0])
+        wrong = []
         for row in (rows or self.rows)[2:]:  # header and |---| line
             numbers = [numbers_in(c, h) for c, h in itertools.zip_longest(cells(row), header, fillvalue="")]
-            flat = [p for cell_numbers in numbers for p in cell_numbers]
-            company = min(2, len(flat) - 1)
-            hits = {id(q): self.records_holding(q) for q in flat}
-            for i, cell_numbers in enumerate(numbers):
-                for k, p in enumerate(cell_numbers):
-                    if i + 1 in self.ratios:
-                        ok = k < len(self.ratios[i + 1]) and _ratio_backed(p, numbers, *self.ratios[i + 1][k])
-                    elif len(flat) == 1:
-                        ok = p.found_in(known)
-                    else:
-                        ok = any(sum(i in hits[id(q)] for q in flat if q is not p) >= min(company, len(parts[i]) - 1)
-                                 for i in hits[id(p)])
-                    if not ok:
-                        wrong.append(f"{p.text!r} in row {cells(row)[0]!r}")
-            for sha in COMMIT.findall(re.sub(r"`[^`]*`", " ", row)):
-                if sha not in self.raw:
-                    wrong.append(f"commit {sha} in row {cells(row)[0]!r}")
+            wrong += [f"{p.text!r} in row {cells(row)[0]!r}" for c, cell_numbers in enumerate(numbers)
+                      for k, p in enumerate(cell_numbers) if not self.backed(p, numbers, c, k)]
+            wrong += [f"commit {sha} in row {cells(row)[0]!r}"
+                      for sha in COMMIT.findall(re.sub(r"`[^`]*`", " ", row)) if sha not in self.raw]
         return wrong
+
+    def backed(self, p: Printed, row: list[list[Printed]], cell: int, k: int) -> bool:
+        """Whether the k-th number of a cell is a ratio the comment names, or is in the files: for a row of several
+        numbers, in a record (`records`) that holds two more of them (one more where the row or the record has only
+        two), so that a figure changed to a neighbour row's or another seed's value is still caught."""
+        if cell + 1 in self.ratios:
+            return k < len(self.ratios[cell + 1]) and _ratio_backed(p, row, *self.ratios[cell + 1][k])
+        others = [q for cell_numbers in row for q in cell_numbers if q is not p]
+        if not others:
+            return p.found_in(self.numbers[0])
+        parts = self.numbers[1]
+        return any(sum(r in self.records_holding(q) for q in others) >= min(2, len(others), len(parts[r]) - 1)
+                   for r in self.records_holding(p))
 
 
 def _ratio_backed(p: Printed, row: list[list[Printed]], numerator: int, denominator: int) -> bool:
@@ -286,3 +282,4 @@ def test_changed_digits_mostly_fail():
     counts = [changed_figures_passed(table) for table in TABLES]
     missed, tried = sum(len(m) for m, _ in counts), sum(t for _, t in counts)
     assert missed <= 0.15 * tried, f"{missed} of {tried} changed figures passed"
+
