@@ -228,12 +228,12 @@ def test_cli_import_does_not_import_torch():
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tiny_data, in_tmp, monkeypatch):
-    import finetune.cli.train
+    import finetune.training.request
 
     def boom(*a, **k):
         raise ValueError("something broke\nsecond line")
 
-    monkeypatch.setattr(finetune.cli.train, "run_training", boom)
+    monkeypatch.setattr(finetune.training.request, "run_training", boom)
     r = invoke("train", tiny_data)
     assert r.exit_code == 1
     assert "internal error: ValueError: something broke" in r.stderr and "second line" not in r.stderr

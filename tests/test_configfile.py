@@ -74,11 +74,11 @@ def test_a_run_config_json_gives_back_its_settings_not_its_facts_nor_its_folder(
 def test_typed_options_override_the_file_and_data_may_come_from_it(tiny_data, tmp_path, monkeypatch):
     seen = {}
 
-    def run(cfg, *args):  # the config as train would run it, without training
+    def run(cfg, *args, **kwargs):  # the config as train would run it, without training
         seen["cfg"] = cfg
         raise SystemExit(0)
 
-    monkeypatch.setattr("finetune.cli.train._run", run)
+    monkeypatch.setattr("finetune.training.request.run_training", run)
     path = _write(tmp_path, "run.yaml", f"data: {tiny_data}\nepochs: 4\nbatch_size: 8\nweights: none\n")
     r = runner.invoke(app, ["train", "--config", str(path), "--epochs", "2"])
     assert r.exit_code == 0, r.output

@@ -12,8 +12,8 @@ from finetune._util.privacy import keep_telemetry_off
 
 keep_telemetry_off()  # before any library finetune drives is imported: nothing leaves the machine unasked
 
-_API = ("train", "load", "evaluate", "export", "check", "Run", "Model", "EvalResult", "CheckResult", "Prediction",
-        "Failure", "Observer")
+_API = ("train", "load", "evaluate", "export", "check", "Run", "CrossValidation", "Model", "EvalResult", "CheckResult",
+        "Prediction", "Failure", "Observer")
 __all__ = ["__version__", *_API]
 
 

@@ -16,11 +16,11 @@ given here counts as typed. Nothing is printed: progress reaches a caller throug
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import MAX_PIXELS, TrainConfig
+from finetune.config import MAX_PIXELS, spelled_as
 from finetune.data.inputs import Failure
 from finetune.data.labelfile import LabelFileOptions
 from finetune.errors import UsageError
@@ -30,17 +30,25 @@ from finetune.inference.evaluate import EvalReport, evaluate_folder
 from finetune.inference.loading import open_predictor
 from finetune.inference.predictor import Prediction
 from finetune.quality.doctor import CheckReport, check_dataset
-from finetune.training.loop import Run, run_training
+from finetune.training import request
+from finetune.training.folds import CrossValidation
+from finetune.training.loop import Run
 
-__all__ = ["CheckResult", "EvalResult", "Failure", "Model", "Observer", "Prediction", "Run", "check", "evaluate",
+__all__ = ["CheckResult", "CrossValidation", "EvalResult", "Failure", "Model", "Observer", "Prediction", "Run", "check", "evaluate",
            "export", "load", "train"]
 
 
-def train(data: str | os.PathLike, *, observer: Observer | Emit | None = None, **settings) -> Run:
-    """Train on a folder of photos (or a label file) with these settings (TrainConfig's fields); every keyword counts
-    as typed (under mode auto on a CPU, e.g., epochs=3 fine-tunes from the probe). Returns the finished Run."""
-    cfg = TrainConfig(data=os.fspath(data), **settings, given=tuple(sorted(settings)))
-    return run_training(cfg, observer or silent)
+def train(data: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
+          resume: str | os.PathLike | None = None, observer: Observer | Emit | None = None,
+          stop: Callable[[], int] | None = None, **settings) -> Run | CrossValidation:
+    """Train on a folder of photos (or a label file) with these settings: TrainConfig's fields, in the command line's
+    words (time_budget="10m", init_from="run/best.pt" with its architecture), over a config file's and the defaults;
+    every keyword counts as typed (under mode auto on a CPU, e.g., epochs=3 fine-tunes from the probe). resume: a run
+    folder to continue. Returns the finished Run; with folds=K (and no fold), the CrossValidation of K runs. stop()
+    returning a signal number ends training cleanly after its step (Interrupted, resumable)."""
+    with spelled_as("keyword"):  # refusals name the keyword (batch_size=0), as the caller wrote it
+        return request.train(data, settings, config=config, resume=resume, emit=observer or silent,
+                             stop=stop or (lambda: 0))
 
 
 class Model:

@@ -6,9 +6,12 @@ same validate(), so an option is refused the same way wherever it comes from (Us
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import math
+import typing
 from dataclasses import dataclass
 
 from finetune.errors import UsageError
@@ -155,9 +158,31 @@ _CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "mode": MODES, "au
             "balance": BALANCE, "solver": SOLVERS}
 
 
+# How messages name a setting: as the caller writes it. The first door a call comes through decides, for the call's
+# duration: the command line names options (--batch-size), finetune's Python API keywords (batch_size). Unset (a
+# caller inside the library): options.
+SPELLING: contextvars.ContextVar[str] = contextvars.ContextVar("finetune_spelling", default="")
+
+
+@contextlib.contextmanager
+def spelled_as(kind: str):
+    """Within this block, messages name settings as kind ("option" or "keyword"), unless an outer door decided."""
+    token = SPELLING.set(kind) if not SPELLING.get() else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            SPELLING.reset(token)
+
+
 def option(setting: str) -> str:
-    """The command-line spelling of a setting: batch_size -> --batch-size."""
-    return "--" + setting.replace("_", "-")
+    """A setting as the caller names it: --batch-size on the command line, batch_size in Python."""
+    return setting if SPELLING.get() == "keyword" else "--" + setting.replace("_", "-")
+
+
+def given_as(setting: str, value) -> str:
+    """A setting and its value as the caller wrote them: `--epochs 0` on the command line, `epochs=0` in Python."""
+    return f"{setting}={value!r}" if SPELLING.get() == "keyword" else f"{option(setting)} {value}"
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -165,33 +190,82 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, ok, must in _RULES:
         value = getattr(cfg, name)
         if not ok(value):
-            raise UsageError(f"{option(name)} {value}: {must}")
+            raise UsageError(f"{given_as(name, value)}: {must}")
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
-            raise UsageError(f"{option(name)} {getattr(cfg, name)}: choose one of {', '.join(choices)}")
+            raise UsageError(f"{given_as(name, getattr(cfg, name))}: choose one of {', '.join(choices)}")
     if cfg.folds and not 0 <= cfg.fold <= cfg.folds:
-        raise UsageError(f"--fold {cfg.fold}: must be between 1 and --folds {cfg.folds} (0 = every fold)")
+        raise UsageError(f"{given_as('fold', cfg.fold)}: must be between 1 and {given_as('folds', cfg.folds)} "
+                         "(0 = every fold)")
     if cfg.fold and not cfg.folds:
-        raise UsageError(f"--fold {cfg.fold}: needs --folds K")
+        raise UsageError(f"{given_as('fold', cfg.fold)}: needs {option('folds')} K")
     _check_regularisation(cfg)
     return cfg
 
 
 def parse_duration(text: str | float | None, option_name: str) -> float:
-    """Seconds from 900, 900s, 15m or 2h (None or 0: no limit)."""
+    """Seconds from 900, 900s, 15m or 2h, as text or a number of seconds (None or 0: no limit)."""
     if text in (None, "", 0, "0"):
         return 0.0
-    if isinstance(text, (int, float)):
-        return float(text)
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], units[text[-1]]) if text[-1] in units else (text, 1)
-    try:
-        value = float(number) * unit
-    except ValueError:
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    elif isinstance(text, str):
+        units = {"s": 1, "m": 60, "h": 3600}
+        number, unit = (text[:-1], units[text[-1]]) if text[-1] in units else (text, 1)
+        try:
+            value = float(number) * unit
+        except ValueError:
+            value = -1.0
+    else:
         value = -1.0
     if not (value > 0 and math.isfinite(value)):
-        raise UsageError(f"{option_name} {text}: give seconds or a number with s, m or h, e.g. 10m")
+        shown = f"{option_name} {text}" if option_name.startswith("-") else f"{option_name}={text!r}"
+        raise UsageError(f"{shown}: give seconds or a number with s, m or h, e.g. 10m")
     return value
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def typed(name: str, value, where: str):
+    """value as setting name's type, the way a config file or a Python keyword gives it: numbers from numeric text,
+    a duration for time_budget ("10m"), None only where the setting allows it; else UsageError naming where."""
+    if name == "time_budget":
+        return parse_duration(value, f"{where}: {name}" if where else option(name))
+    args = typing.get_args(_HINTS[name])
+    kind = next((a for a in args if a is not type(None)), _HINTS[name]) if args else _HINTS[name]
+    if value is None:
+        if type(None) in args:
+            return None
+        shown = f"{where}: {name} is empty" if where else given_as(name, None)
+        raise UsageError(f"{shown}; give {_kind_name(kind)} (or leave {name} out)")
+    try:
+        return _as_kind(name, kind, value)
+    except (TypeError, ValueError):
+        shown = f"{where}: {name} = {value!r}" if where else given_as(name, value)
+        raise UsageError(f"{shown} is not {_kind_name(kind)}") from None
+
+
+def _as_kind(name: str, kind, value):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind in (int, float):
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or (kind is int and not float(number).is_integer()):
+            raise ValueError
+        return kind(number)
+    if name == "log" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # log: [tensorboard, mlflow]
+    if isinstance(value, (dict, list, tuple, bytes)):
+        raise ValueError
+    return str(value)
+
+
+def _kind_name(kind) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, kind.__name__)
 
 
 def trackers(log: str) -> list[str]:

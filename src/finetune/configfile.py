@@ -10,8 +10,6 @@ against each setting's type, so YAML's `lr: 1e-3` (a string to YAML 1.1) still r
 from __future__ import annotations
 
 import json
-import math
-import typing
 from pathlib import Path
 
 try:
@@ -19,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from finetune.config import RUN_FACTS, SETTINGS, TrainConfig, check_names, option
+from finetune.config import RUN_FACTS, SETTINGS, check_names, option, typed
 from finetune.errors import UsageError
 
 SUFFIXES = (".yaml", ".yml", ".toml", ".json")
@@ -46,7 +44,7 @@ def load_config(path: str | Path) -> dict:
     for name in settings:
         if name in COMMAND_LINE_ONLY:
             raise UsageError(f"--config {p}: {name!r} is a command-line option, not a setting of the run; give "
-                             f"{option(name)} on the command line")
+                             f"--{name} on the command line")
     check_names(settings, set(SETTINGS), f"--config {p}")
     out = {name: _typed(p, name, value) for name, value in settings.items()}
     if run_record or recorded is not None:  # it records every setting and which its user had given (a run's
@@ -95,39 +93,6 @@ def _key(name) -> str:
     return str(name).lstrip("-").replace("-", "_")
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
 def _typed(p: Path, name: str, value):
-    """value as the setting's type: numbers from numeric strings and ints, None only where a setting allows it."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    kind = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None:
-        if optional:
-            return None
-        raise UsageError(f"--config {p}: {name} is empty; give {_kind_name(kind)} (or leave {name} out)")
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if kind in (int, float):
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
-                    or (kind is int and not float(number).is_integer()):
-                raise ValueError
-            return kind(number)
-        if name == "log" and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return ",".join(value)  # log: [tensorboard, mlflow]
-        if isinstance(value, (dict, list)):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"--config {p}: {name} = {value!r} is not {_kind_name(kind)}") from None
-
-
-def _kind_name(kind) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, kind.__name__)
-
+    """value as the setting's type (config.typed), refusals naming the file."""
+    return typed(name, value, f"--config {p}")

@@ -148,6 +148,9 @@ class Observer:
     def on_tracking_failed(self, tracker: str, reason: str) -> None:
         """A tracker failed and was dropped; the run goes on."""
 
+    def on_fold_start(self, fold: int, folds: int, output: str) -> None:
+        """k-fold cross-validation: the run of one fold (from 1) begins, writing to output."""
+
     # --- lr-find ------------------------------------------------------------------------------------------------
     def on_lr_find_start(self, steps: int) -> None:
         """The learning-rate range test begins."""

@@ -14,6 +14,7 @@ from typer.core import TyperArgument, TyperCommand, TyperOption
 from finetune._about import __version__
 from finetune._util.ddp import from_env, leave_together
 from finetune.cli.render import err, esc, out
+from finetune.config import spelled_as
 from finetune.errors import FinetuneError, Interrupted, ResourceError
 
 state: dict = {"debug": False, "soft_stop": None}
@@ -64,6 +65,7 @@ def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and Python warnings on errors."),
 ) -> None:
     state["debug"] = debug
+    ctx.with_resource(spelled_as("option"))  # the library's messages name settings as options (--batch-size)
     ctx.call_on_close(_install_signal_handlers())
     ctx.with_resource(warnings.catch_warnings())  # the filters are restored when the command ends
     if not debug:  # library warnings (Pillow, torch) are not the user's business; finetune says what matters

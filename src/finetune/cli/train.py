@@ -1,4 +1,5 @@
-"""`finetune train`: options -> a frozen TrainConfig -> the library -> rendered results."""
+"""`finetune train`: the options typed -> one call of finetune.train (the library builds the run's TrainConfig from
+them) -> rendered results."""
 
 from __future__ import annotations
 
@@ -9,18 +10,15 @@ import typer
 from rich.table import Table
 
 from finetune._util import ddp
+from finetune.api import CrossValidation, Run
+from finetune.api import train as finetune_train
 from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
 from finetune.cli.views import TrainView
-from finetune.config import SETTINGS, TrainConfig, parse_duration
-from finetune.configfile import given_in, load_config
+from finetune.config import SETTINGS
 from finetune.errors import Interrupted, UsageError
-from finetune.training import run_training
-from finetune.training.folds import cross_validate
-from finetune.training.initfrom import init_arch
-from finetune.training.resume import STATE_FILE, resume_config
-from finetune.training.sanity import overfit_config, overfit_verdict
+from finetune.training.resume import STATE_FILE
 
 # Every setting but the DATA argument and what no option sets (given: what the user typed, recorded).
 TRAIN_SETTINGS = tuple(name for name in o.SETTINGS)
@@ -37,22 +35,21 @@ def train(
         raise typer.Exit(_launch(ctx, gpus, settings["device"]))
     world = ddp.init(settings["device"])
     quiet = quiet or not world.main
-    cfg, resume_state = _config(ctx, config, resume)
-    if cfg.folds and not cfg.fold and resume_state is None:
-        _cross_validate(cfg, quiet, world.main)
+    given = {name: value for name, value in given_settings(ctx).items() if name != "data"}
+    result = _run(lambda view, stop: finetune_train(data, config=config, resume=resume, observer=view, stop=stop,
+                                                    **given), quiet, world.distributed)
+    if not world.main:
         return
-    result = _run(cfg, resume_state, quiet, world.distributed)
-    if world.main:
-        _summary(result, cfg, quiet)
+    if isinstance(result, Run):
+        _summary(result, quiet)
         out.print(str(result.model_path), highlight=False, soft_wrap=True)
+    else:
+        _folds(result, quiet)
 
 
 def given_settings(ctx: typer.Context) -> dict:
-    """The settings typed on the command line (not defaults), by name, as TrainConfig holds them."""
-    given = {name: value for name, value in ctx.params.items() if name in SETTINGS and _typed(ctx, name)}
-    if "time_budget" in given:
-        given["time_budget"] = parse_duration(given["time_budget"], "--time-budget")
-    return given
+    """The settings typed on the command line (not defaults), by name, as the options parsed them."""
+    return {name: value for name, value in ctx.params.items() if name in SETTINGS and _typed(ctx, name)}
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:
@@ -60,37 +57,9 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _config(ctx: typer.Context, config: str | None, resume: str | None):
-    """The run's TrainConfig: defaults < --config file < options typed; or, resuming, the run's own settings."""
-    given = given_settings(ctx)
-    if resume:  # read by rank 0 (other machines may not share its disk) and handed to all
-        if config:
-            raise UsageError("--resume and --config: a resumed run keeps its own settings; give one of them")
-        return ddp.on_main(lambda: resume_config(resume, given))
-    settings = {k: v for k, v in ctx.params.items() if k in SETTINGS}
-    from_file = load_config(config) if config else {}
-    settings |= {k: v for k, v in from_file.items() if k not in given and k != "given"}
-    settings["time_budget"] = parse_duration(settings["time_budget"], "--time-budget")
-    settings["given"] = tuple(sorted({*given_in(from_file), *given}))
-    if settings.get("data") is None:
-        raise UsageError("missing DATA: the folder of photos to train on (or --resume RUN to continue a run)")
-    if settings.get("init_from"):
-        _init_model(settings, given | from_file)
-    cfg = TrainConfig(**settings)
-    return (overfit_config(cfg) if cfg.overfit else cfg), None
-
-
-def _init_model(settings: dict, given: dict) -> None:
-    """--init-from: the architecture is the model file's unless --model is given (it is then checked against
-    it); --weights does not apply."""
-    if "weights" in given and given["weights"] != "DEFAULT":
-        raise UsageError("--weights and --init-from: the weights come from the --init-from model file; give one")
-    if "model" not in given:
-        settings["model"] = init_arch(settings["init_from"])
-
-
-def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool):
-    """One run, stopped cleanly by a first Ctrl-C/SIGTERM (after the step), with how to go on."""
+def _run(call, quiet: bool, several: bool):
+    """call(view, stop): the library's run, stopped cleanly by a first Ctrl-C/SIGTERM (after the step), with how to
+    go on."""
     requested = {"signal": 0}
 
     def soft_stop(signum: int) -> None:
@@ -101,7 +70,7 @@ def _run(cfg: TrainConfig, resume_state: dict | None, quiet: bool, several: bool
     state["soft_stop"] = soft_stop
     try:
         with TrainView(quiet) as view:
-            return run_training(cfg, view, stop=lambda: requested["signal"], resume=resume_state)
+            return call(view, lambda: requested["signal"])
     except Interrupted as e:
         if ddp.current().main:
             _interrupted(e.run_dir, several)
@@ -123,7 +92,7 @@ def _interrupted(run, several: bool) -> None:
         err.print("[yellow]interrupted[/] before the first epoch completed: nothing to resume")
 
 
-def _summary(result, cfg: TrainConfig, quiet: bool) -> None:
+def _summary(result: Run, quiet: bool) -> None:
     if not quiet:
         table = Table(title="finetune train", show_header=False, title_justify="left")
         best = next(r for r in result.history if r["epoch"] == result.best_epoch)
@@ -139,8 +108,8 @@ def _summary(result, cfg: TrainConfig, quiet: bool) -> None:
                            ("model", str(result.model_path))):
             table.add_row(key, esc(value))
         err.print(table)
-    if cfg.overfit:
-        v = overfit_verdict(result.history, cfg.overfit)
+    v = result.sanity
+    if v is not None:
         if v["passed"]:
             err.print(f"[green]sanity check passed[/]: 100 % on the {v['images']} images by epoch {v['epoch']}; "
                       "the model, labels and preprocessing can learn")
@@ -167,15 +136,8 @@ def multilabel_rows(m: dict) -> list[tuple[str, str]]:
             ("Hamming loss", f"{m['hamming_loss']:.4f}")]
 
 
-def _cross_validate(cfg: TrainConfig, quiet: bool, main: bool) -> None:
-    """--folds K: one run per fold, then the mean and spread of the folds' val accuracy."""
-    def on_fold(i: int, n: int, fold_cfg: TrainConfig) -> None:
-        if main:
-            err.print(f"[bold]fold {i} of {n}[/] " + esc(str(fold_cfg.output)), highlight=False)
-
-    summary = cross_validate(cfg, lambda c: _run(c, None, quiet, ddp.current().distributed), on_fold)
-    if not main:
-        return
+def _folds(summary: CrossValidation, quiet: bool) -> None:
+    """--folds K: the mean and spread of the folds' val accuracy, and the ensemble they form."""
     if not quiet:
         table = Table("fold", "val images", "best epoch", "val accuracy", "model",
                       title=f"{len(summary['folds'])}-fold cross-validation", title_justify="left")

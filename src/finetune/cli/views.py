@@ -64,6 +64,9 @@ class TrainView(Observer):
                       + ("consider --balance weighted-loss (pos_weight per label)" if split.multi_label
                          else "consider --balance weighted-loss or sampler"))
 
+    def on_fold_start(self, fold, folds, output):
+        self.log(f"[bold]fold {fold} of {folds}[/] {esc(output)}")
+
     def on_plan(self, why):
         self.log(f"[bold]plan[/] {esc(why)}")
 

@@ -8,11 +8,13 @@ import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 from finetune._util import ddp as dist
 from finetune._util.files import write_json_atomic
 from finetune.config import TrainConfig, validate
 from finetune.errors import UsageError
+from finetune.events import Emit, silent
 from finetune.training.outputs import run_folder
 
 
@@ -26,26 +28,53 @@ def fold_configs(cfg: TrainConfig) -> tuple[Path, list[TrainConfig]]:
     return root, [dataclasses.replace(cfg, fold=i, output=str(root / f"fold-{i}")) for i in numbers]
 
 
-def cross_validate(cfg: TrainConfig, run_one: Callable, on_fold: Callable = lambda i, n, cfg: None) -> dict:
-    """Train every fold with run_one(fold_cfg) -> Run; returns the summary written to folds.json (rank 0)."""
+class Fold(TypedDict, total=False):
+    """One fold's run, as folds.json lists it."""
+
+    fold: int
+    model: str  # its best.pt
+    best_epoch: int
+    val_acc: float
+    val_loss: float
+    val_images: int
+    val_map: float  # multi-label folds
+
+
+class CrossValidation(TypedDict, total=False):
+    """What --folds K returns and writes to FOLDER/folds.json: every fold, their mean and spread."""
+
+    folds: list[Fold]
+    mean_val_acc: float
+    sd_val_acc: float  # sample standard deviation over the folds
+    images: int  # val images over all folds
+    seconds: float
+    path: str  # folds.json
+    mean_val_map: float  # multi-label folds: mAP is what chose each fold's model
+    sd_val_map: float
+
+
+def cross_validate(cfg: TrainConfig, run_one: Callable, emit: Emit = silent) -> CrossValidation:
+    """Train every fold with run_one(fold_cfg) -> Run; returns the summary written to folds.json (rank 0; the other
+    processes get an empty one)."""
     validate(cfg)
     root, configs = dist.on_main(lambda: fold_configs(cfg))  # one timestamped folder for all processes
     results = []
     for i, fold_cfg in enumerate(configs, 1):
-        on_fold(i, len(configs), fold_cfg)
+        if dist.current().main:
+            emit("fold_start", fold=i, folds=len(configs), output=str(fold_cfg.output))
         results.append(run_one(fold_cfg))
     if not dist.current().main:
         return {}
     return summarize_folds(root, results)
 
 
-def summarize_folds(root: Path, results: list) -> dict:
+def summarize_folds(root: Path, results: list) -> CrossValidation:
     """Per-fold best val accuracy, their mean and sample standard deviation; written to ROOT/folds.json."""
     accs = [r.best_val_acc for r in results]
     folds = [{"fold": int(r.run_dir.name.rsplit("-", 1)[1]), "model": str(r.model_path), "best_epoch": r.best_epoch,
               "val_acc": r.best_val_acc, "val_loss": r.best_val_loss, "val_images": _val_images(r.run_dir)}
              for r in results]
-    summary = {"folds": folds, "mean_val_acc": statistics.mean(accs),
+    summary: CrossValidation = {"folds": folds, "mean_val_acc": statistics.mean(accs),
                "sd_val_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "images": sum(f["val_images"] for f in folds), "seconds": sum(r.seconds for r in results),
                "path": str(root / "folds.json")}

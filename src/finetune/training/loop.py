@@ -22,7 +22,7 @@ from finetune.training.label_issues import run_label_issues
 from finetune.training.outputs import RunSaver, check_run_folder, open_run_folder
 from finetune.training.plan import replanned_epochs
 from finetune.training.resume import rng_state, set_rng_state
-from finetune.training.sanity import update_ratio_warnings
+from finetune.training.sanity import OverfitVerdict, update_ratio_warnings
 from finetune.training.setup import Phase, Prepared, prepare, torch_flags
 from finetune.training.tracking import tracked
 
@@ -64,6 +64,7 @@ class Run:
     device: str
     summary: RunSummary  # what results.json holds
     best_val_map: float | None = None  # multi-label runs: the best epoch's macro mAP (what chose it)
+    sanity: OverfitVerdict | None = None  # with overfit: did the model memorise the images it trained on?
 
     @property
     def metrics(self) -> dict:

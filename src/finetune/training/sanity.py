@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import TypedDict
 
 from finetune.config import TrainConfig
 from finetune.data.dataset import DatasetSplit, Sample
@@ -74,7 +75,16 @@ def overfit_split(split: DatasetSplit, n: int, seed: int) -> DatasetSplit:
     return dataclasses.replace(split, train=chosen, val=list(chosen), layout=f"overfit check on {len(chosen)} images")
 
 
-def overfit_verdict(history: list[dict], images: int) -> dict:
+class OverfitVerdict(TypedDict):
+    """The sanity check's answer (Run.sanity): could the model memorise the images it trained on?"""
+
+    passed: bool  # 100 % reached
+    epoch: int | None  # the first epoch at 100 %
+    best_acc: float  # the best accuracy on them
+    images: int  # how many
+
+
+def overfit_verdict(history: list[dict], images: int) -> OverfitVerdict:
     """Did the model reach 100 % on the images it trained on (train mode as it learns, or the eval pass)?"""
     reached = [r["epoch"] for r in history if r["train_acc"] == 1.0 or r["val_acc"] == 1.0]
     best = max((max(r["train_acc"], r["val_acc"]) for r in history), default=0.0)
