@@ -17,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from finetune.config import RUN_FACTS, SETTINGS, check_names, option, typed
+from finetune.config import RUN_FACTS, SETTINGS, check_names, typed
 from finetune.errors import UsageError
 
 SUFFIXES = (".yaml", ".yml", ".toml", ".json")

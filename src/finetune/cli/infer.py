@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
+from finetune import api
 from finetune._util.files import dumps_json, latest_model
 from finetune.cli import options as o
 from finetune.cli.app import command
@@ -19,8 +20,8 @@ from finetune.config import MAX_PIXELS
 from finetune.data.inputs import Failure, check_inputs, expand_inputs
 from finetune.data.labelfile import LabelFileOptions
 from finetune.errors import DatasetError, UsageError
-from finetune.formats.export import ATOL, FORMATS, RTOL, export_model
-from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP, export_int8
+from finetune.formats.export import ATOL, FORMATS, RTOL
+from finetune.formats.int8 import CALIBRATION_COUNT, MAX_ACCURACY_DROP
 from finetune.inference.evaluate import evaluate_folder
 from finetune.inference.explain import Explainer, explain_into
 from finetune.inference.loading import open_predictor, prepare_next
@@ -158,14 +159,12 @@ def export(
     chosen = model_paths(model)
     status = contextlib.nullcontext() if quiet else err.status(f"{'quantizing' if int8 else 'exporting'} "
                                                                f"{esc(out_path)}{' to int8' if int8 else ''}")
-    if int8:
-        with status:
-            r = export_int8(chosen, out_path, check_images, calibration_images, calibration_count, max_accuracy_drop,
-                            force)
-        _render_int8(r, max_accuracy_drop, quiet)
-        return
     with status:
-        report = export_model(chosen, out_path, check_images)
+        report = api.export(chosen, out_path, check_images, int8=int8, calibration_images=calibration_images,
+                            calibration_count=calibration_count, max_accuracy_drop=max_accuracy_drop, force=force)
+    if int8:
+        _render_int8(report, max_accuracy_drop, quiet)
+        return
     if not quiet:
         _render_export(report)
     out.print(str(report.path), highlight=False, soft_wrap=True)

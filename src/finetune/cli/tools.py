@@ -12,24 +12,22 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
+from finetune import api
 from finetune._util.extras import require
 from finetune._util.files import dumps_json, timestamped_dir
 from finetune.cli import options as o
 from finetune.cli.app import command, state
 from finetune.cli.render import err, esc, out, pct
-from finetune.cli.train import command_line
+from finetune.cli.train import command_line, given_settings
 from finetune.cli.trust import TrustView, render_trust
 from finetune.cli.views import TrainView
-from finetune.config import MODES, TrainConfig, parse_duration
+from finetune.config import MODES, TrainConfig
 from finetune.data.labelfile import options_from
 from finetune.errors import DivergedError, FinetuneError, Interrupted, ResourceError, UsageError
 from finetune.quality.doctor import check_dataset
 from finetune.quality.label_errors import check_trust
 from finetune.quality.near_duplicates import NEAR_DUPLICATE
 from finetune.training.label_issues import LABEL_FOLDS, require_cleanlab
-from finetune.training.lrfind import lr_find as run_lr_find
-from finetune.training.lrfind import write_result
-from finetune.tune import Space, run_search
 
 
 @command(epilog="Example: finetune check ./images --labels --review-into ./to-review --json > report.json")
@@ -119,12 +117,13 @@ def lr_find(
     quiet: o.Quiet = False, **settings,
 ) -> None:
     """Learning-rate range test: plot loss against an exponentially rising lr and suggest a rate."""
-    cfg = TrainConfig(data=data, **settings)
+    given = {name: value for name, value in given_settings(ctx).items() if name in settings}
     with TrainView(quiet) as view:
-        result = run_lr_find(cfg, start_lr, end_lr, steps, view)
-    files = write_result(Path(output) if output else timestamped_dir("lr-find", cfg.model), result)
+        result = api.lr_find(data, start_lr=start_lr, end_lr=end_lr, steps=steps, output=output, observer=view,
+                             **given)
+    files = result.files
     again = command_line(ctx, skip={"start_lr", "end_lr", "steps", "output", "quiet"},
-                         extra={} if cfg.mode != "auto" else {"mode": "finetune"})
+                         extra={} if settings["mode"] != "auto" else {"mode": "finetune"})
     err.print(esc(f"{len(result.lrs)} steps; lowest smoothed loss at lr {result.min_loss_lr:.2g}; plot: "
                   f"{files['plot']}; train with: finetune train {shlex.join(again)} --lr {result.suggestion:.2g}"),
               highlight=False)
@@ -150,7 +149,7 @@ def _trials_table(rows: list, title: str) -> Table:
 @o.settings("model", "weights", "seed", "val_fraction", "path_col", "label_col", "label_sep", "multi_label",
             "image_dir", "device", "workers")
 def tune(
-    data: o.Data,
+    ctx: typer.Context, data: o.Data,
     trials: Annotated[int, typer.Option(metavar="N", help=(
         "Trials in the search in all: about 30 % random, then TPE (Optuna). The same command again resumes an "
         "interrupted search; a larger N adds trials to a finished one."))] = 20,
@@ -174,12 +173,11 @@ def tune(
     if mode not in ("both", *MODES):
         raise UsageError(f"--mode {mode}: choose both, {', '.join(MODES)}")
     require("optuna", "tune", "finetune tune")  # before the live table starts
-    base = TrainConfig(data=data, **settings)
-    root = Path(output) if output else timestamped_dir("tune", base.model)
-    space = Space(mode=MODES if mode == "both" else (mode,))
-    result = _live_search(root, lambda view, stop: run_search(
-        base, root, trials, coarse_epochs, fine_epochs, parse_duration(budget, "--budget") or None, base.seed, space,
-        view, pruner=pruner, stop=stop))
+    root = Path(output) if output else timestamped_dir("tune", settings["model"])
+    given = {name: value for name, value in given_settings(ctx).items() if name in settings}
+    result = _live_search(root, lambda view, stop: api.tune(
+        data, trials=trials, coarse_epochs=coarse_epochs, fine_epochs=fine_epochs, budget=budget, pruner=pruner,
+        modes=MODES if mode == "both" else (mode,), output=root, observer=view, stop=stop, **given))
     _tune_outcome(result, trials, data, root)
 
 

@@ -21,6 +21,19 @@ from finetune.data.images import decode_to_tensor, failure_reason
 from finetune.data.labelfile import LabelFileOptions
 
 
+# One file of a group of identical files: its split (train | val), its class (a label file's several labels joined
+# by ;) and its path relative to the dataset's root. ("class" is a keyword, hence this form.)
+Copy = TypedDict("Copy", {"split": str, "class": str, "path": str})
+
+
+class Duplicates(TypedDict):
+    """Groups of byte-identical files (CheckReport.duplicates)."""
+
+    within_class: list[list[Copy]]  # the same class and split: harmless, but weighs the photo twice
+    across_classes: list[list[Copy]]  # conflicting labels
+    train_val_leakage: list[list[Copy]]  # in train and val: val accuracy overstated
+
+
 class CheckReport(TypedDict):
     """`check --json`: what training would see in a dataset."""
 
@@ -37,7 +50,7 @@ class CheckReport(TypedDict):
     formats: dict[str, int]  # JPEG, PNG, ...
     sizes: dict[str, list | None]  # min, median, max [width, height]
     exif_rotated: list[str]
-    duplicates: dict  # identical files within a class, across classes, across train and val
+    duplicates: Duplicates  # identical files within a class, across classes, across train and val
     multi_label: bool
     rows_without_image: list[dict]  # a label file's rows naming no image: line, path
     notes: list[str]
@@ -107,7 +120,7 @@ def _sizes(sizes: list) -> dict:
             "max": [max(widths), max(heights)]}
 
 
-def _duplicates(split, usable: list, rel) -> dict:
+def _duplicates(split, usable: list, rel) -> Duplicates:
     """Identical files within a class, across classes (conflicting labels) and across train and val (leakage)."""
     # The split's own duplicate finder (fingerprints from the folder's index): only size-matched files are read.
     twins = content_groups(Path(split.root), [s for _, s, _ in usable])

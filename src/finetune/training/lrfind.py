@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune._util.ddp import single_process
@@ -28,6 +28,7 @@ class LrFindResult:
     losses: list[float]  # smoothed
     suggestion: float  # lr at the smoothed-loss minimum, divided by 10
     min_loss_lr: float
+    files: dict[str, Path] = field(default_factory=dict)  # once written: "plot" (lr_find.png), "json" (lr_find.json)
 
 
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
@@ -49,7 +50,11 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     # A range test of SGD steps: of fine-tuning unless feature-extract is asked for (auto's probe has no lr).
     cfg = validate(dataclasses.replace(cfg, solver="sgd", mode="finetune" if cfg.mode == "auto" else cfg.mode))
     with torch_flags(cfg):
-        return _range_test(prepare(cfg, emit), start_lr, end_lr, steps, emit)
+        p = prepare(cfg, emit)
+        try:
+            return _range_test(p, start_lr, end_lr, steps, emit)
+        finally:
+            p.close()  # the range test leaves its batches unfinished: their loader's workers stop here
 
 
 def _range_test(p, start_lr: float, end_lr: float, steps: int, emit) -> LrFindResult:
@@ -84,4 +89,5 @@ def _range_test(p, start_lr: float, end_lr: float, steps: int, emit) -> LrFindRe
 def write_result(folder: Path, result: LrFindResult) -> dict[str, Path]:
     """lr_find.png (loss against lr, the suggestion marked) and lr_find.json in folder."""
     plot = lr_plot(folder / "lr_find.png", result.lrs, result.losses, result.suggestion, result.min_loss_lr)
-    return {"plot": plot, "json": write_json_atomic(folder / "lr_find.json", asdict(result))}
+    record = {k: v for k, v in asdict(result).items() if k != "files"}
+    return {"plot": plot, "json": write_json_atomic(folder / "lr_find.json", record)}
