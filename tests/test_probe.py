@@ -101,11 +101,23 @@ def test_a_small_probe_fits_on_one_thread_and_gives_the_threads_back(monkeypatch
         torch.set_num_threads(before)
 
 
+# The probe on ants/bees with the shared weights, as README.md, docs/training.md and benchmarks/README.md state it:
+# 0.961-0.967 val accuracy (147-148 of 153 val images; one image is 0.65 points). Measured 2026-12-07 (2-core AMD
+# EPYC shared with other work, load 12-15), seeds 0-9 of the default run: 148 of 153 for seeds 0-3 and 5-9 (L2 0.01
+# or 0.03), 147 for seed 4 (L2 0.003): a spread of one image, all from the L2 the training folds choose (the features
+# are the same). The floor is the documented low end less that one image of slack, for a CPU or BLAS build that
+# rounds a borderline image the other way; two images below the docs' range is a regression.
+PROBE_VAL_IMAGES = 153
+PROBE_FLOOR = 146  # of 153: 0.954
+
+
 @pytest.mark.slow
-def test_the_cpu_default_on_real_weights_reaches_the_tutorials_accuracy(antsbees, real_weights, tmp_path):
+def test_the_cpu_default_on_real_weights_reaches_the_accuracy_the_docs_state(antsbees, real_weights, tmp_path):
     """Transfer learning for real, as a user's first run does it: the CPU default (the converged probe) with real
-    ImageNet weights on the full ants/bees set reaches at least the accuracy the PyTorch tutorial reports (0.93)."""
+    ImageNet weights on the full ants/bees set reaches the 0.961-0.967 the docs state, less one image."""
     result = run_training(TrainConfig(data=str(antsbees), model="mobilenet_v2", weights=str(real_weights),
                                       output=str(tmp_path / "r")))
     assert result.history[-1]["lr"] is None  # the probe: no SGD epoch
-    assert result.best_val_acc >= 0.93
+    m = result.metrics
+    assert m["images"] == PROBE_VAL_IMAGES and m["correct"] / PROBE_VAL_IMAGES == result.best_val_acc
+    assert m["correct"] >= PROBE_FLOOR, f"{m['correct']} of {PROBE_VAL_IMAGES} val images; the docs state 147-148"
