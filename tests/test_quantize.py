@@ -121,4 +121,9 @@ def test_int8_onnx_of_a_real_model_keeps_the_accuracy_the_docs_promise(antsbees,
                                    output=str(tmp_path / "r")))
     r = Q.export_int8([str(run.model_path)], tmp_path / "m-int8.onnx")  # the default margin: refused beyond it
     assert r.checked_images == 153 and not r.forced
-    assert r.fp32_accuracy - r.int8_accuracy <= Q.MAX_ACCURACY_DROP / 100 and r.agreement >= 0.97
+    assert r.fp32_accuracy - r.int8_accuracy <= Q.MAX_ACCURACY_DROP / 100
+    # docs/export.md: int8 96.1 % (147 of 153) against fp32's 96.7 %, top-1 agreement 99.3 % (152 of 153). Measured
+    # 2026-12-07 on the probe models of seeds 0-4 (2-core AMD EPYC, load 12-15; Q.export_int8 as here): int8 147 of
+    # 153 on every seed, fp32 148 (147 on seed 4), agreement 152 or 153 of 153. The floors: one image below those.
+    assert round(r.int8_accuracy * 153) >= 146 and round(r.fp32_accuracy * 153) >= 146, r
+    assert round(r.agreement * 153) >= 151, r
