@@ -113,7 +113,7 @@ def summarize(runs: list[dict]) -> dict:
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         s["commits"] = sorted({r.get("commit", "?") for r in runs if r["scenario"] == scenario})
         s["cpus"] = sorted({r.get("cpu", "?") for r in runs if r["scenario"] == scenario})  # one, or say so
-        if len(s) == len(TOOLS) + 1:
+        if all(tool in s for tool in TOOLS):  # both measured: one tool alone (an interrupted pair) has no ratio
             s["seconds_ratio"] = s["baseline"]["mean_seconds"] / s["finetune"]["mean_seconds"]
         summary[scenario] = s
     return summary
