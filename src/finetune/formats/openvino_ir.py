@@ -17,6 +17,10 @@ META_KEY = "finetune"  # the IR's rt_info entry holding finetune's metadata (the
 CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 
 
+_core = None  # the process's one ov.Core, made on first use (core())
+_core_lock = threading.Lock()
+
+
 def openvino():
     """The openvino package, or a UsageError naming the extra."""
     try:
@@ -24,6 +28,16 @@ def openvino():
     except ImportError:
         raise UsageError("OpenVINO is not installed: pip install 'finetune[openvino]'") from None
     return ov
+
+
+def core():
+    """The process's one ov.Core, made on first use and reused for every read and compile: each Core loads its
+    own plugins and thread pools, and several of them in one process is a known way to crash at exit."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = openvino().Core()
+        return _core
 
 
 def to_ir(program, crop_size: int):
@@ -50,12 +64,12 @@ def weights_path(xml_path: str | os.PathLike) -> Path:
 
 def read(p: Path):
     """The ov.Model in an .xml IR (with its .bin) or an .onnx file, refusing what OpenVINO cannot read."""
-    ov = openvino()
+    ov_core = core()
     if p.suffix.lower() == ".xml" and not weights_path(p).is_file():
         raise ModelFileError(f"{p}: its weights file {weights_path(p).name} is missing; an OpenVINO IR is two files, "
                              "keep the .bin beside the .xml")
     try:
-        return ov.Core().read_model(str(p))
+        return ov_core.read_model(str(p))
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
         raise ModelFileError(f"{p}: not a loadable OpenVINO model ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
@@ -74,7 +88,7 @@ def compiled_forward(model):
     """forward(batch) -> float32 logits (a torch tensor), compiled for the CPU; safe to call from any thread."""
     import torch
 
-    compiled = openvino().Core().compile_model(model, "CPU", CPU_CONFIG)
+    compiled = core().compile_model(model, "CPU", CPU_CONFIG)
     request, lock = compiled.create_infer_request(), threading.Lock()
 
     def forward(x):
