@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_search_baseline as baseline  # noqa: E402
 from machine import begun, finished  # noqa: E402
 
-from finetune import tune  # noqa: E402
+from finetune import search as tune  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.training import run_training  # noqa: E402
 

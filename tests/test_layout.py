@@ -30,7 +30,7 @@ ENTRY_POINTS = {"finetune.__main__"}
 # The layers, bottom up: a package or top-level module imports only those before it (and itself). The public API
 # in finetune/__init__.py sits above them all. docs/architecture.md says what each holds.
 LAYERS = ["_about", "errors", "config", "configfile", "_util", "data", "events", "tasks", "metrics", "models", "viz",
-          "formats", "inference", "report", "training", "quality", "tune", "serving", "api", "cli", "__main__"]
+          "formats", "inference", "report", "training", "quality", "search", "serving", "api", "cli", "__main__"]
 MAX_TOP_MODULES = 10
 MAX_PACKAGE_MODULES = 20
 

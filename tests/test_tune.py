@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune import tune as U
+from finetune import search as U
 from finetune.config import MODES, TrainConfig
 from finetune.configfile import load_config
 from finetune.errors import DivergedError, FinetuneError, Interrupted, ResourceError

@@ -1,7 +1,8 @@
 """finetune: turn a folder of photos into a working image classifier.
 
-The Python API (finetune.api): train, load, evaluate, export, check; Run, Model, EvalResult, CheckResult,
-Prediction, Failure; Observer (finetune.events) for progress. Imported on first use, so that `import finetune` and
+The Python API (finetune.api): train, load, evaluate, export, check, lr_find, tune, serve; Run (run.model),
+CrossValidation, Model (predict, evaluate, export, explain, suggest), EvalResult, CheckResult, Prediction, Failure;
+Observer (finetune.events) for progress. Imported on first use, so that `import finetune` and
 the command line's start stay fast.
 """
 
@@ -12,8 +13,8 @@ from finetune._util.privacy import keep_telemetry_off
 
 keep_telemetry_off()  # before any library finetune drives is imported: nothing leaves the machine unasked
 
-_API = ("train", "load", "evaluate", "export", "check", "Run", "CrossValidation", "Model", "EvalResult", "CheckResult",
-        "Prediction", "Failure", "Observer")
+_API = ("train", "load", "evaluate", "export", "check", "lr_find", "tune", "serve", "Run", "CrossValidation", "Model",
+        "EvalResult", "CheckResult", "Prediction", "Failure", "Observer")
 __all__ = ["__version__", *_API]
 
 

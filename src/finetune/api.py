@@ -49,7 +49,7 @@ from finetune.training.folds import CrossValidation
 from finetune.training.lrfind import LrFindResult
 from finetune.training.lrfind import lr_find as run_lr_find
 from finetune.training.lrfind import write_result as write_lr_result
-from finetune.tune import Space, TuneResult, run_search
+from finetune.search import Space, TuneResult, run_search
 
 __all__ = ["CheckResult", "CrossValidation", "EvalResult", "Failure", "Model", "Observer", "Prediction", "Run", "check",
            "evaluate", "export", "load", "lr_find", "serve", "train", "tune"]
@@ -92,6 +92,9 @@ class Model:
         """One result per image, in order: a Prediction (top classes with probabilities; multi-label models also
         their labels at the thresholds) or a Failure naming why the image could not be used. images: paths or PIL
         images (a PIL image's result is named "image N", its position)."""
+        for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"predict: {name}={value!r}: must be a whole number, at least 1")
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "getbands"):
             images = [images]
         items = list(images)
