@@ -74,6 +74,23 @@ def test_streams_from_disk_when_cache_budget_is_too_small(tiny_data, tmp_path, m
     assert result.model_path.is_file() and len(result.history) == 1
 
 
+@pytest.mark.slow
+def test_loader_workers_stop_when_a_run_ends_also_by_failing(tiny_data, tmp_path, monkeypatch):
+    """A streaming run's persistent loader workers end with the run, also an interrupted one whose traceback
+    (held here, as a caller or pytest holds it) still references the loader's iterator."""
+    import multiprocessing
+    import signal
+
+    from finetune.errors import Interrupted
+
+    monkeypatch.setattr(cache, "CACHE_BUDGET_BYTES", 1)
+    cfg = TrainConfig(data=str(tiny_data), mode="finetune", weights="none", epochs=2, batch_size=4,
+                      output=str(tmp_path / "r"), workers=1)
+    with pytest.raises(Interrupted) as e:
+        run_training(cfg, stop=lambda: signal.SIGINT)
+    assert e.value.__traceback__ is not None and multiprocessing.active_children() == []
+
+
 def test_ram_cache_budget_from_the_environment(monkeypatch):
     monkeypatch.setenv("FINETUNE_RAM_CACHE_GB", "0.5")
     assert cache.cache_budget() == 512 * 1024**2

@@ -82,6 +82,9 @@ class Epochs(Protocol):
     def __call__(self, epoch: int) -> dict:
         """Train and validate one epoch: train_loss, train_acc, val_loss, val_acc."""
 
+    def close(self) -> None:
+        """Release what the epochs hold beyond memory (loader worker processes); called when the run ends."""
+
 
 class ImageEpochs:
     """The general path: forward and backward through the model on augmented images.
@@ -127,6 +130,15 @@ class ImageEpochs:
                 self._failed(failed)
                 if x is not None:
                     yield (*t.to_device(x, y), t.net.module)
+
+    def close(self) -> None:
+        """Shut the loaders' worker processes down now: persistent workers otherwise live as long as their loader's
+        iterator, which a failed run's traceback (or an abandoned lr range test) can keep until the interpreter
+        exits."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader._iterator is not None:  # torch keeps the persistent workers' iterator here
+                loader._iterator._shutdown_workers()
+                loader._iterator = None
 
     def _failed(self, failed: list) -> None:
         """Name a file that fails mid-run (changed after the scan) once; it stays out of every batch.
@@ -216,6 +228,9 @@ class FeatureEpochs:
         self.batches = -(-len(train_labels) // trainer.cfg.batch_size)
         self.val_logits = None
         self.scheduled, self.fixed_count, self.probe = True, None, None
+
+    def close(self) -> None:
+        """Nothing to release: the features are tensors."""
 
     def endless_batches(self):
         """Endless training batches on the device, for the lr range test: (features, labels, head)."""

@@ -100,6 +100,7 @@ def run_training(cfg: TrainConfig, emit: Observer | Emit = silent, stop: Callabl
         try:
             return _Training(p.cfg, p, folder, emit if world.main else silent, resume).train(t_start)
         finally:
+            p.close()
             if "lock" in held:
                 held["lock"].release()
 

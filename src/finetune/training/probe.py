@@ -176,6 +176,9 @@ class ProbeEpochs:
         self.val_logits = None
         self.probe: Probe | None = None
 
+    def close(self) -> None:
+        """Nothing to release: the features are tensors."""
+
     def __call__(self, epoch: int) -> dict:
         import torch
 

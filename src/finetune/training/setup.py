@@ -80,6 +80,11 @@ class Prepared:
         """The epochs that train the saved model's weights last (the only phase, or fine-tuning after a probe)."""
         return self.phases[-1].run
 
+    def close(self) -> None:
+        """Release what the phases hold beyond memory (loader worker processes): when the run ends, also by failing."""
+        for phase in self.phases:
+            phase.run.close()
+
 
 def train_crop(cfg: TrainConfig, choice: WeightsChoice, net: Network) -> int:
     """The training crop size: --train-size, else 80 % of the eval crop (to a multiple of 16) in finetune mode.
