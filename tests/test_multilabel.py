@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Chance level of the held-out collages: a random score's AP is the label's prevalence (ants 24/32, bees 24/32,
 # grey 11/32), so the macro mAP of a guess is about 0.61.
 CHANCE_MAP = (24 / 32 + 24 / 32 + 11 / 32) / 3
-STATED_MAP = 0.9
+# Measured 2026-12-07 (2-core AMD EPYC, load 12-15; collage_run's command with --seed 0-4): val mAP macro 0.9696 on
+# seeds 0, 1, 2, 4 and 0.9690 on seed 3 (docs/training.md shows 0.978, from an earlier commit). The floor leaves
+# 0.02 below that, about two positives ranked under a negative; a guess is 0.61.
+STATED_MAP = 0.95
 
 
 def invoke(*args):
@@ -104,7 +107,7 @@ def test_collages_reach_the_stated_map_and_every_command_round_trips(collage_run
     results = json.loads((run / "results.json").read_text())
     m = results["val_metrics"]
     assert m["multi_label"] and m["images"] == 32
-    assert m["map_macro"] >= STATED_MAP > CHANCE_MAP + 0.25  # measured 0.978 (seed 0)
+    assert m["map_macro"] >= STATED_MAP > CHANCE_MAP + 0.25, m["map_macro"]
     assert m["ci95"]["map_macro"][0] <= m["map_macro"] <= m["ci95"]["map_macro"][1]
     assert set(m["per_class"]) == {"ants", "bees", "grey"} and m["per_class"]["grey"]["ap"] >= 0.9
     assert all(k in m for k in ("subset_accuracy", "hamming_loss", "map_micro", "f1_macro", "cooccurrence"))
