@@ -114,8 +114,11 @@ def test_real_model_looks_at_the_insect_more_than_at_the_background(real_model):
         insect = np.zeros_like(seen)
         insect[top:bottom, left:right] = True
         ratios.append(e.heatmap[insect & seen].mean() / max(e.heatmap[~insect & seen].mean(), 1e-6))
+    # docs/inference.md: 6 of the 7 photos, median ratio 3.4. Measured 2026-12-07 (this model with seeds 0-4, 2-core
+    # AMD EPYC): 6 of 7 on every seed, median 3.270-3.275 (the pupa photo 0.75-0.76, the others 2.55-5.77). The
+    # floor leaves 0.27 below the measured median for gradients computed on another CPU; the old bar was 2.
     assert sum(r > 1 for r in ratios) >= len(ratios) - 1, ratios  # one photo may fool it (see the JSON's note)
-    assert float(np.median(ratios)) > 2, ratios
+    assert float(np.median(ratios)) >= 3.0, ratios
 
 
 def test_report_tiles_get_the_heatmap_of_their_predicted_class(trained_model, tiny_data, monkeypatch):
