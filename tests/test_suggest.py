@@ -262,10 +262,10 @@ def test_cli_json_lists_exactly_n_photos_of_the_pool(tmp_path, pool):
 
 
 @pytest.mark.slow
-def test_the_bar_suggestions_hold_twice_the_pools_rate_of_mistakes(tmp_path, antsbees, real_weights):
+def test_the_bar_suggestions_hold_four_times_the_pools_rate_of_mistakes(tmp_path, antsbees, real_weights):
     """10+10 real ants/bees photos train the CPU default (the probe on MobileNetV2); the other training photos, in
-    one flat folder, are the pool. The 30 suggested must hold at least twice the pool's rate of photos the model gets
-    wrong, and --json must list exactly 30 paths of the pool."""
+    one flat folder, are the pool. The 30 suggested must hold at least 4 times the pool's rate of photos the model gets
+    wrong (docs/data.md: 5.2x), and --json must list exactly 30 paths of the pool."""
     truth, labelled, pool = {}, tmp_path / "labelled", tmp_path / "pool"
     pool.mkdir()
     for cls in ("ants", "bees"):
@@ -288,4 +288,7 @@ def test_the_bar_suggestions_hold_twice_the_pools_rate_of_mistakes(tmp_path, ant
         Path(p["path"]).name]}
     pool_rate = len(wrong) / len(truth)
     suggested_rate = sum(Path(p).name in wrong for p in paths) / 30
-    assert 0 < pool_rate < 0.5 and suggested_rate >= 2 * pool_rate, (pool_rate, suggested_rate)
+    # docs/data.md (draw 0, as here): 13 of 225 pool photos wrong, 9 of the 30 suggested, 5.2x the pool's rate.
+    # Measured 2026-12-07 (2-core AMD EPYC) on draw 0 with training seeds 0-2: 13 and 9 (5.2x), 15 and 12 (6.0x),
+    # 12 and 8 (5.0x); benchmarks/README.md's other draws 2.3x and 5.2x. The floor, 4x, is seed 0's 9 less two photos.
+    assert 0 < pool_rate < 0.1 and suggested_rate >= 4 * pool_rate, (pool_rate, suggested_rate)
