@@ -97,7 +97,7 @@ def train_commands(a: argparse.Namespace, scenario: str, seed: int, tmp: Path) -
     return {"baseline": [sys.executable, BASELINE, a.data, *common, *epochs,
                          "--out", tmp / "base.pt", "--json", tmp / "base.json"],
             "finetune": [FINETUNE, "train", a.data, "--model", "resnet18", *common,
-                         *(epochs if scenario == "finetune" else []), "-o", tmp / "run", "-q"]}
+                         *(epochs if scenario == "finetune" else []), "-o", tmp / "run", "--overwrite", "-q"]}
 
 
 def summarize(runs: list[dict]) -> dict:
