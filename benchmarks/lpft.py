@@ -80,7 +80,7 @@ def table() -> str:
              "|---|---|---:|---|---:|---:|---:|"]
     for key, r in results["runs"].items():
         name, variant = key.split(" | ", 1)
-        variant = f"`{' '.join(VARIANTS[variant])}`" if VARIANTS.get(variant) else variant  # the options as typed
+        variant = f"`{' '.join(VARIANTS[variant])}`" if VARIANTS.get(variant) else "none (the default)"  # as typed
         epochs = ", ".join(f"{a:.3f}" for a in r["val_acc"][1:])
         lines.append(f"| {name} | {variant} | {r['probe']:.3f} | {epochs} | {r['lowest_after_probe']:.3f} | "
                      f"{r['best']:.3f} | {r['train_acc_last']:.3f} |")
