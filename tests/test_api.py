@@ -93,8 +93,9 @@ def test_the_docs_example_runs_as_written(antsbees, real_weights, tmp_path, caps
                  "PHOTO": str(photo), "PIL_IMAGE": img.copy(), "print": lambda *a: printed.append(a)}
     exec(compile(code, str(DOCS), "exec"), names)
     assert capsys.readouterr().out == ""  # nothing but the example's own prints, which went to `printed`
-    assert len(printed) == 6, printed  # train, 2 predictions, evaluate, the ONNX prediction, check
-    (model_path, best, ci95, epochs), by_path, in_memory, evaluated, (onnx_top,), checked = printed
+    assert len(printed) == 8, printed  # train, 2 predictions, evaluate, the export, the ONNX prediction, explain, check
+    (model_path, best, ci95, epochs), by_path, in_memory, evaluated, exported, (onnx_top,), (pictures,), checked = \
+        printed
 
     # train: the probe then 2 epochs, the best kept; it starts from the probe, so it holds the probe's floor
     assert model_path == tmp_path / "run" / "best.pt" and model_path.is_file() and epochs == 3
@@ -115,9 +116,14 @@ def test_the_docs_example_runs_as_written(antsbees, real_weights, tmp_path, caps
     assert round(sum(per_class[c]["recall"] * per_class[c]["support"] for c in per_class)) == correct
     assert names["result"].images == VAL_IMAGES
 
-    # export: the ONNX file, run by onnxruntime, gives the PyTorch model's probabilities (float rounding apart)
-    assert Path(names["onnx"]) == tmp_path / "run" / "model.onnx" and Path(names["onnx"]).is_file()
+    # export: the ONNX file, checked on the run's val images (8 of them, every top-1 the same), run by onnxruntime,
+    # gives the PyTorch model's probabilities (float rounding apart)
+    assert names["run"].model is names["model"] and exported == (8, 8)
+    assert names["exported"].path == tmp_path / "run" / "model.onnx" and names["exported"].path.is_file()
     assert [p for _, p in onnx_top] == pytest.approx([p for _, p in by_path[1]], abs=1e-4)
+
+    # explain: one picture, named after the photo, in OUT/why
+    assert pictures == [tmp_path / "run" / "why" / f"{photo.stem}.png"] and pictures[0].stat().st_size > 10_000
 
     # check: every photo of the set (the 397 JPEGs; the one .gif is named as skipped, not counted)
     images, usable, skipped = checked
