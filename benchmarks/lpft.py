@@ -78,7 +78,9 @@ def table() -> str:
     results = json.loads(RESULTS.read_text())
     lines = ["| set | options added | probe | fine-tuning epochs 1-5 (val acc) | lowest | best | train acc, epoch 5 |",
              "|---|---|---:|---|---:|---:|---:|"]
-    for key, r in results["runs"].items():
+    order = list(VARIANTS)
+    for key, r in sorted(results["runs"].items(), key=lambda kv: (kv[0].split(" | ")[0],
+                                                                  order.index(kv[0].split(" | ", 1)[1]))):
         name, variant = key.split(" | ", 1)
         variant = f"`{' '.join(VARIANTS[variant])}`" if VARIANTS.get(variant) else "none (the default)"  # as typed
         epochs = ", ".join(f"{a:.3f}" for a in r["val_acc"][1:])
