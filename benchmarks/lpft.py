@@ -9,8 +9,12 @@ training/recipe.py: the light crop). A variant adds options a user can type (--a
 
     python benchmarks/datasets.py --out /tmp/bench-data
     python benchmarks/lpft.py --data /tmp/bench-data --sets antsbees antsbees-thumbs
-    python benchmarks/lpft.py --data ../shared/data --sets dog_breeds/labels.csv --variants default --update
+    python benchmarks/lpft.py --data ../shared/data --sets dog_breeds/labels.csv \
+        --variants "default (backbone 0.1x, light crop)" --update
     python benchmarks/lpft.py --table          # the table of benchmarks/results-lpft.json
+
+On a crowded machine run it under OMP_NUM_THREADS=1 (recorded in each command): torch's threads waiting on one
+another there made an epoch more than ten times slower (benchmarks/README.md, Fine-tuning from the probe).
 
 Writes benchmarks/results-lpft.json (every epoch's val and train accuracy and seconds, the probe's first; the command,
 commit, machine and load).
