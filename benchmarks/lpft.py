@@ -13,8 +13,8 @@ training/recipe.py: the light crop). A variant adds options a user can type (--a
         --variants "default (backbone 0.1x, light crop)" --update
     python benchmarks/lpft.py --table          # the table of benchmarks/results-lpft.json
 
-On a crowded machine run it under OMP_NUM_THREADS=1 (recorded in each command): torch's threads waiting on one
-another there made an epoch more than ten times slower (benchmarks/README.md, Fine-tuning from the probe).
+On a crowded machine run it under OMP_NUM_THREADS=1 (recorded in each command): there, at the same load, an epoch
+on torch's default two threads took more than ten times as long as on one (benchmarks/README.md, LP-FT section).
 
 Writes benchmarks/results-lpft.json (every epoch's val and train accuracy and seconds, the probe's first; the command,
 commit, machine and load).
