@@ -284,35 +284,25 @@ def test_changed_digits_mostly_fail():
     assert missed <= 0.15 * tried, f"{missed} of {tried} changed figures passed"
 
 
-# Sections whose tables are being measured again with today's code (issue 29): until their rows are rewritten from
-# the new results files they cite none. The test below fails once one of them cites its file: then drop it here.
-RERUN_PENDING: set[str] = set()
-
-
-def uncited_tables_of_figures() -> list[tuple[str, str]]:
-    """(where, section) of each table with figures (four or more numbers with decimals in its rows) that cites no
-    results file; option tables (the options' own defaults) are not figures."""
+def uncited_tables_of_figures() -> list[str]:
+    """Where each table with figures (four or more numbers with decimals in its rows) that cites no results file
+    is; option tables (the options' own defaults) are not figures."""
     found = []
     for doc in DOCS:
-        lines, fenced, at, section = doc.read_text().splitlines(), False, 0, ""
+        lines, fenced, at = doc.read_text().splitlines(), False, 0
         while at < len(lines):
             fenced ^= lines[at].lstrip().startswith("```")
-            if not fenced and lines[at].startswith("#"):
-                section = lines[at].lstrip("#").strip()
             if fenced or not lines[at].startswith("|"):
                 at += 1
                 continue
             rows = list(itertools.takewhile(lambda text: text.startswith("|"), lines[at:]))
             figures = [p for row in rows[2:] for c in cells(row) for p in numbers_in(c) if p.half < 0.5]
             if len(figures) >= 4 and not rows[0].startswith("| option ") and not (at and CITE.search(lines[at - 1])):
-                found.append((f"{doc.relative_to(ROOT)}:{at + 1}: {rows[0][:50]}", section))
+                found.append(f"{doc.relative_to(ROOT)}:{at + 1}: {rows[0][:50]}")
             at += len(rows)
     return found
 
 
 def test_every_table_of_figures_cites_its_file():
     uncited = uncited_tables_of_figures()
-    unexcused = [where for where, section in uncited if section not in RERUN_PENDING]
-    assert not unexcused, "tables of figures without <!-- results: ... --> before them: " + "; ".join(unexcused)
-    done = RERUN_PENDING - {section for _, section in uncited}
-    assert not done, f"{done}: its tables cite their files now; remove it from RERUN_PENDING"
+    assert not uncited, "tables of figures without <!-- results: ... --> before them: " + "; ".join(uncited)
