@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from machine import provenance
 
 HERE = Path(__file__).resolve().parent

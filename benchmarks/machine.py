@@ -25,7 +25,7 @@ def provenance(command: list[str] | None = None) -> dict:
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
 
     argv = command if command is not None else [Path(sys.executable).name, *sys.argv]
     return {"commit": git("rev-parse", "HEAD") or "unknown",
@@ -33,7 +33,8 @@ def provenance(command: list[str] | None = None) -> dict:
             "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda_build": torch.version.cuda is not None,
             "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "command": shlex.join(argv).replace(str(root) + "/", "").replace(str(root.parent / "shared") + "/", "../shared/")}
+            "command": shlex.join(argv).replace(str(root) + "/", "")
+                                       .replace(str(root.parent / "shared") + "/", "../shared/")}
 
 
 def begun(command: list[str] | None = None) -> dict:
