@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from finetune._util import ddp as dist
-from finetune.config import SETTINGS, TrainConfig, check_names, defaults, given_as, option, typed
+from finetune.config import SETTINGS, TrainConfig, check_names, defaults, option, typed
 from finetune.configfile import given_in, load_config
 from finetune.errors import UsageError
 from finetune.events import Emit, silent
@@ -73,7 +73,7 @@ def _init_model(settings: dict, given: dict) -> None:
     """init_from: the architecture is the model file's unless model is given (it is then checked against it);
     weights do not apply."""
     if "weights" in given and given["weights"] != "DEFAULT":
-        raise UsageError(f"{given_as('weights', given['weights'])} and {option('init_from')}: the weights come from "
-                         f"the {option('init_from')} model file; give one")
+        raise UsageError(f"{option('weights')} and {option('init_from')}: the weights come from the "
+                         f"{option('init_from')} model file; give one")
     if "model" not in given:
         settings["model"] = init_arch(settings["init_from"])
